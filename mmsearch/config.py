@@ -1,0 +1,82 @@
+"""Dataclasses holding every tunable of mmsearch, with its default: the one home of defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: name of the built-in offline model (EfficientNet-Lite0 + all-MiniLM-L6-v2, heads trained on Flickr8k)
+DEFAULT_MODEL = "mmsearch-lite"
+
+#: where `mmsearch index` / `mmsearch query` keep the index when no --index / MMSEARCH_INDEX is given
+DEFAULT_INDEX_DIR = Path("indexes") / "default"
+
+#: environment variable naming the index folder
+INDEX_ENV_VAR = "MMSEARCH_INDEX"
+
+#: file extensions (lower case) treated as images
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+#: images with more pixels than this are skipped (decompression-bomb guard)
+MAX_IMAGE_PIXELS = 100_000_000
+
+
+def default_index_dir() -> Path:
+    """The index folder to use when the caller names none: $MMSEARCH_INDEX, else ./indexes/default."""
+    env = os.environ.get(INDEX_ENV_VAR)
+    return Path(env) if env else DEFAULT_INDEX_DIR
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model embeds images and texts."""
+
+    name: str = DEFAULT_MODEL  # open_clip model name, "hf-hub:org/repo", a local checkpoint folder, or "mmsearch-lite"
+    pretrained: str | None = None  # open_clip pretrained tag (e.g. "laion2b_s34b_b79k") or a weights file path
+    device: str | None = None  # "cpu", "cuda", "cuda:1"; None picks cuda when available
+
+    def key(self) -> str:
+        """A stable string naming the weights, stored in the manifest to detect mismatches."""
+        name = self.name
+        if os.path.isdir(name):
+            name = os.path.abspath(name)
+        return f"{name}@{self.pretrained}" if self.pretrained else name
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """How the faiss index is chosen and built."""
+
+    index_type: str = "auto"  # "auto", "flat" (exact) or "ivfpq" (IVF-PQ + exact re-rank)
+    flat_max: int = 50_000  # "auto" stays exact up to this many vectors (exact search over 50k x 256 is a few ms)
+    pq_m: int | None = None  # PQ sub-quantizers; None = largest of 64/48/32/24/16/8 dividing d
+    nlist: int | None = None  # IVF lists; None = 2**round(log2(4*sqrt(N))), capped so each list trains on >= 39 points
+    nprobe: int | None = None  # lists visited per query; None = max(1, nlist // 8)
+    rerank_factor: int = 10  # IVF-PQ returns k * rerank_factor candidates, re-ranked with exact vectors
+    seed: int = 1234  # k-means / sampling seed, so builds are reproducible
+
+
+@dataclass(frozen=True)
+class IndexingConfig:
+    """How `mmsearch index` reads and embeds files."""
+
+    batch_size: int = 32  # images embedded per forward pass
+    commit_every: int = 2048  # commit embedded images to disk this often, so a killed run keeps its work
+    max_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped with a warning
+    follow_symlinks: bool = True  # follow links to files and folders (loops are detected and skipped)
+    extensions: frozenset[str] = field(default=IMAGE_EXTENSIONS)  # what counts as an image
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """InfoNCE training of projection heads on cached tower features (towers locked: the LiT recipe)."""
+
+    epochs: int = 60  # upper bound; early stopping usually ends sooner
+    batch_size: int = 512  # image-caption pairs per step (one caption per image per step)
+    lr: float = 2e-3  # AdamW peak learning rate, cosine decay after warmup
+    weight_decay: float = 0.1  # AdamW weight decay on head weights
+    warmup_steps: int = 50  # linear learning-rate warmup
+    patience: int = 10  # stop after this many epochs without a better validation score
+    init_temperature: float = 0.07  # initial softmax temperature (learnable)
+    seed: int = 0  # shuffling, caption sampling and head initialisation

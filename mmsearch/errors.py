@@ -1,0 +1,44 @@
+"""Exceptions raised by mmsearch.
+
+Each one subclasses a builtin, so callers can catch ``FileNotFoundError`` or ``ValueError`` without
+knowing about mmsearch; ``MmsearchError`` catches all of them. Messages are one line that names the
+thing and says what to do.
+"""
+
+from __future__ import annotations
+
+
+class MmsearchError(Exception):
+    """Base class of every error mmsearch raises on purpose."""
+
+
+class IndexNotFoundError(MmsearchError, FileNotFoundError):
+    """The index folder does not exist or holds no index."""
+
+
+class EmptyIndexError(MmsearchError, ValueError):
+    """The index exists but holds no items."""
+
+
+class IndexFormatError(MmsearchError, ValueError):
+    """The index on disk has an unknown format version or is unreadable."""
+
+
+class IndexLockedError(MmsearchError, RuntimeError):
+    """Another process is writing to the index."""
+
+
+class ModelMismatchError(MmsearchError, ValueError):
+    """A query or update uses a different model than the one that built the index."""
+
+
+class ModelLoadError(MmsearchError, RuntimeError):
+    """A model could not be loaded (unknown name, missing weights, no network)."""
+
+
+class MediaError(MmsearchError, ValueError):
+    """A media file cannot be used (corrupt, empty, too large, not an image)."""
+
+
+class BadQueryError(MmsearchError, ValueError):
+    """The query is empty or malformed."""

