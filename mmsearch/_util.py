@@ -17,11 +17,13 @@ def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
         yield items[start : start + size]
 
 
-def prefetch_map(fn: Callable[[T], R], items: Iterable[T], depth: int = 2, workers: int = 2) -> Iterator[R]:
+def prefetch_map(fn: Callable[[T], R], items: Iterable[T], depth: int = 2, workers: int = 1) -> Iterator[R]:
     """``map(fn, items)`` in order, running ``fn`` on up to ``depth`` items ahead in threads.
 
     Used to decode the next batch of images while the model embeds the current one; memory stays
-    bounded by ``depth`` results, however long ``items`` is.
+    bounded by ``depth`` results, however long ``items`` is. One worker by default: the forward pass
+    is the bottleneck on CPU, and image decoding silences Pillow warnings with ``catch_warnings``,
+    which is not thread-safe across several decoding threads.
     """
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending = []

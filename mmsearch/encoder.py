@@ -102,6 +102,9 @@ class Encoder:
         if self.device.type == "cpu":
             # convnets run about twice as fast on CPU in channels-last layout
             self.model.visual.to(memory_format=torch.channels_last)
+        size = getattr(self.model.visual, "image_size", None)
+        #: shortest input side the model sees; lets decoders downscale large JPEGs early
+        self.image_size = min(size) if isinstance(size, (tuple, list)) else size
         with torch.inference_mode():
             self.dim = int(self.embed_texts(["probe"]).shape[1])
 
@@ -153,7 +156,7 @@ class Encoder:
         bs = batch_size or self.batch_size
         out, batch = [], []
         for item in images:
-            img = item if hasattr(item, "convert") else load_image(item)
+            img = item if hasattr(item, "convert") else load_image(item, min_side=self.image_size)
             if getattr(img, "mode", "RGB") != "RGB":
                 img = img.convert("RGB")
             batch.append(self.preprocess(img))
@@ -182,3 +185,15 @@ class Encoder:
             for idx, emb in chunks:
                 out[idx] = emb
         return out
+
+
+_CACHE: dict[tuple, Encoder] = {}
+
+
+def get_encoder(model: str = DEFAULT_MODEL, pretrained: str | None = None, device: str | None = None) -> Encoder:
+    """A shared Encoder per (model, pretrained, device): loading a model takes seconds, so a process
+    that indexes and queries (a test run, a service) loads each model once."""
+    key = (str(model), pretrained, device)
+    if key not in _CACHE:
+        _CACHE[key] = Encoder(model, pretrained=pretrained, device=device)
+    return _CACHE[key]

@@ -172,3 +172,25 @@ def preprocess():
     from open_clip.transform import image_transform
 
     return image_transform(IMAGE_SIZE, is_train=False, mean=IMAGE_MEAN, std=IMAGE_STD)
+
+
+def save_open_clip_folder(model, folder: str | Path, model_config: dict | None = None) -> Path:
+    """Write ``model`` as an open_clip checkpoint folder (open_clip_config.json + safetensors) that
+    ``Encoder(folder)`` and ``open_clip.create_model_and_transforms("local-dir:" + folder)`` load."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model_cfg": model_config or model_cfg(),
+        "preprocess_cfg": {"size": IMAGE_SIZE, "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD),
+                           "interpolation": "bicubic", "resize_mode": "shortest"},
+    }
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tmp = folder / ".open_clip_model.safetensors.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(folder / "open_clip_model.safetensors")
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder

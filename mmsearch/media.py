@@ -1,0 +1,228 @@
+"""Finding media files under a folder and decoding images safely.
+
+``scan`` only lists and stats files (it never opens them), so it is cheap enough to run on every
+``mmsearch index`` to detect changes by size + mtime. ``load_image`` does the decoding, with a
+pixel-count guard checked from the header before any pixel data is read.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import MAX_IMAGE_PIXELS, IndexingConfig
+from .errors import MediaError
+
+
+@dataclass(frozen=True)
+class MediaFile:
+    path: str  # absolute path as found under the root (symlinks not resolved)
+    size: int  # bytes (st_size, following links)
+    mtime_ns: int  # st_mtime_ns
+    kind: str  # "image" (video later)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str  # short human reason, e.g. "zero-byte file"
+
+
+def _os_reason(e: OSError) -> str:
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    if e.errno == errno.ELOOP:
+        return "symlink loop"
+    return (e.strerror or str(e)).lower()
+
+
+def scan(root, config: IndexingConfig = IndexingConfig()) -> tuple[list[MediaFile], list[Skipped]]:
+    """All image files under ``root`` (sorted by path) and the candidates skipped, with reasons.
+
+    Files with other extensions are ignored silently. Folders reached through symlinks are walked
+    after all real folders and never twice, so a real path always wins over a linked one, and a
+    link to an ancestor folder is reported as a "symlink loop" instead of recursing.
+    """
+    root = os.path.abspath(os.fspath(root))
+    exts = {e.lower() for e in config.extensions}
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"folder not found: {root}") from None
+    except OSError as e:
+        raise type(e)(f"cannot read {root}: {_os_reason(e)}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        if stat.S_ISREG(st.st_mode) and os.path.splitext(root)[1].lower() in exts:
+            if st.st_size == 0:
+                return [], [Skipped(root, "zero-byte file")]
+            return [MediaFile(root, st.st_size, st.st_mtime_ns, "image")], []
+        raise NotADirectoryError(f"not a folder or an image file: {root}")
+
+    found: list[tuple[bool, str, os.stat_result]] = []  # (reached via a link, path, stat)
+    skipped: list[Skipped] = []
+    visited = {(st.st_dev, st.st_ino): root}  # real folder identity -> first path
+    real_dirs: list[tuple[str, bool]] = [(root, False)]  # (folder, reached via a link)
+    linked_dirs: list[tuple[str, tuple[int, int]]] = []  # symlinked folders, walked last
+    while real_dirs or linked_dirs:
+        if real_dirs:
+            folder, via_link = real_dirs.pop()
+        else:
+            folder, key = linked_dirs.pop(0)
+            target, parent = os.path.realpath(folder), os.path.realpath(os.path.dirname(folder))
+            if os.path.commonpath([target, parent]) == target:  # points at one of its own ancestors
+                skipped.append(Skipped(folder, "symlink loop"))
+                continue
+            if key in visited:
+                skipped.append(Skipped(folder, f"duplicate of folder {visited[key]}"))
+                continue
+            visited[key], via_link = folder, True
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            skipped.append(Skipped(folder, f"cannot list folder: {_os_reason(e)}"))
+            continue
+        for entry in entries:
+            path, ext = entry.path, os.path.splitext(entry.name)[1].lower()
+            is_link = False
+            try:
+                is_link = entry.is_symlink()
+                if is_link and not config.follow_symlinks:
+                    if ext in exts:
+                        skipped.append(Skipped(path, "symlink not followed"))
+                    continue
+                est = entry.stat() if (is_link or entry.is_dir() or ext in exts) else None
+            except OSError as e:
+                if ext in exts or not ext:  # a broken "notes.txt" link is as uninteresting as notes.txt
+                    broken = is_link and isinstance(e, FileNotFoundError)
+                    skipped.append(Skipped(path, "broken symlink" if broken else _os_reason(e)))
+                continue
+            if est is None:
+                continue
+            if stat.S_ISDIR(est.st_mode):
+                key = (est.st_dev, est.st_ino)
+                if is_link:
+                    linked_dirs.append((path, key))
+                elif key in visited:  # e.g. a bind mount of a folder already walked
+                    skipped.append(Skipped(path, f"duplicate of folder {visited[key]}"))
+                else:
+                    visited[key] = path
+                    real_dirs.append((path, via_link))
+                continue
+            if ext not in exts:
+                continue
+            if entry.name.startswith("._"):
+                skipped.append(Skipped(path, "AppleDouble metadata file"))
+            elif not stat.S_ISREG(est.st_mode):
+                skipped.append(Skipped(path, "not a regular file"))
+            elif est.st_size == 0:
+                skipped.append(Skipped(path, "zero-byte file"))
+            elif not os.access(path, os.R_OK):
+                skipped.append(Skipped(path, "permission denied"))
+            else:
+                found.append((via_link or is_link, path, est))
+
+    # the same real file reached twice (links, hard links): keep real paths first, then sorted order
+    files: list[MediaFile] = []
+    first_path: dict[tuple[int, int], str] = {}
+    for via_link, path, est in sorted(found, key=lambda t: (t[0], t[1])):
+        key = (est.st_dev, est.st_ino)
+        if key in first_path:
+            skipped.append(Skipped(path, f"duplicate of {first_path[key]}"))
+            continue
+        first_path[key] = path
+        files.append(MediaFile(path, est.st_size, est.st_mtime_ns, "image"))
+    files.sort(key=lambda f: f.path)
+    skipped.sort(key=lambda s: s.path)
+    return files, skipped
+
+
+def _megapixels(n: float) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB version of ``im``: transparency composited on white, 16/32-bit grey scaled to 8 bits."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        a = np.asarray(im).astype(np.float64)
+        if im.mode == "F":  # float data has no natural range: stretch it
+            lo, hi = float(a.min()), float(a.max())
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        else:  # 16-bit samples (also what 16-bit PNGs decode to in mode "I")
+            a = np.clip(a, 0, 65535) / 257.0
+        return Image.fromarray(np.round(a).astype(np.uint8)).convert("RGB")
+    if im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
+
+
+def load_image(path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int | None = None) -> Image.Image:
+    """Decode the image at ``path`` into a fully loaded RGB image, upright per its EXIF orientation.
+
+    ``min_side``: the caller will downscale to this shortest side anyway, so JPEGs may be decoded
+    at a reduced scale (1/2, 1/4, 1/8) as long as both sides stay >= ``min_side``: several times
+    faster for camera photos, and the same pixels after the caller's resize up to resampling noise.
+
+    Raises ``FileNotFoundError`` when the file is missing and ``MediaError`` ("<path>: <reason>")
+    when it cannot be used: zero-byte, not an image, more than ``max_pixels`` pixels (checked from the
+    header, before decoding), truncated or corrupt. Animated images give their first frame.
+    Pillow's own decompression-bomb limit also applies (about 179 MP with its default setting).
+    """
+    name = os.fspath(path)
+    try:
+        f = open(name, "rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{name}: file not found") from None
+    except OSError as e:
+        raise MediaError(f"{name}: {_os_reason(e)}") from None
+    with f, warnings.catch_warnings():
+        # Pillow warns (not raises) for images between its own limit and twice that, and warns about
+        # odd EXIF/TIFF tags etc.; none of that must reach the user's terminal. Not thread-safe on
+        # Python < 3.14 (catch_warnings swaps the global filter list), at worst a warning leaks.
+        warnings.simplefilter("ignore")
+        try:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise MediaError(f"{name}: zero-byte file")
+            im = Image.open(f)
+            width, height = im.size
+            if width * height > max_pixels:
+                raise MediaError(
+                    f"{name}: too large: {width}x{height} = {_megapixels(width * height)} MP"
+                    f" > {max_pixels / 1e6:g} MP limit"
+                )
+            if min_side and im.format == "JPEG":
+                im.draft("RGB", (min_side, min_side))  # keeps both sides >= min_side
+            im.load()  # first frame only for animations; truncated data fails here
+            try:
+                ImageOps.exif_transpose(im, in_place=True)
+            except Exception:  # a corrupt EXIF block should not make the pixels unusable
+                pass
+            try:
+                return _to_rgb(im)
+            except ValueError:
+                raise MediaError(f"{name}: unsupported color mode {im.mode}") from None
+        except MediaError:
+            raise
+        except Image.DecompressionBombError as e:  # Pillow refused it at open, before our check
+            m = re.search(r"\((\d+) pixels\)", str(e))
+            size = f"{_megapixels(int(m[1]))} MP" if m else "image"
+            limit = min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS) if Image.MAX_IMAGE_PIXELS else max_pixels
+            raise MediaError(f"{name}: too large: {size} > {limit / 1e6:g} MP limit") from None
+        except UnidentifiedImageError:
+            raise MediaError(f"{name}: not an image (cannot identify format)") from None
+        except MemoryError:
+            raise MediaError(f"{name}: out of memory while decoding") from None
+        except Exception as e:  # OSError, SyntaxError, ValueError, struct.error ... from decoders
+            msg = " ".join(str(e).split()) or type(e).__name__
+            raise MediaError(f"{name}: truncated or corrupt: {msg}") from None

@@ -1,0 +1,242 @@
+"""Tests of mmsearch.index: exactness of flat, recall of ivfpq, padding-free results, persistence, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from mmsearch.config import IndexSpec
+from mmsearch.errors import EmptyIndexError, IndexFormatError, IndexNotFoundError
+from mmsearch.index import VectorIndex, choose_kind, ivfpq_params
+
+FLAT = IndexSpec(index_type="flat")
+IVFPQ = IndexSpec(index_type="ivfpq")
+#: fewer PQ sub-quantizers than the default keeps k-means training fast on a loaded 2-core machine
+IVFPQ_FAST = IndexSpec(index_type="ivfpq", pq_m=8)
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def random_unit(n: int, d: int, seed: int) -> np.ndarray:
+    return normalise(np.random.default_rng(seed).standard_normal((n, d)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """One faiss thread: OpenMP k-means slows down many-fold when the 2 cores are shared with other jobs."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    """5,000 normalised vectors, d=64, drawn around 50 gaussian centres; ids 1000 + 7*i."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((50, 64))
+    x = normalise(centres[rng.integers(0, 50, 5000)] + 0.5 * rng.standard_normal((5000, 64)))
+    ids = 1000 + 7 * np.arange(5000, dtype=np.int64)
+    return x, ids
+
+
+@pytest.fixture(scope="module")
+def ivfpq_index(clustered):
+    x, ids = clustered
+    return VectorIndex.build(x, ids, IVFPQ_FAST)
+
+
+def exact(x: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = q @ x.T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), ids[order]
+
+
+def test_import_does_not_load_faiss():
+    code = "import sys, mmsearch.index; assert 'faiss' not in sys.modules, 'faiss imported at module level'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_flat_matches_numpy_reference():
+    x, q = random_unit(500, 32, 1), random_unit(20, 32, 2)
+    ids = 1000 + 7 * np.arange(500, dtype=np.int64)
+    index = VectorIndex.build(x, ids, FLAT)
+    assert (index.kind, index.params, index.d, index.ntotal) == ("flat", {}, 32, 500)
+    D, I = index.search(q, 10)
+    D_ref, I_ref = exact(x, ids, q, 10)
+    assert D.dtype == np.float32 and I.dtype == np.int64 and D.shape == I.shape == (20, 10)
+    np.testing.assert_array_equal(I, I_ref)
+    np.testing.assert_allclose(D, D_ref, atol=1e-5)
+
+
+def test_single_query_vector_accepted():
+    x = random_unit(50, 16, 3)
+    index = VectorIndex.build(x, np.arange(50), FLAT)
+    D, I = index.search(x[7].astype(np.float64), 3)
+    assert D.shape == I.shape == (1, 3) and I[0, 0] == 7
+
+
+def test_ivfpq_params(ivfpq_index):
+    assert ivfpq_index.kind == "ivfpq"
+    assert ivfpq_index.params == {"nlist": 128, "m": 8, "nbits": 8, "nprobe": 16, "rerank_factor": 10, "n_train": 5000}
+    assert ivfpq_params(5000, 64, IVFPQ)["m"] == 64
+    assert ivfpq_params(20, 32, IVFPQ)["nlist"] == 1 and ivfpq_params(20, 32, IVFPQ)["nbits"] == 4
+    assert ivfpq_params(10**6, 256, IVFPQ)["nlist"] == 4096
+    assert ivfpq_params(10**6, 384, IVFPQ)["m"] == 64 and ivfpq_params(10**6, 72, IVFPQ)["m"] == 24
+    with pytest.raises(ValueError, match="pq_m"):
+        ivfpq_params(1000, 64, replace(IVFPQ, pq_m=5))
+
+
+def test_ivfpq_recall_against_exact(clustered, ivfpq_index):
+    x, ids = clustered
+    rng = np.random.default_rng(5)
+    q = normalise(x[rng.choice(len(x), 200, replace=False)] + 0.1 * rng.standard_normal((200, 64)))
+    _, I = ivfpq_index.search(q, 10)
+    _, I_ref = exact(x, ids, q, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, I_ref)])
+    assert recall >= 0.9, recall
+    top1 = np.mean(I[:, 0] == I_ref[:, 0])
+    assert top1 >= 0.95, top1
+
+
+def test_ivfpq_and_flat_agree_on_easy_queries(clustered, ivfpq_index):
+    x, ids = clustered
+    flat = VectorIndex.build(x, ids, FLAT)
+    q = x[::250]  # stored vectors: the top hit is the vector itself
+    _, I_ivf = ivfpq_index.search(q, 1)
+    _, I_flat = flat.search(q, 1)
+    np.testing.assert_array_equal(I_ivf, I_flat)
+    np.testing.assert_array_equal(I_flat[:, 0], ids[::250])
+
+
+def test_ivfpq_build_is_reproducible(clustered):
+    x, ids = clustered
+    first, again = (VectorIndex.build(x[:1500], ids[:1500], replace(IVFPQ, pq_m=4)) for _ in range(2))
+    q = x[:50]
+    for a, b in zip(first.search(q, 10, nprobe=1), again.search(q, 10, nprobe=1)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("spec", [FLAT, IVFPQ, replace(IVFPQ, nprobe=1)], ids=["flat", "ivfpq", "ivfpq-nprobe1"])
+@pytest.mark.parametrize("n", [1, 2, 20])
+def test_k_larger_than_n_returns_all_items(spec, n):
+    x = random_unit(n, 32, n)
+    ids = 50 + 3 * np.arange(n, dtype=np.int64)
+    index = VectorIndex.build(x, ids, spec)
+    D, I = index.search(random_unit(5, 32, 99), 100, nprobe=spec.nprobe)
+    assert D.shape == I.shape == (5, n)
+    assert (I >= 0).all()
+    for row, drow in zip(I, D):
+        assert sorted(row) == sorted(ids)
+        assert (np.diff(drow) <= 1e-6).all()  # best first
+
+
+def test_ivfpq_short_rows_are_researched(clustered):
+    """nprobe=1 over many small lists: rows that come back short are filled by a full search."""
+    x, ids = clustered
+    index = VectorIndex.build(x[:400], ids[:400], replace(IVFPQ_FAST, nlist=10, rerank_factor=1))
+    assert index.params["nlist"] == 10
+    _, raw = index._index.search(x[:30], 200)  # precondition: plain faiss search pads these rows with -1
+    assert (raw < 0).any()
+    D, I = index.search(x[:30], 200, nprobe=1)
+    assert I.shape == (30, 200) and (I >= 0).all()
+    assert all(len(set(row)) == 200 for row in I)
+
+
+def test_save_load_round_trip(tmp_path, clustered, ivfpq_index):
+    x, ids = clustered
+    flat = VectorIndex.build(x[:300], ids[:300], FLAT)
+    for index in (flat, ivfpq_index):
+        path = tmp_path / f"{index.kind}.faiss"
+        index.save(path)
+        index.save(path)  # overwriting an existing file also works
+        assert path.is_file()
+        loaded = VectorIndex.load(path, index.kind, index.params)
+        assert (loaded.kind, loaded.params, loaded.d, loaded.ntotal) == (index.kind, index.params, 64, index.ntotal)
+        for a, b in zip(index.search(x[:40], 10), loaded.search(x[:40], 10)):
+            np.testing.assert_array_equal(a, b)
+    assert sorted(os.listdir(tmp_path)) == ["flat.faiss", "ivfpq.faiss"]  # no temp files left behind
+
+
+def test_load_errors(tmp_path):
+    missing = tmp_path / "nope.faiss"
+    with pytest.raises(IndexNotFoundError, match="mmsearch index"):
+        VectorIndex.load(missing, "flat", {})
+    with pytest.raises(FileNotFoundError):  # catchable as the builtin too
+        VectorIndex.load(missing, "flat", {})
+    garbage = tmp_path / "garbage.faiss"
+    garbage.write_bytes(b"this is not a faiss index" * 10)
+    with pytest.raises(IndexFormatError, match="garbage.faiss") as err:
+        VectorIndex.load(garbage, "flat", {})
+    assert "\n" not in str(err.value) and "index_read.cpp" not in str(err.value)
+    with pytest.raises(IndexFormatError, match="not a regular file"):
+        VectorIndex.load(tmp_path, "flat", {})
+    flat = tmp_path / "flat.faiss"
+    VectorIndex.build(random_unit(10, 8, 0), np.arange(10), FLAT).save(flat)
+    with pytest.raises(IndexFormatError, match="expected ivfpq"):
+        VectorIndex.load(flat, "ivfpq", {})
+    with pytest.raises(IndexFormatError, match="unknown kind"):
+        VectorIndex.load(flat, "hnsw", {})
+
+
+def test_empty_index_search_raises():
+    import faiss
+
+    index = VectorIndex(faiss.IndexIDMap2(faiss.IndexFlatIP(8)), "flat", {})
+    with pytest.raises(EmptyIndexError):
+        index.search(random_unit(1, 8, 0), 5)
+
+
+def test_bad_build_input():
+    x = random_unit(10, 8, 0)
+    ids = np.arange(10)
+    with pytest.raises(ValueError, match="empty"):
+        VectorIndex.build(np.zeros((0, 8), np.float32), np.arange(0), FLAT)
+    with pytest.raises(ValueError, match="2-D"):
+        VectorIndex.build(x[0], ids[:1], FLAT)
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        VectorIndex.build(bad, ids, FLAT)
+    bad[3, 2] = np.inf
+    with pytest.raises(ValueError, match="NaN or inf"):
+        VectorIndex.build(bad, ids, IVFPQ)
+    with pytest.raises(ValueError, match="duplicate"):
+        VectorIndex.build(x, np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 1]), FLAT)
+    with pytest.raises(ValueError, match="shape"):
+        VectorIndex.build(x, np.arange(9), FLAT)
+    with pytest.raises(ValueError, match="integers"):
+        VectorIndex.build(x, np.arange(10, dtype=np.float64), FLAT)
+
+
+def test_bad_search_input():
+    index = VectorIndex.build(random_unit(10, 8, 0), np.arange(10), FLAT)
+    with pytest.raises(ValueError, match=r"dimension 16 .* dimension 8"):
+        index.search(random_unit(2, 16, 1), 3)
+    for k in (0, -1):
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            index.search(random_unit(2, 8, 1), k)
+    q = random_unit(2, 8, 1)
+    q[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        index.search(q, 3)
+
+
+def test_choose_kind():
+    spec = IndexSpec()
+    assert choose_kind(1, spec) == "flat"
+    assert choose_kind(spec.flat_max, spec) == "flat"
+    assert choose_kind(spec.flat_max + 1, spec) == "ivfpq"
+    assert choose_kind(10**7, FLAT) == "flat"
+    assert choose_kind(5, IVFPQ) == "ivfpq"
+    with pytest.raises(ValueError, match="unknown index type"):
+        choose_kind(5, IndexSpec(index_type="hnsw"))
