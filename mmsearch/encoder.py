@@ -10,6 +10,7 @@ later run on a torch-free backend; torch and open_clip are imported only when a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence, Union
@@ -31,6 +32,41 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
+def _resolves(url: str) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        socket.getaddrinfo(urlparse(url).hostname or url, 443)
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """Load quietly, and offline (cache only) when the hub's host does not even resolve.
+
+    Without this, a machine with no network waits a minute of download retries before failing, and
+    huggingface_hub / open_clip log warnings to stderr (the library never prints). Yields whether
+    the hub was unreachable.
+    """
+    import logging
+
+    import huggingface_hub.constants as hub
+
+    before = hub.HF_HUB_OFFLINE
+    unreachable = not before and not _resolves(hub.ENDPOINT)
+    if unreachable:
+        hub.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub.is_offline_mode()
+    logging.disable(logging.CRITICAL)
+    try:
+        yield unreachable or before
+    finally:
+        hub.HF_HUB_OFFLINE = before
+        logging.disable(logging.NOTSET)
+
+
 def _load_open_clip(ref: ModelRef, cache_dir: str | None):
     """(model, preprocess, tokenizer) for any open_clip reference; errors become ModelLoadError."""
     import open_clip
@@ -48,10 +84,11 @@ def _load_open_clip(ref: ModelRef, cache_dir: str | None):
             f"model {name!r} needs pretrained weights: pass pretrained=TAG (one of "
             f"{', '.join(t for m, t in open_clip.list_pretrained() if m == name)[:200]})"
         )
-    try:
-        from .models import quiet_transformers
+    from .models import quiet_transformers
 
-        with quiet_transformers():
+    offline = False
+    try:
+        with _quiet_hub() as offline, quiet_transformers():
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=ref.pretrained, cache_dir=cache_dir
             )
@@ -61,10 +98,10 @@ def _load_open_clip(ref: ModelRef, cache_dir: str | None):
     except Exception as e:  # open_clip raises RuntimeError, OSError, HF and network errors
         what = f"{ref.name!r}" + (f" (pretrained {ref.pretrained!r})" if ref.pretrained else "")
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(
-            f"cannot load model {what}: {reason[:300]}. Use a name from open_clip.list_pretrained(), "
-            "an hf-hub: id (needs internet the first time), or a local checkpoint folder"
-        ) from e
+        hint = ("no network and the weights are not in the local cache: download them on a machine "
+                "with internet or pass a local checkpoint folder" if offline else
+                "use a name from open_clip.list_pretrained(), an hf-hub: id, or a local checkpoint folder")
+        raise ModelLoadError(f"cannot load model {what}: {reason[:200]} ({hint})") from e
     return model, preprocess, tokenizer
 
 

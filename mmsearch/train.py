@@ -140,21 +140,22 @@ def train_heads(
             caps = [caps_of[i][rng.integers(len(caps_of[i]))] for i in imgs]
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
-            fi = torch.nn.functional.normalize(vhead(img_t[imgs]), dim=-1)
-            ft = torch.nn.functional.normalize(tproj(txt_t[caps]), dim=-1)
+            drop = lambda x: torch.nn.functional.dropout(x, cfg.feature_dropout)  # noqa: E731
+            fi = torch.nn.functional.normalize(vhead(drop(img_t[imgs])), dim=-1)
+            ft = torch.nn.functional.normalize(tproj(drop(txt_t[caps])), dim=-1)
             loss = loss_fn(fi, ft, model.logit_scale.exp())
             opt.zero_grad()
             loss.backward()
             opt.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
         vhead.eval(), tproj.eval()
         r = recall_at_k(_embed(vhead, val_img), _embed(tproj, val_txt), val_owner)
         score = validation_score(r)
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "val": r, "val_rsum": score,
-                  "temperature": float(1 / model.logit_scale.exp())}
+                  "temperature": float(1 / model.logit_scale.detach().exp())}
         history.append(record)
         if on_epoch:
             on_epoch(record)

@@ -1,0 +1,99 @@
+"""Recall@1/5/10 of a model on the Flickr8k 1k test split, through the same path as the CLI.
+
+The 1,000 test photos are linked into a temporary folder and indexed with ``index_folder`` (scan,
+decode, preprocess, embed, faiss) exactly as ``mmsearch index`` does; the 5,000 captions are
+embedded by the index's encoder and text->image is answered by the faiss index
+(``Searcher.search_vectors``). Image->text uses the stored image embeddings against the caption
+embeddings (the index holds no texts yet). Convention: CLIP_benchmark (a caption hits if its image
+is in the top k; an image hits if any of its 5 captions is), ties counted against the query.
+
+    python benchmarks/recall_flickr8k.py [--model mmsearch-lite] [--split test]
+
+Writes benchmarks/results/recall_flickr8k_<model>_<split>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from mmsearch.config import DEFAULT_MODEL  # noqa: E402
+from mmsearch.data import load_flickr8k  # noqa: E402
+from mmsearch.metrics import recall_at_k  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--pretrained", default=None)
+    ap.add_argument("--split", default="test", choices=["test", "dev"])
+    args = ap.parse_args()
+
+    from mmsearch.encoder import get_encoder
+    from mmsearch.indexing import index_folder
+    from mmsearch.search import Searcher
+
+    pairs = load_flickr8k(args.data, args.split)
+    texts, owner = pairs.flat()
+    t0 = time.perf_counter()
+    enc = get_encoder(args.model, pretrained=args.pretrained)
+    with tempfile.TemporaryDirectory() as tmp:
+        photos = Path(tmp) / "photos"
+        photos.mkdir()
+        for p in pairs.images:
+            os.symlink(p, photos / Path(p).name)
+        report = index_folder(photos, Path(tmp) / "index", encoder=enc)
+        searcher = Searcher(Path(tmp) / "index", encoder=enc)
+        c = searcher.collection
+        row_of_name = {Path(p).name: i for i, p in enumerate(c.items.path)}
+        order = np.array([row_of_name[Path(p).name] for p in pairs.images])
+        image_emb = np.asarray(c.embeddings)[order]  # row i = pairs.images[i]
+        t1 = time.perf_counter()
+        text_emb = enc.embed_texts(texts)
+        text_seconds = time.perf_counter() - t1
+
+        # text -> image through the faiss index, as `mmsearch query` answers it
+        D, I = searcher.search_vectors(text_emb, k=10)
+        id_to_pair = {int(c.items.id[r]): j for j, r in enumerate(order)}
+        ranked = np.vectorize(id_to_pair.get)(I)
+        via_index = {k: float(np.mean((ranked[:, :k] == np.asarray(owner)[:, None]).any(1))) for k in (1, 5, 10)}
+
+    r = recall_at_k(image_emb, text_emb, owner)
+    record = {
+        "what": f"Flickr8k {args.split} split retrieval, {len(pairs.images)} images x {len(texts)} captions",
+        "command": "python benchmarks/recall_flickr8k.py" + (f" --model {args.model}" if args.model != DEFAULT_MODEL else "")
+                   + (f" --split {args.split}" if args.split != "test" else ""),
+        "model": enc.name,
+        "t2i": r["t2i"],
+        "i2t": r["i2t"],
+        "t2i_via_faiss_index": via_index,
+        "n_images": r["n_images"],
+        "n_texts": r["n_texts"],
+        "index_kind": report.index_kind,
+        "skipped": [s.__dict__ for s in report.skipped],
+        "seconds": {"index_images": round(report.seconds, 1), "embed_texts": round(text_seconds, 1),
+                    "total": round(time.perf_counter() - t0, 1)},
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+    }
+    name = args.model.replace("/", "_").replace(":", "_")
+    out = ROOT / "benchmarks" / "results" / f"recall_flickr8k_{Path(name).name}_{args.split}.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    fmt = lambda d: "/".join(f"{d[k]:.3f}" for k in (1, 5, 10))  # noqa: E731
+    print(f"{enc.name} on Flickr8k {args.split}: text->image R@1/5/10 {fmt(r['t2i'])} "
+          f"(via index {fmt(via_index)}), image->text {fmt(r['i2t'])} -> {out}")
+
+
+if __name__ == "__main__":
+    main()

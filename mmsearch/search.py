@@ -1,0 +1,100 @@
+"""Query layer: text -> image and image -> image search over a built index.
+
+The Searcher depends on "something that embeds" (``embed_texts`` / ``embed_images`` returning
+normalised float32 rows), not on torch itself, so a lighter backend can drop in later.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import BadQueryError, EmptyIndexError, ModelMismatchError
+from .store import Collection
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int  # 1-based
+    score: float  # cosine similarity (inner product of unit vectors)
+    path: str  # absolute path of the item
+    kind: str  # "image"
+    id: int  # stable item id
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Searcher:
+    """Search one index. ``Searcher("indexes/default").search_text("a dog", k=5)``.
+
+    The encoder defaults to the model recorded in the index manifest, loaded on first query.
+    """
+
+    def __init__(self, index: str | os.PathLike | Collection, encoder=None) -> None:
+        self.collection = index if isinstance(index, Collection) else Collection.open(index)
+        if self.collection.count == 0:
+            raise EmptyIndexError(
+                f"index {self.collection.path} is empty: add images with `mmsearch index FOLDER`"
+            )
+        if encoder is not None:
+            key = self.collection.model["key"]
+            if getattr(encoder, "name", key) != key:
+                raise ModelMismatchError(
+                    f"index {self.collection.path} was built with model {key!r}, the encoder is "
+                    f"{encoder.name!r}: load the index's model or rebuild the index"
+                )
+        self._encoder = encoder
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            from .encoder import get_encoder
+
+            m = self.collection.model
+            self._encoder = get_encoder(m["name"], pretrained=m["pretrained"])
+        return self._encoder
+
+    # ---- numpy in, numpy out -------------------------------------------------------------------
+    def search_vectors(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """(q, d) normalised float32 queries -> (D, I): scores and item ids, best first.
+
+        At most ``min(k, count)`` columns; never padded with -1.
+        """
+        if k < 1:
+            raise BadQueryError(f"k must be at least 1, got {k}")
+        return self.collection.index.search(np.asarray(queries, dtype=np.float32), k)
+
+    def hits(self, D: np.ndarray, I: np.ndarray) -> list[list[Hit]]:
+        """Turn search results into Hit lists (one per query)."""
+        items = self.collection.items
+        out = []
+        for scores, ids in zip(D, I):
+            rows = self.collection.rows_of(ids)
+            out.append([
+                Hit(rank=r + 1, score=float(s), path=items.path[row], kind=items.kind[row], id=int(i))
+                for r, (s, i, row) in enumerate(zip(scores, ids, rows))
+            ])
+        return out
+
+    # ---- queries -------------------------------------------------------------------------------
+    def search_text(self, text: str, k: int = 10) -> list[Hit]:
+        return self.search_texts([text], k)[0]
+
+    def search_texts(self, texts: Sequence[str], k: int = 10) -> list[list[Hit]]:
+        if isinstance(texts, str):
+            raise TypeError("search_texts takes a list of strings; use search_text for one")
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise BadQueryError("empty query: give some text to search for, or --image PATH")
+        return self.hits(*self.search_vectors(self.encoder.embed_texts(list(texts)), k))
+
+    def search_image(self, image, k: int = 10) -> list[Hit]:
+        """Image -> image. ``image`` is a path or a PIL image; a bad file raises MediaError."""
+        if isinstance(image, (str, Path)) and not Path(image).is_file():
+            raise FileNotFoundError(f"query image not found: {image}")
+        return self.hits(*self.search_vectors(self.encoder.embed_images([image]), k))[0]

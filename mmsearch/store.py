@@ -1,0 +1,286 @@
+"""On-disk collection: one folder per index.
+
+    <index>/manifest.json          format version, model, counts, index kind + params, current generation
+    <index>/gen-000007/items.parquet   id, path, size, mtime_ns, kind (one row per vector)
+    <index>/gen-000007/embeddings.npy  float32 (n, d), row i <-> items row i
+    <index>/gen-000007/index.faiss     faiss index over the embeddings, searched by item id
+    <index>/.lock                  flock held by the one process writing
+
+A write builds a complete new generation folder, then atomically replaces manifest.json (the single
+commit point), then deletes older generations. A process killed at any moment (even SIGKILL) leaves
+the previous manifest pointing at a complete generation; leftovers are swept by the next write. The
+lock is an flock, which the kernel releases when its process dies, so it is never stale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ._util import atomic_write_bytes
+from .errors import EmptyIndexError, IndexFormatError, IndexLockedError, IndexNotFoundError
+
+FORMAT = "mmsearch-index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ITEMS, EMBEDDINGS, FAISS = "items.parquet", "embeddings.npy", "index.faiss"
+COLUMNS = ("id", "path", "size", "mtime_ns", "kind")
+
+
+@dataclass
+class Items:
+    """The item table as columns (row i describes embedding row i)."""
+
+    id: np.ndarray  # int64 stable item ids
+    path: list[str]  # absolute paths
+    size: np.ndarray  # int64 bytes
+    mtime_ns: np.ndarray  # int64
+    kind: list[str]  # "image" (video, text later)
+
+    @classmethod
+    def empty(cls) -> "Items":
+        return cls(np.zeros(0, np.int64), [], np.zeros(0, np.int64), np.zeros(0, np.int64), [])
+
+    def __len__(self) -> int:
+        return len(self.path)
+
+    def take(self, rows: np.ndarray) -> "Items":
+        rows = np.asarray(rows, dtype=np.int64)
+        return Items(self.id[rows], [self.path[i] for i in rows], self.size[rows], self.mtime_ns[rows],
+                     [self.kind[i] for i in rows])
+
+    @staticmethod
+    def concat(a: "Items", b: "Items") -> "Items":
+        return Items(np.concatenate([a.id, b.id]), a.path + b.path, np.concatenate([a.size, b.size]),
+                     np.concatenate([a.mtime_ns, b.mtime_ns]), a.kind + b.kind)
+
+
+def _sync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of the index at ``path``; clear errors for a missing or foreign folder."""
+    path = Path(path)
+    mf = path / MANIFEST
+    if not mf.is_file():
+        if not path.exists():
+            raise IndexNotFoundError(f"no index at {path}: build one with `mmsearch index FOLDER`")
+        raise IndexNotFoundError(f"{path} holds no mmsearch index (no {MANIFEST}): run `mmsearch index FOLDER`")
+    try:
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise IndexFormatError(f"{mf} is unreadable ({e}): rebuild with `mmsearch index`") from e
+    if manifest.get("format") != FORMAT:
+        raise IndexFormatError(f"{mf} is not an mmsearch index manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise IndexFormatError(
+            f"index {path} has format version {version}, this mmsearch reads version {FORMAT_VERSION}: "
+            "rebuild it with `mmsearch index` into a new --index folder"
+        )
+    return manifest
+
+
+class Collection:
+    """A loaded index folder: manifest, items, embeddings and (lazily) the faiss index."""
+
+    def __init__(self, path: Path, manifest: dict, items: Items, embeddings: np.ndarray) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.items = items
+        self.embeddings = embeddings
+        self._index = None
+        self._row_of_id: dict[int, int] | None = None
+
+    # ---- reading --------------------------------------------------------------------------------
+    @classmethod
+    def exists(cls, path: str | Path) -> bool:
+        return (Path(path) / MANIFEST).is_file()
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Collection":
+        """Load the committed generation (embeddings memory-mapped)."""
+        path = Path(path)
+        for attempt in range(3):  # a writer may retire the generation between our two reads
+            manifest = read_manifest(path)
+            gen = path / manifest["generation_dir"]
+            try:
+                return cls(path, manifest, _read_items(gen / ITEMS), _read_embeddings(gen / EMBEDDINGS))
+            except FileNotFoundError:
+                if attempt == 2 or read_manifest(path)["generation_dir"] == manifest["generation_dir"]:
+                    raise IndexFormatError(
+                        f"index {path} is missing files of {manifest['generation_dir']}: rebuild with "
+                        "`mmsearch index` into a new --index folder"
+                    ) from None
+        raise AssertionError("unreachable")
+
+    @property
+    def count(self) -> int:
+        return len(self.items)
+
+    @property
+    def model(self) -> dict:
+        return self.manifest["model"]
+
+    @property
+    def index(self):
+        """The faiss index of the committed generation (loaded on first use)."""
+        if self._index is None:
+            from .index import VectorIndex
+
+            if self.count == 0:
+                raise EmptyIndexError(f"index {self.path} is empty: add files with `mmsearch index FOLDER`")
+            info = self.manifest["index"]
+            self._index = VectorIndex.load(self.path / self.manifest["generation_dir"] / FAISS,
+                                           info["kind"], info["params"])
+        return self._index
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Item-table rows of the given item ids."""
+        if self._row_of_id is None:
+            self._row_of_id = {int(i): r for r, i in enumerate(self.items.id)}
+        return np.array([self._row_of_id[int(i)] for i in np.ravel(ids)], dtype=np.int64)
+
+    def disk_bytes(self) -> int:
+        gen = self.path / self.manifest["generation_dir"]
+        return sum(f.stat().st_size for f in gen.iterdir() if f.is_file()) + (self.path / MANIFEST).stat().st_size
+
+
+@contextlib.contextmanager
+def write_lock(path: str | Path) -> Iterator[None]:
+    """Exclusive writer lock on an index folder (flock: released by the kernel if we die)."""
+    import fcntl
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IndexLockedError(
+                f"index {path} is being updated by another mmsearch process: wait for it to finish"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def commit(path: str | Path, items: Items, embeddings: np.ndarray, vindex, base_manifest: dict) -> dict:
+    """Write a new generation and make it current. Caller holds ``write_lock(path)``.
+
+    ``base_manifest`` carries the fields that describe the collection (model, dim, next_id, ...);
+    counts, index info and generation are filled in here. Returns the committed manifest.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if len(items) != embeddings.shape[0]:
+        raise AssertionError("items and embeddings disagree")
+    old = read_manifest(path) if (path / MANIFEST).is_file() else None
+    generation = (old["generation"] + 1) if old else 1
+    name = f"gen-{generation:06d}"
+    gen = path / name
+    if gen.exists():  # left by a writer killed before its commit
+        shutil.rmtree(gen)
+    tmp = path / f".{name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+
+    table = pa.table({
+        "id": pa.array(items.id, pa.int64()),
+        "path": pa.array(items.path, pa.string()),
+        "size": pa.array(items.size, pa.int64()),
+        "mtime_ns": pa.array(items.mtime_ns, pa.int64()),
+        "kind": pa.array(items.kind, pa.string()),
+    })
+    pq.write_table(table, tmp / ITEMS)
+    with open(tmp / EMBEDDINGS, "wb") as f:
+        np.save(f, np.ascontiguousarray(embeddings, dtype=np.float32))
+        f.flush()
+        os.fsync(f.fileno())
+    if vindex is not None:
+        vindex.save(tmp / FAISS)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _sync_dir(tmp)
+    os.replace(tmp, gen)
+    _sync_dir(path)
+
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    manifest = dict(base_manifest)
+    manifest.update({
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "generation": generation,
+        "generation_dir": name,
+        "count": int(len(items)),
+        "counts_by_kind": {k: int(v) for k, v in zip(*np.unique(np.asarray(items.kind, dtype=object), return_counts=True))} if len(items) else {},
+        "dim": int(embeddings.shape[1]),
+        "index": {"kind": vindex.kind, "params": vindex.params} if vindex is not None else {"kind": None, "params": {}},
+        "files": {"items": ITEMS, "embeddings": EMBEDDINGS, "faiss": FAISS},
+        "created": (old or {}).get("created", now),
+        "updated": now,
+    })
+    atomic_write_bytes(path / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    _sync_dir(path)
+    sweep(path, keep=name)
+    return manifest
+
+
+def sweep(path: Path, keep: str) -> None:
+    """Delete generations and partial folders other than ``keep`` (safe: they are not referenced)."""
+    for child in path.iterdir():
+        if child.name == keep or not child.is_dir():
+            continue
+        if child.name.startswith("gen-") or (child.name.startswith(".gen-") and child.name.endswith(".partial")):
+            shutil.rmtree(child, ignore_errors=True)
+    for child in path.glob(f".{MANIFEST}.*.tmp"):
+        child.unlink(missing_ok=True)
+
+
+def _read_items(path: Path) -> Items:
+    import pyarrow.parquet as pq
+
+    try:
+        t = pq.read_table(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise IndexFormatError(f"{path} is unreadable ({e}): rebuild with `mmsearch index`") from e
+    missing = set(COLUMNS) - set(t.column_names)
+    if missing:
+        raise IndexFormatError(f"{path} lacks columns {sorted(missing)}: rebuild with `mmsearch index`")
+    return Items(
+        t.column("id").to_numpy().astype(np.int64),
+        t.column("path").to_pylist(),
+        t.column("size").to_numpy().astype(np.int64),
+        t.column("mtime_ns").to_numpy().astype(np.int64),
+        t.column("kind").to_pylist(),
+    )
+
+
+def _read_embeddings(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise IndexFormatError(f"{path} is unreadable ({e}): rebuild with `mmsearch index`") from e

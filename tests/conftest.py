@@ -1,0 +1,65 @@
+"""Shared fixtures: a few real Flickr8k photos (copied into tmp, never into the repo) and one
+shared encoder of the built-in model (loading it takes seconds)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
+VIDEOS = ROOT.parent / "shared" / "data" / "videos"
+N_PHOTOS = 12
+
+
+def _require_data() -> None:
+    if not (FLICKR / "images").is_dir():
+        pytest.fail(f"test data not found at {FLICKR}: the repo expects ../shared/data beside it")
+
+
+@pytest.fixture(scope="session")
+def pairs():
+    """The first N_PHOTOS images of the Flickr8k test split, with their captions."""
+    _require_data()
+    from mmsearch.data import load_flickr8k
+
+    return load_flickr8k(FLICKR, "test").subset(N_PHOTOS)
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    from mmsearch.encoder import get_encoder
+
+    return get_encoder()
+
+
+def copy_photos(pairs, dest: Path) -> dict[str, str]:
+    """Copy the photos into dest (a third of them into a nested folder); original -> copy path."""
+    mapping = {}
+    for i, src in enumerate(pairs.images):
+        sub = dest / "trip" / "day2" if i % 3 == 2 else dest
+        sub.mkdir(parents=True, exist_ok=True)
+        target = sub / Path(src).name
+        shutil.copy2(src, target)
+        mapping[src] = str(target)
+    return mapping
+
+
+@pytest.fixture
+def photo_dir(tmp_path, pairs):
+    """A fresh folder of real photos; returns (folder, {original path: copied path})."""
+    folder = tmp_path / "photos"
+    return folder, copy_photos(pairs, folder)
+
+
+@pytest.fixture(scope="session")
+def built_index(tmp_path_factory, pairs, encoder):
+    """One index over the photos, built once through the library (read-only for tests)."""
+    from mmsearch.indexing import index_folder
+
+    base = tmp_path_factory.mktemp("built")
+    mapping = copy_photos(pairs, base / "photos")
+    index_folder(base / "photos", base / "index", encoder=encoder)
+    return base / "index", mapping

@@ -1,0 +1,97 @@
+"""The encoder: output shape and norm, inputs, loading any open_clip model from a local folder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mmsearch.errors import MediaError, ModelLoadError
+
+
+def test_text_and_image_embeddings_are_unit_float32(encoder, pairs):
+    t = encoder.embed_texts(["a dog on grass", "two children playing", ""])
+    assert t.dtype == np.float32 and t.shape == (3, encoder.dim) and encoder.dim == 256
+    assert np.allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
+    im = encoder.embed_images(pairs.images[:3])
+    assert im.dtype == np.float32 and im.shape == (3, 256)
+    assert np.allclose(np.linalg.norm(im, axis=1), 1, atol=1e-5)
+    assert encoder.embed_texts([]).shape == (0, 256) and encoder.embed_images([]).shape == (0, 256)
+
+
+def test_paths_and_pil_images_give_the_same_vectors(encoder, pairs):
+    from PIL import Image
+
+    by_path = encoder.embed_images(pairs.images[:2])
+    by_pil = encoder.embed_images([Image.open(p) for p in pairs.images[:2]])
+    assert np.allclose(by_path, by_pil, atol=1e-5)
+
+
+def test_batching_does_not_change_results(encoder, pairs):
+    a = encoder.embed_images(pairs.images[:5], batch_size=2)
+    b = encoder.embed_images(pairs.images[:5], batch_size=5)
+    assert np.allclose(a, b, atol=1e-4)
+    texts = [c[0] for c in pairs.captions[:9]] + ["short", "a much longer sentence about a dog " * 3]
+    whole = encoder.embed_texts(texts)
+    one_by_one = np.concatenate([encoder.embed_texts([t]) for t in texts])
+    assert np.allclose(whole, one_by_one, atol=1e-4)  # padding trimmed per batch changes nothing
+
+
+def test_captions_match_their_own_photos(encoder, pairs):
+    """A meaningful model: most captions rank their own photo in the top 3 of 12."""
+    img = encoder.embed_images(pairs.images)
+    txt = encoder.embed_texts([c[0] for c in pairs.captions])
+    ranks = [(np.argsort(-img @ t) == i).nonzero()[0][0] for i, t in enumerate(txt)]
+    assert sum(r < 3 for r in ranks) >= 9, ranks
+
+
+def test_bad_image_raises_media_error(encoder, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.raises(MediaError, match="bad.jpg"):
+        encoder.embed_images([bad])
+    with pytest.raises(TypeError):
+        encoder.embed_texts("one string")
+
+
+def test_local_open_clip_checkpoint_folder_loads(encoder, tmp_path, pairs):
+    """The path real users take with their own or downloaded weights, tested with a local folder."""
+    from mmsearch import models
+    from mmsearch.encoder import Encoder
+
+    folder = models.save_open_clip_folder(encoder.model, tmp_path / "ckpt")
+    other = Encoder(str(folder))
+    assert other.name == str(folder) and other.dim == 256
+    assert np.allclose(other.embed_texts(["a red bus"]), encoder.embed_texts(["a red bus"]), atol=1e-5)
+    assert np.allclose(other.embed_images(pairs.images[:1]), encoder.embed_images(pairs.images[:1]), atol=1e-4)
+
+
+def test_models_that_cannot_load_give_clear_errors(tmp_path, monkeypatch, capfd):
+    from mmsearch.encoder import Encoder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="open_clip_config.json"):
+        Encoder(str(tmp_path / "empty"))
+    with pytest.raises(ModelLoadError, match="no-such-model"):
+        Encoder("no-such-model")
+    with pytest.raises(ModelLoadError, match="needs pretrained weights"):
+        Encoder("ViT-B-32")
+    # a download that cannot happen here: a prompt, quiet, one-line error (no minute of retries)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    import huggingface_hub.constants as hub
+
+    from mmsearch.encoder import _resolves
+
+    if _resolves(hub.ENDPOINT):
+        pytest.skip("this machine reaches the hub: the offline download failure cannot be shown")
+    with pytest.raises(ModelLoadError, match=r"ViT-B-32.*(no network|hf-hub)") as err:
+        Encoder("ViT-B-32", pretrained="laion2b_s34b_b79k", cache_dir=str(tmp_path / "cache"))
+    assert "\n" not in str(err.value)
+    assert capfd.readouterr().err == ""  # the library printed nothing
+
+
+def test_missing_head_weights_are_a_clear_error(tmp_path):
+    from mmsearch import models
+
+    with pytest.raises(ModelLoadError, match="train_default_model"):
+        models.build(heads=tmp_path / "missing.safetensors")
