@@ -113,8 +113,10 @@ def embed_files(
             on_progress(len(ok) + len(bad))
 
 
-def _model_record(encoder) -> dict:
-    return {"name": encoder.ref.name, "pretrained": encoder.ref.pretrained, "key": encoder.name, "dim": encoder.dim}
+def _model_record(ref: ModelRef, dim: int | None = None) -> dict:
+    """What the manifest says about the model (dim stays None until the model has been loaded)."""
+    name = os.path.abspath(ref.name) if os.path.isdir(ref.name) else ref.name  # usable from any cwd
+    return {"name": name, "pretrained": ref.pretrained, "key": ref.key(), "dim": dim}
 
 
 def check_model(manifest: dict, model_key: str, path) -> None:
@@ -154,29 +156,30 @@ def index_folder(
     report = IndexReport(str(index_path.resolve()), skipped=list(skipped))
 
     existing = Collection.open(index_path) if Collection.exists(index_path) else None
-    if existing is not None and model is not None and encoder is None:
-        check_model(existing.manifest, model.key(), index_path)  # before spending seconds loading it
-    if encoder is None:
-        from .encoder import get_encoder
-
-        if existing is not None and model is None:
-            m = existing.model
-            encoder = get_encoder(m["name"], pretrained=m["pretrained"])
-        else:
-            ref = model or ModelRef(DEFAULT_MODEL)
-            encoder = get_encoder(ref.name, pretrained=ref.pretrained, device=ref.device)
+    if encoder is not None:
+        ref = encoder.ref
+    elif existing is not None and model is None:
+        ref = ModelRef(existing.model["name"], existing.model["pretrained"])
+    else:
+        ref = model or ModelRef(DEFAULT_MODEL)
     if existing is not None:
-        check_model(existing.manifest, encoder.name, index_path)
+        check_model(existing.manifest, ref.key(), index_path)  # before spending seconds loading it
 
     with write_lock(index_path):
         if Collection.exists(index_path):  # re-read under the lock: another writer may have committed
             existing = Collection.open(index_path)
         items = existing.items if existing else Items.empty()
-        embeddings = np.asarray(existing.embeddings) if existing else np.zeros((0, encoder.dim), np.float32)
-        base = dict(existing.manifest) if existing else {"model": _model_record(encoder), "next_id": 0}
-
+        base = dict(existing.manifest) if existing else {"model": _model_record(ref), "next_id": 0}
         plan = plan_update(files, items, root)
         report.unchanged = plan.unchanged
+        if plan.to_embed and encoder is None:  # the model loads only when there is work for it
+            from .encoder import get_encoder
+
+            encoder = get_encoder(ref.name, pretrained=ref.pretrained, device=ref.device)
+        if encoder is not None:
+            base["model"] = _model_record(ref, encoder.dim)
+        dim = encoder.dim if encoder is not None else int(base["model"].get("dim") or 0)
+        embeddings = np.asarray(existing.embeddings) if existing is not None and len(items) else np.zeros((0, dim), np.float32)
         items, embeddings = items.take(plan.keep_rows), embeddings[plan.keep_rows]
 
         def save(items, embeddings):
