@@ -1,7 +1,8 @@
 """Indexing throughput end to end vs the model's forward-only throughput, and cold query latency.
 
 In one run, on the same N Flickr8k photos (dev split, so nothing here touches test):
-1. forward only: images decoded and preprocessed beforehand, timed around ``embed_pixels`` alone;
+1. forward only: images decoded and preprocessed beforehand, timed around ``embed_pixels`` alone
+   (best of 3 passes);
 2. end to end: ``mmsearch index FOLDER`` in a fresh process (scan, decode, embed, faiss, commit),
    images/s from its wall time, model loading included and also reported without it;
 3. cold ``mmsearch query "..."``: a fresh process each time (imports, model load, index load,
@@ -61,10 +62,13 @@ def main() -> None:
     pixels = [enc.preprocess(load_image(p)) for p in paths]
     bs = 32
     enc.embed_pixels(torch.stack(pixels[:bs]))  # warm-up
-    t = time.perf_counter()
-    for i in range(0, len(pixels), bs):
-        enc.embed_pixels(torch.stack(pixels[i : i + bs]))
-    forward_ips = len(pixels) / (time.perf_counter() - t)
+    passes = []
+    for _ in range(3):  # best of 3: the baseline should not be the one slowed by a busy machine
+        t = time.perf_counter()
+        for i in range(0, len(pixels), bs):
+            enc.embed_pixels(torch.stack(pixels[i : i + bs]))
+        passes.append(len(pixels) / (time.perf_counter() - t))
+    forward_ips = max(passes)
     del pixels
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,6 +106,7 @@ def main() -> None:
         "what": f"throughput on {len(paths)} Flickr8k dev photos (224x224 JPEG), model {enc.name}",
         "command": f"python benchmarks/throughput.py --n {args.n} --repeats {args.repeats}",
         "forward_only_images_per_s": round(forward_ips, 1),
+        "forward_only_passes_images_per_s": [round(x, 1) for x in passes],
         "index_end_to_end_images_per_s": round(len(paths) / wall, 1),
         "index_embed_stage_images_per_s": round(embed_ips, 1),
         "ratio_end_to_end_vs_forward": round(len(paths) / wall / forward_ips, 3),
