@@ -57,8 +57,10 @@ def index(
     model: Optional[str] = typer.Option(
         None, "--model", help=f"open_clip model name, hf-hub: id or checkpoint folder [default: the index's, else {DEFAULT_MODEL}]."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag or weights file."),
-    index_type: str = typer.Option("auto", "--index-type", help="auto, flat (exact) or ivfpq (IVF-PQ + exact re-rank)."),
+    index_type: Optional[str] = typer.Option(
+        None, "--index-type", help="auto, flat (exact) or ivfpq (IVF-PQ + exact re-rank) [default: the index's, else auto]."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
+    commit_every: int = typer.Option(2048, "--commit-every", min=1, help="Save progress to disk every N images."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Add new, re-embed changed and drop deleted images of FOLDER in the index."""
@@ -69,7 +71,7 @@ def index(
     from .config import IndexingConfig
     from .indexing import index_folder
 
-    if index_type not in ("auto", "flat", "ivfpq"):
+    if index_type not in (None, "auto", "flat", "ivfpq"):
         _fail(f"unknown --index-type {index_type!r}: use auto, flat or ivfpq")
     if not folder.exists():
         _fail(f"folder not found: {folder}")
@@ -89,8 +91,9 @@ def index(
     ref = ModelRef(model, pretrained) if model else None
     try:
         report = index_folder(
-            folder, _index_dir(index), model=ref, spec=IndexSpec(index_type=index_type),
-            config=replace(IndexingConfig(), batch_size=batch_size), on_progress=progress, on_skip=skip,
+            folder, _index_dir(index), model=ref, spec=IndexSpec(index_type=index_type) if index_type else None,
+            config=replace(IndexingConfig(), batch_size=batch_size, commit_every=commit_every),
+            on_progress=progress, on_skip=skip,
         )
     finally:
         if bar is not None:

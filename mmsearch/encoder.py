@@ -59,12 +59,21 @@ def _quiet_hub():
     unreachable = not before and not _resolves(hub.ENDPOINT)
     if unreachable:
         hub.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub.is_offline_mode()
-    logging.disable(logging.CRITICAL)
+    # silence only the loaders' own records: hub retries on its loggers, open_clip on the root logger
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "open_clip", "timm", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    drop = lambda r: not any(f"{os.sep}{m}{os.sep}" in r.pathname for m in ("open_clip", "timm"))  # noqa: E731
+    root = logging.getLogger()
+    root.addFilter(drop)
     try:
         yield unreachable or before
     finally:
         hub.HF_HUB_OFFLINE = before
-        logging.disable(logging.NOTSET)
+        root.removeFilter(drop)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _load_open_clip(ref: ModelRef, cache_dir: str | None):
@@ -124,6 +133,8 @@ class Encoder:
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if pretrained and os.path.isfile(pretrained):
+            pretrained = os.path.abspath(pretrained)  # recorded in manifests: must work from any cwd
         self.ref = ModelRef(name=str(model), pretrained=pretrained, device=device)
         self.batch_size = batch_size
         self.device = torch.device(device)
@@ -139,6 +150,9 @@ class Encoder:
         if self.device.type == "cpu":
             # convnets run about twice as fast on CPU in channels-last layout
             self.model.visual.to(memory_format=torch.channels_last)
+        from open_clip.hf_model import HFTextEncoder
+
+        self._masks_padding = isinstance(getattr(self.model, "text", None), HFTextEncoder)
         size = getattr(self.model.visual, "image_size", None)
         #: shortest input side the model sees; lets decoders downscale large JPEGs early
         self.image_size = min(size) if isinstance(size, (tuple, list)) else size
@@ -158,9 +172,10 @@ class Encoder:
     def tokenize(self, texts: Sequence[str]):
         """Texts -> token id tensor (n, L), trailing padding columns trimmed for HF text towers."""
         tokens = self._tokenizer(list(texts))
-        pad_id = getattr(getattr(self._tokenizer, "tokenizer", None), "pad_token_id", None)
+        pad_id = self.model.text.config.pad_token_id if self._masks_padding else None
         if pad_id is not None and tokens.shape[0] > 0:
-            # HF towers mask padding themselves, so the shared all-pad tail is wasted work
+            # HF text towers mask padding themselves, so the shared all-pad tail is wasted work;
+            # other towers (CLIP, SigLIP) see every position, so their tokens are left as they are
             used = (tokens != pad_id).any(dim=0).nonzero()
             tokens = tokens[:, : int(used.max()) + 1] if used.numel() else tokens
         return tokens

@@ -20,7 +20,7 @@ from ._util import batched, prefetch_map
 from .config import DEFAULT_MODEL, IndexingConfig, IndexSpec, ModelRef
 from .errors import MediaError, ModelMismatchError
 from .media import MediaFile, Skipped, load_image, scan
-from .store import Collection, Items, commit, write_lock
+from .store import Collection, Items, check_index_folder, commit, write_lock, write_manifest
 
 
 @dataclass
@@ -47,36 +47,60 @@ class IndexReport:
 class Plan:
     """The difference between a folder on disk and the index."""
 
-    keep_rows: np.ndarray  # rows of the current items that stay as they are
+    keep_rows: np.ndarray  # rows of the current items that stay (changed ones too, until re-embedded)
     to_embed: list[MediaFile]  # new or changed files
     reuse_ids: dict[str, int]  # path -> existing item id, for changed files
     removed: int  # items whose file is gone from under the root
     unchanged: int  # kept items under the root
+    known_failures: list[Skipped]  # files that failed before and have not changed since: not retried
 
 
-def plan_update(files: Sequence[MediaFile], items: Items, root: str) -> Plan:
-    """Compare scanned ``files`` under ``root`` with the index's ``items`` (size + mtime)."""
-    prefix = root.rstrip(os.sep) + os.sep
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def plan_update(
+    files: Sequence[MediaFile],
+    items: Items,
+    root: str,
+    unreadable: Sequence[str] = (),
+    failures: dict | None = None,
+) -> Plan:
+    """Compare scanned ``files`` under ``root`` with the index's ``items`` (size + mtime).
+
+    Items at or under an ``unreadable`` path (a folder that could not be listed, a file that could
+    not be read) are kept as they are: a permission problem or a network hiccup is not a deletion.
+    ``failures`` maps paths that failed to decode before to {"size", "mtime_ns", "reason"}; such a
+    file is retried only once it changes.
+    """
+    failures = failures or {}
     seen = {f.path: f for f in files}
     keep, reuse, removed, unchanged = [], {}, 0, 0
-    current = set()
+    indexed = set()
     for row, path in enumerate(items.path):
-        under_root = path == root or path.startswith(prefix)
         f = seen.get(path)
         if f is None:
-            if under_root:
-                removed += 1  # deleted (or now unreadable) below the folder being indexed
+            if _under(path, root) and not any(_under(path, u) for u in unreadable):
+                removed += 1  # deleted below the folder being indexed
             else:
-                keep.append(row)  # another folder of the same index: untouched
+                keep.append(row)  # another folder of the same index, or unreadable for now
             continue
-        current.add(path)
+        indexed.add(path)
+        keep.append(row)
         if int(items.size[row]) == f.size and int(items.mtime_ns[row]) == f.mtime_ns:
-            keep.append(row)
             unchanged += 1
         else:
             reuse[path] = int(items.id[row])
-    to_embed = [f for f in files if f.path not in current or f.path in reuse]
-    return Plan(np.asarray(keep, dtype=np.int64), to_embed, reuse, removed, unchanged)
+    to_embed, known = [], []
+    for f in files:
+        if f.path in indexed and f.path not in reuse:
+            continue
+        old = failures.get(f.path)
+        if f.path not in indexed and old and old["size"] == f.size and old["mtime_ns"] == f.mtime_ns:
+            known.append(Skipped(f.path, f"{old['reason']} (unchanged since it failed; not retried)"))
+            continue
+        to_embed.append(f)
+    return Plan(np.asarray(keep, dtype=np.int64), to_embed, reuse, removed, unchanged, known)
 
 
 def decode_batch(files: Sequence[MediaFile], encoder, max_pixels: int):
@@ -133,7 +157,7 @@ def index_folder(
     index_path: str | os.PathLike,
     encoder=None,
     model: ModelRef | None = None,
-    spec: IndexSpec = IndexSpec(),
+    spec: IndexSpec | None = None,
     config: IndexingConfig = IndexingConfig(),
     on_progress: Callable[[int, int], None] | None = None,
     on_skip: Callable[[Skipped], None] | None = None,
@@ -144,17 +168,23 @@ def index_folder(
     one). ``on_progress(done, total)`` is called as images are embedded; ``on_skip`` for each file
     that cannot be used (the run goes on). Returns an IndexReport.
     """
-    from .index import VectorIndex
+    from .index import VectorIndex, choose_kind
 
     t0 = time.perf_counter()
-    root = os.path.abspath(os.fspath(root))
+    root = os.path.realpath(os.fspath(root))  # one folder reached by two names is one folder
     index_path = Path(index_path)
     files, skipped = scan(root, config)
-    for s in skipped:
+    report = IndexReport(str(index_path.resolve()))
+
+    def skip(s: Skipped) -> None:
+        report.skipped.append(s)
         if on_skip:
             on_skip(s)
-    report = IndexReport(str(index_path.resolve()), skipped=list(skipped))
 
+    for s in skipped:
+        skip(s)
+
+    check_index_folder(index_path)
     existing = Collection.open(index_path) if Collection.exists(index_path) else None
     if encoder is not None:
         ref = encoder.ref
@@ -170,8 +200,18 @@ def index_folder(
             existing = Collection.open(index_path)
         items = existing.items if existing else Items.empty()
         base = dict(existing.manifest) if existing else {"model": _model_record(ref), "next_id": 0}
-        plan = plan_update(files, items, root)
+        if spec is None:  # keep the index type the user chose when the index was built
+            spec = IndexSpec(index_type=base.get("index_type", "auto"))
+        old_failures = base.get("failed", {})
+        plan = plan_update(files, items, root, [s.path for s in skipped if s.unreadable], old_failures)
+        for s in plan.known_failures:
+            skip(s)
+        # failures outside this root, or still current below it, stay on record
+        failures = {p: v for p, v in old_failures.items()
+                    if not _under(p, root) or p in {s.path for s in plan.known_failures}}
         report.unchanged = plan.unchanged
+        report.removed = plan.removed
+        dirty = bool(plan.removed)  # something not yet committed
         if plan.to_embed and encoder is None:  # the model loads only when there is work for it
             from .encoder import get_encoder
 
@@ -179,60 +219,94 @@ def index_folder(
         if encoder is not None:
             base["model"] = _model_record(ref, encoder.dim)
         dim = encoder.dim if encoder is not None else int(base["model"].get("dim") or 0)
-        embeddings = np.asarray(existing.embeddings) if existing is not None and len(items) else np.zeros((0, dim), np.float32)
+        embeddings = (np.array(existing.embeddings, dtype=np.float32) if existing is not None and len(items)
+                      else np.zeros((0, dim), np.float32))
         items, embeddings = items.take(plan.keep_rows), embeddings[plan.keep_rows]
+        row_of_id = {int(i): r for r, i in enumerate(items.id)}
+        pending_items: list[Items] = []
+        pending_emb: list[np.ndarray] = []
+        dropped_ids: set[int] = set()  # changed files that no longer decode
 
-        def save(items, embeddings):
-            vindex = VectorIndex.build(embeddings, items.id, spec) if len(items) else None
-            return commit(index_path, items, embeddings, vindex, base)
-
-        if not plan.to_embed:
-            if plan.removed or existing is None:
-                base = save(items, embeddings)
-        else:
-            done, total = 0, len(plan.to_embed)
-            new_items, new_emb, since_commit = [], [], 0
-            t_embed = time.perf_counter()
-
-            def progress(n):
-                nonlocal done
-                done += n
-                if on_progress:
-                    on_progress(done, total)
-
-            def skip(s):
-                report.skipped.append(s)
-                if on_skip:
-                    on_skip(s)
-
-            for ok, emb in embed_files(plan.to_embed, encoder, config, progress, skip):
-                ids = []
-                for f in ok:
-                    if f.path in plan.reuse_ids:
-                        ids.append(plan.reuse_ids[f.path])
-                        report.updated += 1
-                    else:
-                        ids.append(base["next_id"])
-                        base["next_id"] += 1
-                        report.added += 1
-                new_items.append(Items(np.asarray(ids, np.int64), [f.path for f in ok],
-                                       np.asarray([f.size for f in ok], np.int64),
-                                       np.asarray([f.mtime_ns for f in ok], np.int64), [f.kind for f in ok]))
-                new_emb.append(emb)
-                since_commit += len(ok)
-                if since_commit >= config.commit_every:
-                    for part in new_items:
-                        items = Items.concat(items, part)
-                    embeddings = np.concatenate([embeddings] + new_emb)
-                    new_items, new_emb, since_commit = [], [], 0
-                    base = save(items, embeddings)
-            for part in new_items:
+        def flush():
+            """Fold pending additions and drops into items/embeddings."""
+            nonlocal items, embeddings, row_of_id, pending_items, pending_emb, dropped_ids
+            if dropped_ids:
+                rows = np.array([r for r, i in enumerate(items.id) if int(i) not in dropped_ids], np.int64)
+                items, embeddings = items.take(rows), embeddings[rows]
+            for part in pending_items:
                 items = Items.concat(items, part)
-            embeddings = np.concatenate([embeddings] + new_emb) if new_emb else embeddings
-            base = save(items, embeddings)
+            if pending_emb:
+                embeddings = np.concatenate([embeddings] + pending_emb)
+            row_of_id = {int(i): r for r, i in enumerate(items.id)}
+            pending_items, pending_emb, dropped_ids = [], [], set()
+
+        def save():
+            nonlocal base, dirty
+            flush()
+            dirty = False
+            base["failed"] = failures
+            base["index_type"] = spec.index_type
+            vindex = VectorIndex.build(embeddings, items.id, spec) if len(items) else None
+            base = commit(index_path, items, embeddings, vindex, base)
+
+        done, since_commit = 0, 0
+        t_embed = time.perf_counter()
+
+        def progress(n):
+            nonlocal done
+            done += n
+            if on_progress:
+                on_progress(done, len(plan.to_embed))
+
+        def failed(s: Skipped):
+            f = by_path[s.path]
+            failures[s.path] = {"size": f.size, "mtime_ns": f.mtime_ns, "reason": s.reason}
+            if s.path in plan.reuse_ids:  # a changed file that no longer decodes leaves the index
+                dropped_ids.add(plan.reuse_ids[s.path])
+                report.removed += 1
+                nonlocal dirty
+                dirty = True
+            skip(s)
+
+        by_path = {f.path: f for f in plan.to_embed}
+        for ok, emb in (embed_files(plan.to_embed, encoder, config, progress, failed) if plan.to_embed else ()):
+            dirty = dirty or bool(ok)
+            fresh = []
+            for f, vector in zip(ok, emb):
+                failures.pop(f.path, None)
+                if f.path in plan.reuse_ids:  # re-embedded in place: same id, same row
+                    r = row_of_id[plan.reuse_ids[f.path]]
+                    embeddings[r] = vector
+                    items.size[r], items.mtime_ns[r] = f.size, f.mtime_ns
+                    report.updated += 1
+                else:
+                    fresh.append((f, vector))
+            if fresh:
+                ids = np.arange(base["next_id"], base["next_id"] + len(fresh), dtype=np.int64)
+                base["next_id"] += len(fresh)
+                report.added += len(fresh)
+                pending_items.append(Items(ids, [f.path for f, _ in fresh],
+                                           np.asarray([f.size for f, _ in fresh], np.int64),
+                                           np.asarray([f.mtime_ns for f, _ in fresh], np.int64),
+                                           [f.kind for f, _ in fresh]))
+                pending_emb.append(np.stack([v for _, v in fresh]))
+            since_commit += len(ok)
+            # commit every commit_every images, and at least a quarter of the collection apart,
+            # so the rewrites of a long first run add up to a bounded multiple of the data
+            if since_commit >= max(config.commit_every, len(items) // 4):
+                since_commit = 0
+                save()
+        if plan.to_embed:
             report.embedded_per_second = done / max(1e-9, time.perf_counter() - t_embed)
-        # a changed file that no longer decodes leaves the index: it counts as removed
-        report.removed = plan.removed + len(plan.reuse_ids) - report.updated
+
+        n_final = len(items) + sum(len(p) for p in pending_items) - len(dropped_ids)
+        current = base.get("index", {}).get("kind")
+        wanted = choose_kind(n_final, spec) if n_final else None
+        if existing is None or dirty or wanted != current or base.get("index_type", "auto") != spec.index_type:
+            save()
+        elif failures != old_failures:  # only the failure record changed: no new generation needed
+            base["failed"] = failures
+            write_manifest(index_path, base)
         report.total = len(items)
         report.index_kind = base.get("index", {}).get("kind")
     report.seconds = time.perf_counter() - t0

@@ -33,6 +33,7 @@ class MediaFile:
 class Skipped:
     path: str
     reason: str  # short human reason, e.g. "zero-byte file"
+    unreadable: bool = False  # could not be read now (permissions, I/O): keep what the index has for it
 
 
 def _os_reason(e: OSError) -> str:
@@ -87,7 +88,7 @@ def scan(root, config: IndexingConfig = IndexingConfig()) -> tuple[list[MediaFil
             with os.scandir(folder) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            skipped.append(Skipped(folder, f"cannot list folder: {_os_reason(e)}"))
+            skipped.append(Skipped(folder, f"cannot list folder: {_os_reason(e)}", unreadable=True))
             continue
         for entry in entries:
             path, ext = entry.path, os.path.splitext(entry.name)[1].lower()
@@ -102,7 +103,7 @@ def scan(root, config: IndexingConfig = IndexingConfig()) -> tuple[list[MediaFil
             except OSError as e:
                 if ext in exts or not ext:  # a broken "notes.txt" link is as uninteresting as notes.txt
                     broken = is_link and isinstance(e, FileNotFoundError)
-                    skipped.append(Skipped(path, "broken symlink" if broken else _os_reason(e)))
+                    skipped.append(Skipped(path, "broken symlink" if broken else _os_reason(e), unreadable=not broken))
                 continue
             if est is None:
                 continue
@@ -125,7 +126,7 @@ def scan(root, config: IndexingConfig = IndexingConfig()) -> tuple[list[MediaFil
             elif est.st_size == 0:
                 skipped.append(Skipped(path, "zero-byte file"))
             elif not os.access(path, os.R_OK):
-                skipped.append(Skipped(path, "permission denied"))
+                skipped.append(Skipped(path, "permission denied", unreadable=True))
             else:
                 found.append((via_link or is_link, path, est))
 
@@ -201,6 +202,14 @@ def load_image(path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int | None = 
                     f"{name}: too large: {width}x{height} = {_megapixels(width * height)} MP"
                     f" > {max_pixels / 1e6:g} MP limit"
                 )
+            if min_side and min(width, height) > 0:
+                # resizing the short side to min_side blows thin strips up: 4000x1 -> 896000x224
+                scale = max(1.0, min_side / min(width, height))
+                if width * height * scale * scale > max_pixels:
+                    raise MediaError(
+                        f"{name}: extreme aspect ratio {width}x{height}: would be "
+                        f"{_megapixels(width * height * scale * scale)} MP once resized for the model"
+                    )
             if min_side and im.format == "JPEG":
                 im.draft("RGB", (min_side, min_side))  # keeps both sides >= min_side
             im.load()  # first frame only for animations; truncated data fails here

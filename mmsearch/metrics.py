@@ -50,6 +50,8 @@ def recall_at_k(
         raise ValueError(f"{text_emb.shape[0]} texts but {text_image.shape[0]} text->image labels")
     if text_image.size and (text_image.min() < 0 or text_image.max() >= image_emb.shape[0]):
         raise ValueError("text->image labels out of range of the image embeddings")
+    if not (np.isfinite(image_emb).all() and np.isfinite(text_emb).all()):
+        raise ValueError("embeddings contain NaN or inf: recall would be meaningless")
     sim = text_emb @ image_emb.T
     r_t2i = _ranks_t2i(sim, text_image)
     r_i2t = _ranks_i2t(sim, text_image)

@@ -36,7 +36,7 @@ class Searcher:
     """
 
     def __init__(self, index: str | os.PathLike | Collection, encoder=None) -> None:
-        self.collection = index if isinstance(index, Collection) else Collection.open(index)
+        self.collection = index if isinstance(index, Collection) else Collection.open(index, load_index=True)
         if self.collection.count == 0:
             raise EmptyIndexError(
                 f"index {self.collection.path} is empty: add images with `mmsearch index FOLDER`"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,6 +34,28 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ITEMS, EMBEDDINGS, FAISS = "items.parquet", "embeddings.npy", "index.faiss"
 COLUMNS = ("id", "path", "size", "mtime_ns", "kind")
+GEN_RE = re.compile(r"^gen-\d{6}$")  # committed generation folders
+PARTIAL_RE = re.compile(r"^\.gen-\d{6}\.partial$")  # generations being written
+MANIFEST_TMP_RE = re.compile(r"^\.manifest\.json\..*\.tmp$")
+
+
+def _ours(name: str) -> bool:
+    return name in (MANIFEST, ".lock") or bool(GEN_RE.match(name) or PARTIAL_RE.match(name)
+                                               or MANIFEST_TMP_RE.match(name))
+
+
+def check_index_folder(path: str | Path) -> None:
+    """Refuse to turn a folder holding other things into an index (a sweep must never touch them)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise IndexFormatError(f"--index {path} is a file, not a folder: choose a new or empty folder")
+    if path.is_dir() and not (path / MANIFEST).is_file():
+        foreign = sorted(p.name for p in path.iterdir() if not _ours(p.name))
+        if foreign:
+            raise IndexFormatError(
+                f"--index {path} is not an mmsearch index and is not empty (holds {foreign[0]!r}): "
+                "choose a new or empty folder"
+            )
 
 
 @dataclass
@@ -112,15 +135,19 @@ class Collection:
         return (Path(path) / MANIFEST).is_file()
 
     @classmethod
-    def open(cls, path: str | Path) -> "Collection":
-        """Load the committed generation (embeddings memory-mapped)."""
+    def open(cls, path: str | Path, load_index: bool = False) -> "Collection":
+        """Load the committed generation (embeddings memory-mapped; with ``load_index`` also the
+        faiss index, so a searcher keeps serving this generation after a writer retires it)."""
         path = Path(path)
-        for attempt in range(3):  # a writer may retire the generation between our two reads
+        for attempt in range(3):  # a writer may retire the generation between our reads
             manifest = read_manifest(path)
             gen = path / manifest["generation_dir"]
             try:
-                return cls(path, manifest, _read_items(gen / ITEMS), _read_embeddings(gen / EMBEDDINGS))
-            except FileNotFoundError:
+                c = cls(path, manifest, _read_items(gen / ITEMS), _read_embeddings(gen / EMBEDDINGS))
+                if load_index and c.count:
+                    c.index  # noqa: B018 - load it now, while the generation exists
+                return c
+            except (FileNotFoundError, IndexNotFoundError):
                 if attempt == 2 or read_manifest(path)["generation_dir"] == manifest["generation_dir"]:
                     raise IndexFormatError(
                         f"index {path} is missing files of {manifest['generation_dir']}: rebuild with "
@@ -245,15 +272,21 @@ def commit(path: str | Path, items: Items, embeddings: np.ndarray, vindex, base_
     return manifest
 
 
+def write_manifest(path: str | Path, manifest: dict) -> None:
+    """Atomically replace the manifest (same generation), e.g. to update the failure record."""
+    manifest = dict(manifest, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    atomic_write_bytes(Path(path) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
 def sweep(path: Path, keep: str) -> None:
     """Delete generations and partial folders other than ``keep`` (safe: they are not referenced)."""
     for child in path.iterdir():
-        if child.name == keep or not child.is_dir():
+        if child.name == keep:
             continue
-        if child.name.startswith("gen-") or (child.name.startswith(".gen-") and child.name.endswith(".partial")):
+        if child.is_dir() and (GEN_RE.match(child.name) or PARTIAL_RE.match(child.name)):
             shutil.rmtree(child, ignore_errors=True)
-    for child in path.glob(f".{MANIFEST}.*.tmp"):
-        child.unlink(missing_ok=True)
+        elif MANIFEST_TMP_RE.match(child.name):
+            child.unlink(missing_ok=True)
 
 
 def _read_items(path: Path) -> Items:

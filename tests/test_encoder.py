@@ -95,3 +95,33 @@ def test_missing_head_weights_are_a_clear_error(tmp_path):
 
     with pytest.raises(ModelLoadError, match="train_default_model"):
         models.build(heads=tmp_path / "missing.safetensors")
+
+
+def test_a_plain_clip_checkpoint_folder_loads_and_its_tokens_are_not_trimmed(tmp_path):
+    """A tiny random open_clip CLIP whose own text transformer sees padding positions: the encoder
+    must feed it full-length tokens, so a text embeds the same alone or beside a longer one."""
+    import torch
+    from open_clip.model import CLIP
+
+    from mmsearch import models
+    from mmsearch.encoder import Encoder
+
+    cfg = {"embed_dim": 32,
+           "vision_cfg": {"image_size": 64, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
+           # SigLIP-shaped text side: an HF tokenizer (BERT's, saved in the folder) feeding open_clip's
+           # own transformer with no causal mask and last-token pooling, so padding changes outputs
+           "text_cfg": {"context_length": 32, "vocab_size": 30522, "width": 64, "heads": 2, "layers": 1,
+                        "hf_tokenizer_name": "bert-tokenizer-in-folder", "no_causal_mask": True,
+                        "pool_type": "last"}}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CLIP(**cfg)
+    folder = models.save_open_clip_folder(model, tmp_path / "tiny-clip", model_config=cfg)
+    enc = Encoder(str(folder))
+    assert not enc._masks_padding and enc.dim == 32 and enc.image_size == 64
+    alone = enc.embed_texts(["a dog"])
+    beside = enc.embed_texts(["a dog", "a much longer caption about a dog running across a green field"])
+    assert np.allclose(alone[0], beside[0], atol=1e-5)
+    with torch.no_grad():
+        direct = model.encode_text(enc._tokenizer(["a dog"]))
+    assert np.allclose(alone[0], torch.nn.functional.normalize(direct, dim=-1)[0].numpy(), atol=1e-5)

@@ -148,23 +148,152 @@ def test_a_write_that_dies_midway_leaves_the_previous_index(photo_dir, pairs, en
 
 @pytest.mark.slow
 def test_kill_9_during_indexing_keeps_a_usable_index(tmp_path, pairs):
-    """A real `mmsearch index` process killed with SIGKILL at several moments."""
+    """A real `mmsearch index` process killed with SIGKILL while it embeds and commits."""
     from tests.conftest import FLICKR, copy_photos
     from mmsearch.data import load_flickr8k
 
     folder, idx = tmp_path / "photos", tmp_path / "idx"
     copy_photos(pairs, folder)
-    cmd = [sys.executable, "-m", "mmsearch.cli", "index", str(folder), "--index", str(idx), "-q", "--batch-size", "8"]
+    cmd = [sys.executable, "-m", "mmsearch.cli", "index", str(folder), "--index", str(idx), "-q",
+           "--batch-size", "4", "--commit-every", "4"]
     assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
-    more = load_flickr8k(FLICKR, "dev").subset(120)
-    copy_photos(more, folder / "more")
-    for delay in (4.0, 7.0, 10.0):
+    copy_photos(load_flickr8k(FLICKR, "dev").subset(60), folder / "more")
+    counts = [12]
+    for _ in range(2):
+        generation = Collection.open(idx).manifest["generation"]
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        deadline = time.time() + 120
+        while Collection.open(idx).manifest["generation"] < generation + 2 and time.time() < deadline:
+            time.sleep(0.05)  # wait until it has committed twice, then kill it mid-stream
         p.send_signal(signal.SIGKILL)
         p.wait()
-        c = Collection.open(idx)  # always a complete, readable generation
-        assert 12 <= c.count <= 132 and len(c.items) == c.embeddings.shape[0] == c.index.ntotal
+        c = Collection.open(idx, load_index=True)  # always a complete, readable generation
+        assert len(c.items) == c.embeddings.shape[0] == c.index.ntotal
+        counts.append(c.count)
+    assert counts[0] < counts[1] < counts[2] < 72, counts  # each killed run kept its committed work
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert Collection.open(idx).count == 132
+    assert f"{72 - counts[2]} added" in done.stderr and Collection.open(idx).count == 72
+    assert not [p for p in idx.iterdir() if p.name.startswith(".gen-")]  # no partial leftovers
+
+
+# ---- regressions found in review ---------------------------------------------------------------
+class StopAfter(CountingEncoder):
+    """Embeds ``n`` batches, then dies like a killed process."""
+
+    def __init__(self, inner, n):
+        super().__init__(inner)
+        self.left = n
+
+    def embed_pixels(self, pixels):
+        if self.left == 0:
+            raise KeyboardInterrupt("killed")
+        self.left -= 1
+        return super().embed_pixels(pixels)
+
+
+def test_a_run_killed_after_checkpoints_keeps_changed_files_and_their_ids(photo_dir, encoder, tmp_path):
+    from dataclasses import replace
+
+    from mmsearch.config import IndexingConfig
+
+    folder, mapping = photo_dir
+    idx = tmp_path / "idx"
+    index_folder(folder, idx, encoder=encoder)
+    ids = dict(zip(Collection.open(idx).items.path, Collection.open(idx).items.id.tolist()))
+    for p in mapping.values():  # every file changes (touch: new mtime)
+        os.utime(p, ns=(time.time_ns(), time.time_ns()))
+    cfg = replace(IndexingConfig(), batch_size=2, commit_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        index_folder(folder, idx, encoder=StopAfter(encoder, 3), config=cfg)
+    c = Collection.open(idx)
+    assert c.count == 12 and dict(zip(c.items.path, c.items.id.tolist())) == ids  # nothing lost
+    r = index_folder(folder, idx, encoder=encoder, config=cfg)
+    assert (r.added, r.removed, r.total) == (0, 0, 12) and 0 < r.updated < 12  # the rest of the work
+    assert dict(zip(Collection.open(idx).items.path, Collection.open(idx).items.id.tolist())) == ids
+
+
+def test_a_bad_file_does_not_make_every_run_rebuild(photo_dir, encoder, tmp_path):
+    folder, _ = photo_dir
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    idx = tmp_path / "idx"
+    enc = CountingEncoder(encoder)
+    first = index_folder(folder, idx, encoder=enc)
+    assert [s.path for s in first.skipped] == [str(folder / "broken.jpg")] and first.total == 12
+    gen = Collection.open(idx).manifest["generation"]
+    enc.embedded = 0
+    again = index_folder(folder, idx, model=ModelRef())  # no encoder given: it must not need one
+    assert (again.added, again.updated, again.removed) == (0, 0, 0)
+    assert "not retried" in again.skipped[0].reason and Collection.open(idx).manifest["generation"] == gen
+    shutil.copyfile(next(iter(_photos(folder))), folder / "broken.jpg")  # fixed: retried and added
+    assert index_folder(folder, idx, encoder=enc).added == 1
+
+
+def _photos(folder):
+    return sorted(p for p in folder.rglob("*.jpg") if p.name != "broken.jpg")
+
+
+def test_the_index_type_a_user_chose_is_kept(photo_dir, pairs, encoder, tmp_path):
+    from mmsearch.config import IndexSpec
+
+    folder, _ = photo_dir
+    idx = tmp_path / "idx"
+    assert index_folder(folder, idx, encoder=encoder, spec=IndexSpec(index_type="ivfpq")).index_kind == "ivfpq"
+    shutil.copyfile(pairs.images[0], folder / "one-more.jpg")
+    assert index_folder(folder, idx, encoder=encoder).index_kind == "ivfpq"  # not silently flat again
+    r = index_folder(folder, idx, encoder=encoder, spec=IndexSpec(index_type="flat"))  # nothing changed
+    assert r.index_kind == "flat" and Collection.open(idx).manifest["index"]["kind"] == "flat"
+
+
+def test_one_folder_reached_through_a_symlink_is_indexed_once(photo_dir, encoder, tmp_path):
+    folder, _ = photo_dir
+    os.symlink(folder, tmp_path / "alias")
+    idx = tmp_path / "idx"
+    index_folder(folder, idx, encoder=encoder)
+    r = index_folder(tmp_path / "alias", idx, encoder=encoder)
+    assert (r.added, r.total) == (0, 12)
+
+
+def test_an_unreadable_folder_is_not_a_deletion():
+    from mmsearch.indexing import plan_update
+    from mmsearch.media import MediaFile
+    from mmsearch.store import Items
+
+    items = Items(np.array([1, 2]), ["/p/a.jpg", "/p/locked/b.jpg"], np.array([10, 20]), np.array([5, 5]),
+                  ["image", "image"])
+    files = [MediaFile("/p/a.jpg", 10, 5, "image")]
+    plan = plan_update(files, items, "/p", unreadable=["/p/locked"])
+    assert plan.removed == 0 and plan.keep_rows.tolist() == [0, 1] and not plan.to_embed
+    assert plan_update(files, items, "/p").removed == 1  # really gone: removed
+
+
+def test_a_folder_holding_other_files_is_never_used_as_an_index(photo_dir, tmp_path):
+    from mmsearch.errors import IndexFormatError
+
+    folder, _ = photo_dir
+    busy = tmp_path / "reports"
+    (busy / "gen-reports").mkdir(parents=True)
+    (busy / "gen-reports" / "q3.txt").write_text("keep me")
+    with pytest.raises(IndexFormatError, match="not an mmsearch index"):
+        index_folder(folder, busy, model=ModelRef())
+    assert (busy / "gen-reports" / "q3.txt").read_text() == "keep me"
+
+
+def test_a_searcher_keeps_working_while_the_index_is_rewritten(photo_dir, pairs, encoder, tmp_path):
+    folder, mapping = photo_dir
+    idx = tmp_path / "idx"
+    index_folder(folder, idx, encoder=encoder)
+    s = Searcher(idx, encoder=encoder)
+    shutil.copyfile(pairs.images[0], folder / "later.jpg")
+    index_folder(folder, idx, encoder=encoder)  # retires the generation the searcher opened
+    assert len(s.search_text("a dog", k=20)) == 12  # still its consistent snapshot
+    assert len(Searcher(idx, encoder=encoder).search_text("a dog", k=20)) == 13
+
+
+def test_a_long_thin_image_is_skipped_not_blown_up(photo_dir, encoder, tmp_path):
+    from PIL import Image
+
+    folder, _ = photo_dir
+    Image.new("RGB", (40000, 2), "white").save(folder / "strip.png")
+    r = index_folder(folder, tmp_path / "idx", encoder=encoder)
+    assert r.total == 12 and any("strip.png" in s.path and "aspect ratio" in s.reason for s in r.skipped)

@@ -189,7 +189,7 @@ def test_scan_reports_unlistable_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "scandir", fake_scandir)
     files, skipped = scan(tmp_path)
     assert [f.path for f in files] == [str(tmp_path / "y.jpg")]
-    assert skipped == [Skipped(str(tmp_path / "private"), "cannot list folder: permission denied")]
+    assert skipped == [Skipped(str(tmp_path / "private"), "cannot list folder: permission denied", unreadable=True)]
 
 
 def test_scan_does_not_follow_links_to_ancestors_outside_root(tmp_path):

@@ -70,3 +70,11 @@ def test_bad_labels_are_errors():
         recall_at_k(img, img, [0, 1, 3])
     with pytest.raises(ValueError, match="without any caption"):
         recall_at_k(img, img[:2], [0, 1])
+
+
+def test_nan_embeddings_are_refused():
+    img = np.eye(3, dtype=np.float32)
+    txt = img.copy()
+    txt[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        recall_at_k(img, txt, [0, 1, 2])

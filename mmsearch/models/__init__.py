@@ -137,8 +137,8 @@ def build(heads: str | Path | None = HEADS_FILE):
     import torch
     from open_clip.model import CustomTextCLIP
 
-    torch.manual_seed(0)  # untrained heads are reproducible
-    with quiet_transformers():
+    with torch.random.fork_rng(devices=[]), quiet_transformers():
+        torch.manual_seed(0)  # untrained heads are reproducible; the caller's RNG is left alone
         model = CustomTextCLIP(**model_cfg())
     load_efficientnet_trunk(model.visual.trunk)
     if heads is not None:
