@@ -52,6 +52,7 @@ def main() -> None:
             ("`mmsearch index` again, nothing changed", f"{tp['reindex_unchanged_wall_seconds']} s"),
             ("`mmsearch query \"...\"` from a cold process (median)", f"{tp['cold_query_wall_seconds_median']} s"),
             ("  of which `import torch`", f"{tp['python_import_torch_seconds']} s"),
+            ("  of which `import torch, open_clip`", f"{tp.get('python_import_torch_and_open_clip_seconds', '–')} s"),
             ("query in a warm process (library)", f"{tp['warm_query_ms']} ms"),
         ]
         for name, value in rows:

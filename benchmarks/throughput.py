@@ -101,6 +101,9 @@ def main() -> None:
         t = time.perf_counter()
         subprocess.run([sys.executable, "-c", "import torch"], check=True)
         import_torch = time.perf_counter() - t
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch, open_clip"], check=True)
+        import_open_clip = time.perf_counter() - t
 
     record = {
         "what": f"throughput on {len(paths)} Flickr8k dev photos (224x224 JPEG), model {enc.name}",
@@ -117,6 +120,7 @@ def main() -> None:
         "cold_query_wall_seconds_median": round(statistics.median(colds), 2),
         "cold_query_wall_seconds_all": [round(c, 2) for c in colds],
         "python_import_torch_seconds": round(import_torch, 2),
+        "python_import_torch_and_open_clip_seconds": round(import_open_clip, 2),
         "warm_query_ms": round(warm_ms, 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} "
                    f"({torch.get_num_threads()} threads)",

@@ -129,6 +129,31 @@ class VectorIndex:
         index.add_with_ids(x, ids)
         return cls(index, kind, params)
 
+    def ids(self) -> np.ndarray:
+        """The item ids stored, in insertion order (int64)."""
+        import faiss
+
+        return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Add ``vectors`` (n, d), L2-normalised, under new item ``ids`` (n,), without rebuilding.
+
+        An IVF-PQ index encodes them with its trained quantizer; when a collection has grown far
+        beyond what it was trained on, rebuilding (``VectorIndex.build``) gives better recall.
+        """
+        x = _as_matrix(vectors, "vectors")
+        ids = np.asarray(ids)
+        if x.shape[1] != self.d:
+            raise ValueError(f"vectors have dimension {x.shape[1]} but the index has dimension {self.d}")
+        if ids.ndim != 1 or len(ids) != len(x) or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"ids must be {len(x)} integers to match the vectors, got shape {ids.shape}")
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        clash = np.intersect1d(ids, self.ids())
+        if len(np.unique(ids)) != len(ids) or len(clash):
+            raise ValueError(f"ids must be new and unique: {clash[:5].tolist() or 'duplicates in the batch'}")
+        if len(x):
+            self._index.add_with_ids(x, ids)
+
     def _ivf(self) -> Any:
         import faiss
 

@@ -240,3 +240,23 @@ def test_choose_kind():
     assert choose_kind(5, IVFPQ) == "ivfpq"
     with pytest.raises(ValueError, match="unknown index type"):
         choose_kind(5, IndexSpec(index_type="hnsw"))
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+def test_add_without_rebuilding_matches_building_at_once(kind):
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(600, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.arange(600, dtype=np.int64) * 3 + 5
+    spec = IndexSpec(index_type=kind, pq_m=8, nlist=4, nprobe=4)  # every list probed: exact after re-rank
+    grown = VectorIndex.build(x[:400], ids[:400], spec)
+    grown.add(x[400:], ids[400:])
+    assert grown.ntotal == 600 and sorted(grown.ids()) == sorted(ids)
+    q = x[::37] + 0.01
+    D, I = grown.search(q, 5)
+    truth = ids[np.argsort(-(q @ x.T), axis=1)[:, :5]]
+    assert (I[:, 0] == truth[:, 0]).all()
+    with pytest.raises(ValueError, match="new and unique"):
+        grown.add(x[:2], ids[:2])
+    with pytest.raises(ValueError, match="dimension"):
+        grown.add(x[:2, :16], np.array([1, 2]))
