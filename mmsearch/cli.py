@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -41,7 +42,10 @@ def handle_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (MmsearchError, OSError) as e:
+        except BrokenPipeError:  # `mmsearch query ... | head`: the reader has all it wants
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(0)
+        except (MmsearchError, OSError, ValueError) as e:  # bad input, bad files, bad index
             _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
         except KeyboardInterrupt:
             _fail("interrupted; the index is unchanged since its last commit", code=130)
@@ -52,7 +56,10 @@ def handle_errors(fn):
 @app.command()
 @handle_errors
 def index(
-    folder: Path = typer.Argument(..., help="Folder to index (recursive)."),
+    folder: Optional[Path] = typer.Argument(None, help="Folder of images to index (recursive)."),
+    texts: Optional[Path] = typer.Option(
+        None, "--texts", help="Also index texts: a .txt file (one per line) or a .csv/.tsv/.parquet column."),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Column of --texts table [default: text, else caption]."),
     index: Optional[Path] = IndexOpt,
     model: Optional[str] = typer.Option(
         None, "--model", help=f"open_clip model name, hf-hub: id or checkpoint folder [default: the index's, else {DEFAULT_MODEL}]."),
@@ -63,18 +70,22 @@ def index(
     commit_every: int = typer.Option(2048, "--commit-every", min=1, help="Save progress to disk every N images."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Add new, re-embed changed and drop deleted images of FOLDER in the index."""
+    """Add new, re-embed changed and drop deleted images of FOLDER (and texts of --texts) in the index."""
     from dataclasses import replace
 
     from tqdm import tqdm
 
     from .config import IndexingConfig
-    from .indexing import index_folder
+    from .indexing import index_folder, index_texts
 
     if index_type not in (None, "auto", "flat", "ivfpq"):
         _fail(f"unknown --index-type {index_type!r}: use auto, flat or ivfpq")
-    if not folder.exists():
+    if folder is None and texts is None:
+        _fail("nothing to index: give a FOLDER of images and/or --texts FILE")
+    if folder is not None and not folder.exists():
         _fail(f"folder not found: {folder}")
+    if texts is not None and not texts.is_file():
+        _fail(f"texts file not found: {texts}")
     bar = None
 
     def progress(done: int, total: int) -> None:
@@ -88,23 +99,32 @@ def index(
     def skip(s) -> None:
         (bar.write if bar is not None else lambda m: typer.echo(m, err=True))(f"warning: skipped {s.path}: {s.reason}")
 
+
     ref = ModelRef(model, pretrained) if model else None
+    spec = IndexSpec(index_type=index_type) if index_type else None
+    config = replace(IndexingConfig(), batch_size=batch_size, commit_every=commit_every)
+    reports = []
     try:
-        report = index_folder(
-            folder, _index_dir(index), model=ref, spec=IndexSpec(index_type=index_type) if index_type else None,
-            config=replace(IndexingConfig(), batch_size=batch_size, commit_every=commit_every),
-            on_progress=progress, on_skip=skip,
-        )
+        if folder is not None:
+            reports.append(("images", index_folder(folder, _index_dir(index), model=ref, spec=spec, config=config,
+                                                   on_progress=progress, on_skip=skip)))
+        if texts is not None:
+            if bar is not None:
+                bar.close()
+                bar = None
+            reports.append(("texts", index_texts(texts, _index_dir(index), column=text_column, model=ref, spec=spec,
+                                                 config=config, on_progress=progress)))
     finally:
         if bar is not None:
             bar.close()
-    speed = f", {report.embedded_per_second:.1f} img/s" if report.embedded_per_second else ""
-    typer.echo(
-        f"{report.total} items in {report.index_path} ({report.index_kind or 'empty'}): "
-        f"{report.added} added, {report.updated} updated, {report.removed} removed, "
-        f"{report.unchanged} unchanged, {len(report.skipped)} skipped in {report.seconds:.1f}s{speed}",
-        err=True,
-    )
+    for what, report in reports:
+        speed = f", {report.embedded_per_second:.1f}/s" if report.embedded_per_second else ""
+        typer.echo(
+            f"{report.total} items in {report.index_path} ({report.index_kind or 'empty'}): {what} "
+            f"{report.added} added, {report.updated} updated, {report.removed} removed, "
+            f"{report.unchanged} unchanged, {len(report.skipped)} skipped in {report.seconds:.1f}s{speed}",
+            err=True,
+        )
 
 
 @app.command()
@@ -113,10 +133,12 @@ def query(
     text: Optional[str] = typer.Argument(None, help="What to look for, in words."),
     image: Optional[Path] = typer.Option(None, "--image", help="Find images similar to this one."),
     k: int = typer.Option(10, "-k", "--top-k", min=1, help="Number of results."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON array of {rank, score, path}."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON array of {rank, score, path, kind}."),
+    kind: str = typer.Option(
+        "auto", "--kind", help="image, text or all; auto = the other modality when the index has it (text -> images, image -> texts)."),
     index: Optional[Path] = IndexOpt,
 ) -> None:
-    """Print the best matches: `score<TAB>path` lines, best first."""
+    """Print the best matches, best first: `score<TAB>path` for images, `score<TAB>text` for texts."""
     from .search import Searcher
 
     if image is None and (text is None or not text.strip()):
@@ -125,14 +147,16 @@ def query(
         _fail("give either a text query or --image, not both")
     if image is not None and not image.is_file():
         _fail(f"query image not found: {image}")
+    if kind not in ("auto", "all", "image", "text"):
+        _fail(f"unknown --kind {kind!r}: use image, text, all or auto")
     searcher = Searcher(_index_dir(index))
-    hits = searcher.search_image(image, k) if image is not None else searcher.search_text(text, k)
+    hits = searcher.search_image(image, k, kind) if image is not None else searcher.search_text(text, k, kind)
     if as_json:
-        typer.echo(json.dumps([{"rank": h.rank, "score": round(h.score, 6), "path": h.path, "kind": h.kind}
-                               for h in hits]))
+        typer.echo(json.dumps([{"rank": h.rank, "score": round(h.score, 6), "path": h.path, "kind": h.kind,
+                                **({"text": h.text} if h.kind == "text" else {})} for h in hits]))
     else:
         for h in hits:
-            typer.echo(f"{h.score:.4f}\t{h.path}")
+            typer.echo(f"{h.score:.4f}\t{h.text if h.kind == 'text' else h.path}")
 
 
 @app.command()
@@ -166,6 +190,56 @@ def info(
         if key == "disk_bytes":
             value = f"{value / 2**20:.2f} MiB ({value} bytes)"
         typer.echo(f"{key + ':':16s}{value}")
+
+
+def _load_pairs_or_fail(data: Path, split: Optional[str]):
+    from .data import load_pairs
+
+    pairs = load_pairs(data, split)
+    for problem in pairs.problems():
+        typer.echo(f"warning: {data}: {problem}", err=True)
+    if len(pairs) == 0:
+        _fail(f"no usable image-caption pairs in {data}")
+    return pairs
+
+
+@app.command("eval")
+@handle_errors
+def eval_(
+    data: Path = typer.Argument(..., help="Flickr8k-style folder, or a .csv/.tsv/.parquet table with image,caption columns."),
+    split: Optional[str] = typer.Option(None, "--split", help="train, dev or test (Flickr8k folders) [default: test]."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Model name, hf-hub: id or checkpoint folder."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag or weights file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the recalls as JSON."),
+    via_index: bool = typer.Option(False, "--via-index", help="Also answer text->image through a faiss index; report its ANN recall."),
+    index_type: str = typer.Option("ivfpq", "--index-type", help="Index kind for --via-index: auto, flat or ivfpq."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Recall@1/5/10 text->image and image->text on image-caption pairs."""
+    from tqdm import tqdm
+
+    from .encoder import get_encoder
+    from .evaluate import evaluate
+
+    pairs = _load_pairs_or_fail(data, split)
+    enc = get_encoder(model, pretrained=pretrained)
+    bar = None if quiet else tqdm(total=len(pairs), unit="img", desc="embedding", file=sys.stderr, dynamic_ncols=True)
+    try:
+        r = evaluate(enc, pairs, via_index=IndexSpec(index_type=index_type) if via_index else None,
+                     on_progress=(lambda done, total: bar.update(done - bar.n)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        typer.echo(json.dumps(r))
+        return
+    typer.echo(f"{r['model']} on {r['n_images']} images, {r['n_texts']} captions")
+    for key, name in (("t2i", "text->image"), ("i2t", "image->text")):
+        typer.echo(f"{name:12s} " + "  ".join(f"R@{k} {v:.3f}" for k, v in r[key].items()))
+    if via_index:
+        v = r["via_index"]
+        typer.echo(f"{'via ' + v['index']['kind']:12s} " + "  ".join(f"R@{k} {x:.3f}" for k, x in v["t2i"].items())
+                   + "   ANN recall " + "  ".join(f"@{k} {x:.3f}" for k, x in v["ann_recall"].items()))
 
 
 def _version(value: bool) -> None:

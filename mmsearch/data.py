@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 SPLIT_FILES = {
     "train": "Flickr_8k.trainImages.txt",
@@ -19,6 +20,18 @@ class Pairs:
 
     images: list[str]  # absolute image paths
     captions: list[list[str]]
+    missing_images: list[str] = field(default_factory=list)  # listed but not on disk: left out
+    empty_captions: int = 0  # blank captions left out
+
+    def problems(self) -> list[str]:
+        """One line per kind of problem found while reading, for the caller to show."""
+        out = []
+        if self.missing_images:
+            first = ", ".join(self.missing_images[:3])
+            out.append(f"{len(self.missing_images)} image(s) not found, skipped (first: {first})")
+        if self.empty_captions:
+            out.append(f"{self.empty_captions} empty caption(s) skipped")
+        return out
 
     def flat(self) -> tuple[list[str], list[int]]:
         """All captions in one list and, for each, the index of its image."""
@@ -30,6 +43,9 @@ class Pairs:
 
     def subset(self, n: int) -> "Pairs":
         return Pairs(self.images[:n], self.captions[:n])
+
+    def __len__(self) -> int:
+        return len(self.images)
 
 
 def load_flickr8k(root: str | Path, split: str) -> Pairs:
@@ -50,10 +66,89 @@ def load_flickr8k(root: str | Path, split: str) -> Pairs:
         key, text = line.split("\t", 1)
         caps.setdefault(key.split("#", 1)[0], []).append(text.strip())
     names = [n.strip() for n in (root / SPLIT_FILES[split]).read_text().splitlines() if n.strip()]
-    images, captions = [], []
+    images, captions, missing = [], [], []
     for name in names:
         path = root / "images" / name
-        if name in caps and path.is_file():
-            images.append(str(path.resolve()))
-            captions.append(caps[name])
-    return Pairs(images, captions)
+        if name not in caps:
+            continue
+        if not path.is_file():
+            missing.append(str(path))
+            continue
+        images.append(str(path.resolve()))
+        captions.append(caps[name])
+    return Pairs(images, captions, missing)
+
+
+TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".parquet": None}
+
+
+def _read_columns(path: Path) -> tuple[dict[str, str], Callable[[str], list]]:
+    """(lower-case name -> column name, getter of a column's values) of a csv/tsv/parquet table."""
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise ValueError(f"{path}: unsupported table type {suffix or '(none)'}: use .csv, .tsv or .parquet")
+    if not path.is_file():
+        raise FileNotFoundError(f"table not found: {path}")
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        columns = {c.lower(): c for c in table.column_names}
+        return columns, lambda c: table.column(columns[c]).to_pylist()
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter=TABLE_SUFFIXES[suffix]))
+    columns = {(c or "").strip().lower(): c for c in (rows[0].keys() if rows else [])}
+    return columns, lambda c: [r[columns[c]] for r in rows]
+
+
+def read_table_column(path: str | Path, column: str | None = None) -> list:
+    """The values of one column (default: "text", else "caption") of a csv/tsv/parquet table."""
+    path = Path(path)
+    columns, get = _read_columns(path)
+    name = (column or next((c for c in ("text", "caption") if c in columns), "text")).lower()
+    if name not in columns:
+        raise ValueError(f"{path}: no column {name!r} (columns: {', '.join(columns) or 'none'}); "
+                         "name one with --text-column")
+    return get(name)
+
+
+def load_table(path: str | Path, image_column: str = "image", caption_column: str = "caption") -> Pairs:
+    """Image-caption pairs from a CSV, TSV or parquet table with ``image`` and ``caption`` columns.
+
+    Image paths are absolute or relative to the table's folder; rows of the same image are grouped.
+    Rows whose image is missing or whose caption is blank are left out and counted.
+    """
+    path = Path(path)
+    columns, get = _read_columns(path)
+    need = [c for c in (image_column, caption_column) if c not in columns]
+    if need:
+        raise ValueError(f"{path}: no column {', '.join(map(repr, need))} (columns: {', '.join(columns) or 'none'}); "
+                         f"a pairs table needs '{image_column}' and '{caption_column}'")
+    by_image: dict[str, list[str]] = {}
+    missing, empty = [], 0
+    for image, caption in zip(get(image_column), get(caption_column)):
+        image = str(image or "").strip()
+        full = str((path.parent / image).resolve()) if image else ""
+        if not image or not Path(full).is_file():
+            if full not in missing:
+                missing.append(full or "(blank image path)")
+            continue
+        if not str(caption or "").strip():
+            empty += 1
+            continue
+        by_image.setdefault(full, []).append(str(caption).strip())
+    return Pairs(list(by_image), list(by_image.values()), missing, empty)
+
+
+def load_pairs(source: str | Path, split: str | None = None) -> Pairs:
+    """Pairs from a Flickr8k-style folder (``split`` picks train/dev/test) or a pairs table."""
+    source = Path(source)
+    if source.is_dir():
+        if not (source / TOKEN_FILE).is_file():
+            raise FileNotFoundError(f"{source} has no {TOKEN_FILE}: pass a Flickr8k-style folder or a .csv/.tsv/.parquet table")
+        return load_flickr8k(source, split or "test")
+    if split is not None:
+        raise ValueError(f"--split applies to Flickr8k-style folders, not to the table {source}")
+    return load_table(source)

@@ -62,11 +62,14 @@ def _under(path: str, folder: str) -> bool:
 def plan_update(
     files: Sequence[MediaFile],
     items: Items,
-    root: str,
+    root: str | Callable[[str], bool],
     unreadable: Sequence[str] = (),
     failures: dict | None = None,
 ) -> Plan:
     """Compare scanned ``files`` under ``root`` with the index's ``items`` (size + mtime).
+
+    ``root`` is a folder, or a predicate telling which indexed paths belong to the source being
+    indexed (items of other sources are never touched).
 
     Items at or under an ``unreadable`` path (a folder that could not be listed, a file that could
     not be read) are kept as they are: a permission problem or a network hiccup is not a deletion.
@@ -74,13 +77,14 @@ def plan_update(
     file is retried only once it changes.
     """
     failures = failures or {}
+    belongs = root if callable(root) else (lambda p: _under(p, root))
     seen = {f.path: f for f in files}
     keep, reuse, removed, unchanged = [], {}, 0, 0
     indexed = set()
     for row, path in enumerate(items.path):
         f = seen.get(path)
         if f is None:
-            if _under(path, root) and not any(_under(path, u) for u in unreadable):
+            if belongs(path) and not any(_under(path, u) for u in unreadable):
                 removed += 1  # deleted below the folder being indexed
             else:
                 keep.append(row)  # another folder of the same index, or unreadable for now
@@ -125,9 +129,15 @@ def embed_files(
     on_progress: Callable[[int], None] | None = None,
     on_skip: Callable[[Skipped], None] | None = None,
 ):
-    """Yield (files, embeddings) per batch; decoding of the next batches overlaps the forward pass."""
+    """Yield (records, embeddings) per batch; decoding of the next batches overlaps the forward pass."""
+    texts = [f for f in files if f.kind == "text"]
+    for chunk in batched(texts, 256):
+        yield list(chunk), encoder.embed_texts([f.text for f in chunk])
+        if on_progress:
+            on_progress(len(chunk))
+    images = [f for f in files if f.kind != "text"]
     work = lambda chunk: decode_batch(chunk, encoder, config.max_pixels)  # noqa: E731
-    for pixels, ok, bad in prefetch_map(work, batched(list(files), config.batch_size), depth=2):
+    for pixels, ok, bad in prefetch_map(work, batched(images, config.batch_size), depth=2):
         for s in bad:
             if on_skip:
                 on_skip(s)
@@ -168,12 +178,66 @@ def index_folder(
     one). ``on_progress(done, total)`` is called as images are embedded; ``on_skip`` for each file
     that cannot be used (the run goes on). Returns an IndexReport.
     """
-    from .index import VectorIndex, choose_kind
-
     t0 = time.perf_counter()
     root = os.path.realpath(os.fspath(root))  # one folder reached by two names is one folder
-    index_path = Path(index_path)
     files, skipped = scan(root, config)
+    return _update(files, skipped, root, index_path, encoder, model, spec, config, on_progress, on_skip, t0)
+
+
+def read_texts(source: str | os.PathLike, column: str | None = None) -> list[MediaFile]:
+    """Text records of a .txt file (one text per non-blank line) or a .csv/.tsv/.parquet column.
+
+    Each record's path is ``<absolute file>#<line or row number>``; size and "mtime" are the text's
+    length and checksum, so an edited line is re-embedded and an unchanged one is not.
+    """
+    import zlib
+
+    from .data import TABLE_SUFFIXES, read_table_column
+
+    path = os.path.realpath(os.fspath(source))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"texts file not found: {source}")
+    if Path(path).suffix.lower() in TABLE_SUFFIXES:
+        values = read_table_column(path, column)
+    else:
+        if column:
+            raise ValueError(f"--text-column applies to .csv/.tsv/.parquet tables, not {source}")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            values = f.read().splitlines()
+    out = []
+    for n, text in enumerate(values, start=1):
+        text = " ".join(str(text or "").split())
+        if text:
+            data = text.encode()
+            out.append(MediaFile(f"{path}#{n}", len(data), zlib.crc32(data), "text", text))
+    return out
+
+
+def index_texts(
+    source: str | os.PathLike,
+    index_path: str | os.PathLike,
+    column: str | None = None,
+    encoder=None,
+    model: ModelRef | None = None,
+    spec: IndexSpec | None = None,
+    config: IndexingConfig = IndexingConfig(),
+    on_progress: Callable[[int, int], None] | None = None,
+) -> IndexReport:
+    """Bring the texts of ``source`` (see ``read_texts``) up to date in the index, as "text" items:
+    new and edited lines embedded, deleted ones dropped, items of other sources untouched."""
+    t0 = time.perf_counter()
+    records = read_texts(source, column)
+    prefix = os.path.realpath(os.fspath(source)) + "#"
+    return _update(records, [], lambda p: p.startswith(prefix), index_path, encoder, model, spec, config,
+                   on_progress, None, t0)
+
+
+def _update(files, skipped, root, index_path, encoder, model, spec, config, on_progress, on_skip, t0) -> IndexReport:
+    """Apply scanned ``files`` of one source (``root``: folder or membership predicate) to the index."""
+    from .index import VectorIndex, choose_kind
+
+    index_path = Path(index_path)
+    belongs = root if callable(root) else (lambda p: _under(p, root))
     report = IndexReport(str(index_path.resolve()))
 
     def skip(s: Skipped) -> None:
@@ -208,7 +272,7 @@ def index_folder(
             skip(s)
         # failures outside this root, or still current below it, stay on record
         failures = {p: v for p, v in old_failures.items()
-                    if not _under(p, root) or p in {s.path for s in plan.known_failures}}
+                    if not belongs(p) or p in {s.path for s in plan.known_failures}}
         report.unchanged = plan.unchanged
         report.removed = plan.removed
         dirty = bool(plan.removed)  # something not yet committed
@@ -277,7 +341,7 @@ def index_folder(
                 if f.path in plan.reuse_ids:  # re-embedded in place: same id, same row
                     r = row_of_id[plan.reuse_ids[f.path]]
                     embeddings[r] = vector
-                    items.size[r], items.mtime_ns[r] = f.size, f.mtime_ns
+                    items.size[r], items.mtime_ns[r], items.text[r] = f.size, f.mtime_ns, f.text
                     report.updated += 1
                 else:
                     fresh.append((f, vector))
@@ -288,7 +352,7 @@ def index_folder(
                 pending_items.append(Items(ids, [f.path for f, _ in fresh],
                                            np.asarray([f.size for f, _ in fresh], np.int64),
                                            np.asarray([f.mtime_ns for f, _ in fresh], np.int64),
-                                           [f.kind for f, _ in fresh]))
+                                           [f.kind for f, _ in fresh], [f.text for f, _ in fresh]))
                 pending_emb.append(np.stack([v for _, v in fresh]))
             since_commit += len(ok)
             # commit every commit_every images, and at least a quarter of the collection apart,

@@ -26,7 +26,8 @@ class MediaFile:
     path: str  # absolute path as found under the root (symlinks not resolved)
     size: int  # bytes (st_size, following links)
     mtime_ns: int  # st_mtime_ns
-    kind: str  # "image" (video later)
+    kind: str  # "image" or "text" (video later)
+    text: str | None = None  # the text itself, for kind "text"
 
 
 @dataclass(frozen=True)

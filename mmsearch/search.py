@@ -21,9 +21,10 @@ from .store import Collection
 class Hit:
     rank: int  # 1-based
     score: float  # cosine similarity (inner product of unit vectors)
-    path: str  # absolute path of the item
-    kind: str  # "image"
+    path: str  # absolute path of the item ("<file>#<line>" for texts)
+    kind: str  # "image" or "text"
     id: int  # stable item id
+    text: str | None = None  # the text, for kind "text"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,14 +61,29 @@ class Searcher:
         return self._encoder
 
     # ---- numpy in, numpy out -------------------------------------------------------------------
-    def search_vectors(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    def search_vectors(self, queries: np.ndarray, k: int = 10, kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(q, d) normalised float32 queries -> (D, I): scores and item ids, best first.
 
-        At most ``min(k, count)`` columns; never padded with -1.
+        ``kind`` ("image", "text") restricts results to items of that modality. At most
+        ``min(k, number of candidates)`` columns; never padded with -1.
         """
         if k < 1:
             raise BadQueryError(f"k must be at least 1, got {k}")
-        return self.collection.index.search(np.asarray(queries, dtype=np.float32), k)
+        q = np.asarray(queries, dtype=np.float32)
+        kinds = self.collection.items.kind
+        if kind is None or all(x == kind for x in kinds):
+            return self.collection.index.search(q, k)
+        rows = np.flatnonzero(np.asarray(kinds, dtype=object) == kind)
+        if len(rows) == 0:
+            have = ", ".join(sorted(set(kinds)))
+            raise EmptyIndexError(f"index {self.collection.path} holds no {kind} items (it has: {have})")
+        # exact search over that modality's vectors: a filter never returns fewer than asked
+        scores = np.atleast_2d(q) @ np.asarray(self.collection.embeddings[rows]).T
+        k = min(k, len(rows))
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable"), 1)
+        return (np.take_along_axis(scores, order, 1).astype(np.float32),
+                self.collection.items.id[rows][order].astype(np.int64))
 
     def hits(self, D: np.ndarray, I: np.ndarray) -> list[list[Hit]]:
         """Turn search results into Hit lists (one per query)."""
@@ -76,25 +92,39 @@ class Searcher:
         for scores, ids in zip(D, I):
             rows = self.collection.rows_of(ids)
             out.append([
-                Hit(rank=r + 1, score=float(s), path=items.path[row], kind=items.kind[row], id=int(i))
+                Hit(rank=r + 1, score=float(s), path=items.path[row], kind=items.kind[row], id=int(i),
+                    text=items.text[row])
                 for r, (s, i, row) in enumerate(zip(scores, ids, rows))
             ])
         return out
 
     # ---- queries -------------------------------------------------------------------------------
-    def search_text(self, text: str, k: int = 10) -> list[Hit]:
-        return self.search_texts([text], k)[0]
+    def _kind(self, kind: str | None, other: str) -> str | None:
+        """Resolve ``kind``: "auto" searches the other modality when the index holds any (text ->
+        images, image -> texts), else everything; "all"/None searches everything."""
+        if kind == "auto":
+            return other if other in set(self.collection.items.kind) else None
+        if kind in (None, "all"):
+            return None
+        if kind not in ("image", "text"):
+            raise BadQueryError(f"unknown kind {kind!r}: use image, text, all or auto")
+        return kind
 
-    def search_texts(self, texts: Sequence[str], k: int = 10) -> list[list[Hit]]:
+    def search_text(self, text: str, k: int = 10, kind: str | None = "auto") -> list[Hit]:
+        return self.search_texts([text], k, kind)[0]
+
+    def search_texts(self, texts: Sequence[str], k: int = 10, kind: str | None = "auto") -> list[list[Hit]]:
+        """Text -> by default images (cross-modal; see ``_kind``), or ``kind`` "text" / "all"."""
         if isinstance(texts, str):
             raise TypeError("search_texts takes a list of strings; use search_text for one")
         for t in texts:
             if not isinstance(t, str) or not t.strip():
                 raise BadQueryError("empty query: give some text to search for, or --image PATH")
-        return self.hits(*self.search_vectors(self.encoder.embed_texts(list(texts)), k))
+        return self.hits(*self.search_vectors(self.encoder.embed_texts(list(texts)), k, self._kind(kind, "image")))
 
-    def search_image(self, image, k: int = 10) -> list[Hit]:
-        """Image -> image. ``image`` is a path or a PIL image; a bad file raises MediaError."""
+    def search_image(self, image, k: int = 10, kind: str | None = "auto") -> list[Hit]:
+        """Image -> texts when the index holds texts, else images (``kind`` overrides: "image",
+        "text", "all"). ``image`` is a path or a PIL image; a bad file raises MediaError."""
         if isinstance(image, (str, Path)) and not Path(image).is_file():
             raise FileNotFoundError(f"query image not found: {image}")
-        return self.hits(*self.search_vectors(self.encoder.embed_images([image]), k))[0]
+        return self.hits(*self.search_vectors(self.encoder.embed_images([image]), k, self._kind(kind, "text")))[0]

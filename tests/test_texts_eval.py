@@ -1,0 +1,143 @@
+"""Image->text search over texts in the index, pair tables, and `mmsearch eval`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mmsearch.cli import app
+from mmsearch.data import load_pairs, load_table
+from mmsearch.indexing import index_folder, index_texts
+from mmsearch.search import Searcher
+from mmsearch.store import Collection
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def captions_file(tmp_path, pairs):
+    path = tmp_path / "captions.txt"
+    path.write_text("\n".join(c for caps in pairs.captions for c in caps) + "\n\n")
+    return path
+
+
+def test_image_query_returns_its_own_captions(photo_dir, pairs, captions_file, encoder, tmp_path):
+    folder, mapping = photo_dir
+    idx = tmp_path / "idx"
+    index_folder(folder, idx, encoder=encoder)
+    r = index_texts(captions_file, idx, encoder=encoder)
+    assert (r.added, r.total) == (60, 72)
+    s = Searcher(idx, encoder=encoder)
+    found = 0
+    for i, photo in enumerate(pairs.images):
+        hits = s.search_image(mapping[photo], k=5)  # auto: an image query on a mixed index -> texts
+        assert [h.kind for h in hits] == ["text"] * 5 and all(h.text for h in hits)
+        found += any(h.text in pairs.captions[i] for h in hits)
+    assert found >= 8, found  # most photos find one of their own five captions in the top 5
+    # restricting by kind, and text -> images stays cross-modal by default
+    assert {h.kind for h in s.search_image(mapping[pairs.images[0]], k=20, kind="image")} == {"image"}
+    assert {h.kind for h in s.search_text("a dog", k=30)} == {"image"}
+    assert len(s.search_text("a dog", k=100, kind="all")) == 72
+    assert [h.kind for h in s.search_text("a dog", k=100, kind="text")] == ["text"] * 60
+
+
+def test_texts_are_indexed_incrementally(captions_file, encoder, tmp_path):
+    idx = tmp_path / "idx"
+    index_texts(captions_file, idx, encoder=encoder)
+    before = Collection.open(idx)
+    ids = dict(zip(before.items.path, before.items.id.tolist()))
+    lines = captions_file.read_text().splitlines()
+    lines[0] = "A completely new sentence about a red bicycle ."
+    del lines[5]  # a deleted line: later lines move up, their (unchanged) texts are re-matched by line
+    captions_file.write_text("\n".join(lines[:10]) + "\n")
+    r = index_texts(captions_file, idx, encoder=encoder)
+    after = Collection.open(idx)
+    assert after.count == 10 and r.removed >= 50
+    assert after.items.text[after.items.path.index(f"{captions_file}#1")].startswith("A completely new")
+    assert int(after.items.id[after.items.path.index(f"{captions_file}#2")]) == ids[f"{captions_file}#2"]
+    again = index_texts(captions_file, idx, encoder=encoder)
+    assert (again.added, again.updated, again.removed, again.unchanged) == (0, 0, 0, 10)
+
+
+def test_cli_texts_and_kind(photo_dir, captions_file, tmp_path):
+    folder, _ = photo_dir
+    idx = tmp_path / "idx"
+    r = run("index", folder, "--texts", captions_file, "--index", idx, "-q")
+    assert r.exit_code == 0 and "texts 60 added" in r.stderr, r.output
+    photo = next(folder.glob("*.jpg"))
+    out = run("query", "--image", photo, "-k", "3", "--json", "--index", idx).stdout
+    hits = json.loads(out)
+    assert [h["kind"] for h in hits] == ["text"] * 3 and all(h["text"] and "#" in h["path"] for h in hits)
+    lines = run("query", "--image", photo, "-k", "3", "--index", idx).stdout.splitlines()
+    assert [line.split("\t")[1] for line in lines] == [h["text"] for h in hits]
+    assert json.loads(run("query", "--image", photo, "--kind", "image", "-k", "1", "--json",
+                          "--index", idx).stdout)[0]["path"] == str(photo)
+    assert run("query", "x", "--kind", "video", "--index", idx).exit_code == 1
+    r = run("index", "--index", tmp_path / "i2")
+    assert r.exit_code == 1 and "nothing to index" in r.stderr
+
+
+def test_pairs_table_reports_problems(tmp_path, pairs):
+    shutil.copy(pairs.images[0], tmp_path / "a.jpg")
+    table = tmp_path / "pairs.csv"
+    table.write_text("image,caption\na.jpg,a first caption\na.jpg,\nmissing.jpg,lost\n"
+                     f"{pairs.images[1]},absolute path caption\n")
+    p = load_table(table)
+    assert p.images == [str(tmp_path / "a.jpg"), pairs.images[1]]
+    assert p.captions == [["a first caption"], ["absolute path caption"]]
+    assert p.missing_images == [str(tmp_path / "missing.jpg")] and p.empty_captions == 1
+    assert any("1 image(s) not found" in line and "missing.jpg" in line for line in p.problems())
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("file\ttext\nx.jpg\thello\n")
+    with pytest.raises(ValueError, match="no column 'image', 'caption'"):
+        load_table(bad)
+    with pytest.raises(ValueError, match="split"):
+        load_pairs(table, "test")
+
+
+def test_eval_json_on_a_pairs_table_matches_the_library(tmp_path, pairs, encoder):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmsearch.evaluate import evaluate
+
+    table = tmp_path / "pairs.parquet"
+    rows = [(img, c) for img, caps in zip(pairs.images, pairs.captions) for c in caps]
+    pq.write_table(pa.table({"image": [r[0] for r in rows], "caption": [r[1] for r in rows]}), table)
+    r = run("eval", table, "--json", "-q")
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    assert set(got) >= {"t2i", "i2t", "n_images", "n_texts"} and set(got["t2i"]) == {"1", "5", "10"}
+    assert (got["n_images"], got["n_texts"]) == (12, 60)
+    want = evaluate(encoder, load_table(table))
+    assert got["t2i"] == {str(k): v for k, v in want["t2i"].items()}
+    assert got["i2t"]["10"] == 1.0 and got["t2i"]["10"] == 1.0  # 12 images: everything is in the top 10
+    assert 0 < got["t2i"]["1"] < 1
+
+
+def test_eval_via_index_reports_ann_recall(pairs, encoder):
+    from mmsearch.config import IndexSpec
+    from mmsearch.evaluate import evaluate
+
+    r = evaluate(encoder, pairs, via_index=IndexSpec(index_type="flat"))
+    assert r["via_index"]["t2i"] == r["t2i"] and r["via_index"]["ann_recall"] == {1: 1.0, 5: 1.0, 10: 1.0}
+    r = evaluate(encoder, pairs, via_index=IndexSpec(index_type="ivfpq"))
+    assert r["via_index"]["index"]["kind"] == "ivfpq" and 0 < r["via_index"]["ann_recall"][10] <= 1
+
+
+def test_eval_on_the_flickr8k_folder_cli(tmp_path):
+    from tests.conftest import FLICKR
+
+    r = run("eval", FLICKR, "--split", "nope")
+    assert r.exit_code == 1 and "unknown split" in r.stderr
+    r = run("eval", tmp_path, "-q")
+    assert r.exit_code == 1 and "Flickr8k" in r.stderr
