@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from .config import DEFAULT_MODEL, INDEX_ENV_VAR, IndexSpec, ModelRef, default_index_dir
+from .config import DEFAULT_MODEL, INDEX_ENV_VAR, IndexSpec, ModelRef, TrainConfig, default_index_dir
 from .errors import MmsearchError
 
 app = typer.Typer(
@@ -240,6 +240,73 @@ def eval_(
         v = r["via_index"]
         typer.echo(f"{'via ' + v['index']['kind']:12s} " + "  ".join(f"R@{k} {x:.3f}" for k, x in v["t2i"].items())
                    + "   ANN recall " + "  ".join(f"@{k} {x:.3f}" for k, x in v["ann_recall"].items()))
+
+
+@app.command()
+@handle_errors
+def train(
+    data: Path = typer.Argument(..., help="Flickr8k-style folder, or a .csv/.tsv/.parquet table with image,caption columns."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the trained open_clip checkpoint to."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Validation pairs (table) [default: the folder's dev split]."),
+    split: str = typer.Option("train", "--split", help="Training split of a Flickr8k-style folder."),
+    val_split: str = typer.Option("dev", "--val-split", help="Validation split of a Flickr8k-style folder."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Model to start from: name, hf-hub: id or checkpoint folder."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag or weights file."),
+    unlock_image: int = typer.Option(0, "--unlock-image", min=0, help="Train the last N layer groups of the image tower (0: locked)."),
+    unlock_text: int = typer.Option(0, "--unlock-text", min=0, help="Train the last N layers of the text tower (0: locked)."),
+    epochs: int = typer.Option(TrainConfig.epochs, "--epochs", min=1, help="Most epochs; stops early without progress."),
+    batch_size: int = typer.Option(TrainConfig.batch_size, "--batch-size", min=2, help="Pairs per step."),
+    lr: float = typer.Option(TrainConfig.lr, "--lr", help="Peak learning rate."),
+    patience: int = typer.Option(TrainConfig.patience, "--patience", min=1, help="Epochs without a better validation score before stopping."),
+    seed: int = typer.Option(TrainConfig.seed, "--seed", help="Random seed (runs are deterministic on CPU)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Feature cache folder [default: ~/.cache/mmsearch/features]."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Fine-tune a model on image-caption pairs with InfoNCE; writes a checkpoint --model accepts."""
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from .data import load_table
+    from .train import train_model
+
+    if data.is_dir():
+        train_pairs = _load_pairs_or_fail(data, split)
+        val_pairs = _load_pairs_or_fail(val, None) if val else _load_pairs_or_fail(data, val_split)
+    else:
+        if val is None:
+            _fail("a pairs table needs --val VALIDATION_TABLE (pairs kept out of training)")
+        train_pairs, val_pairs = _load_pairs_or_fail(data, None), _load_pairs_or_fail(val, None)
+    cfg = replace(TrainConfig(), epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed)
+    bars: dict = {}
+
+    def progress(name: str, done: int, total: int) -> None:
+        if quiet:
+            return
+        bar = bars.get(name) or bars.setdefault(name, tqdm(total=total, unit="img", desc=f"features ({name})",
+                                                           file=sys.stderr, dynamic_ncols=True))
+        bar.update(done - bar.n)
+
+    epoch_bar = None if quiet else tqdm(total=epochs, unit="epoch", desc="training", file=sys.stderr, dynamic_ncols=True)
+
+    def on_epoch(r: dict) -> None:
+        if epoch_bar is not None:
+            epoch_bar.update(1)
+            epoch_bar.set_postfix(loss=f"{r['loss']:.3f}", val_t2i_R10=f"{r['val']['t2i'][10]:.3f}",
+                                  val_i2t_R10=f"{r['val']['i2t'][10]:.3f}")
+
+    try:
+        record = train_model(train_pairs, val_pairs, out, model_name=model, pretrained=pretrained, cfg=cfg,
+                             unlock_image=unlock_image, unlock_text=unlock_text, cache_dir=cache,
+                             on_epoch=on_epoch, on_progress=progress)
+    finally:
+        for bar in list(bars.values()) + ([epoch_bar] if epoch_bar is not None else []):
+            bar.close()
+    v = record["best_val"]
+    typer.echo(f"wrote {out} (best epoch {record['best_epoch']} of {len(record['history'])}, {record['mode']}): "
+               f"validation text->image R@1/5/10 {v['t2i'][1]:.3f}/{v['t2i'][5]:.3f}/{v['t2i'][10]:.3f}, "
+               f"image->text {v['i2t'][1]:.3f}/{v['i2t'][5]:.3f}/{v['i2t'][10]:.3f} in {record['seconds']}s", err=True)
+    typer.echo(f"use it: mmsearch index FOLDER --model {out}", err=True)
 
 
 def _version(value: bool) -> None:

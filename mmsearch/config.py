@@ -79,5 +79,6 @@ class TrainConfig:
     warmup_steps: int = 50  # linear learning-rate warmup
     patience: int = 15  # stop after this many epochs without a better validation score
     init_temperature: float = 0.07  # initial softmax temperature (learnable)
+    tower_lr_scale: float = 0.01  # unlocked tower layers learn at lr * this (pretrained weights need small steps)
     feature_dropout: float = 0.5  # dropout on the cached tower features fed to the heads (6k images overfit fast)
     seed: int = 0  # shuffling, caption sampling and head initialisation

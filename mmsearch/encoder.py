@@ -81,6 +81,8 @@ def _load_open_clip(ref: ModelRef, cache_dir: str | None):
     import open_clip
 
     name = ref.name
+    if not os.path.exists(name) and (os.sep in name or name.startswith(".")) and not name.startswith("hf-hub:"):
+        raise ModelLoadError(f"model folder not found: {name}: pass an existing checkpoint folder or a model name")
     if os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "open_clip_config.json")):
             raise ModelLoadError(

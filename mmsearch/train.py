@@ -84,6 +84,7 @@ def train_heads(
     val_owner: Sequence[int],
     cfg: TrainConfig = TrainConfig(),
     on_epoch: Callable[[dict], None] | None = None,
+    reset: bool = True,
 ) -> list[dict]:
     """Train ``model.visual.head``, ``model.text.proj`` and ``model.logit_scale`` with InfoNCE.
 
@@ -91,6 +92,7 @@ def train_heads(
     ``train_owner[t]`` is the image index of caption t. Each step draws a batch of distinct images
     with one random caption each (no duplicate image inside a batch, so no false negatives).
     The model is left with the heads of the best validation epoch; returns the per-epoch history.
+    ``reset=False`` fine-tunes the heads the model already has instead of starting from scratch.
     """
     import torch
     from open_clip.loss import ClipLoss
@@ -98,12 +100,13 @@ def train_heads(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     vhead, tproj = model.visual.head, model.text.proj
-    for module in (vhead, tproj):
-        for layer in module.modules():
-            if hasattr(layer, "reset_parameters"):
-                layer.reset_parameters()
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(1 / cfg.init_temperature))
+    if reset:
+        for module in (vhead, tproj):
+            for layer in module.modules():
+                if hasattr(layer, "reset_parameters"):
+                    layer.reset_parameters()
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(1 / cfg.init_temperature))
     params = list(vhead.parameters()) + list(tproj.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2] + [model.logit_scale]
@@ -186,3 +189,255 @@ def cached_features(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray
     np.save(tmp, feats)
     tmp.replace(path)
     return feats
+
+
+# ---- the product feature: `mmsearch train` ------------------------------------------------------
+def _load_for_training(model_name: str, pretrained: str | None):
+    """(model, preprocess, tokenizer, open_clip model config, preprocess config) of any model."""
+    from . import models
+    from .config import DEFAULT_MODEL, ModelRef
+
+    if model_name == DEFAULT_MODEL and pretrained is None:
+        pp = {"size": models.IMAGE_SIZE, "mean": list(models.IMAGE_MEAN), "std": list(models.IMAGE_STD),
+              "interpolation": "bicubic", "resize_mode": "shortest"}
+        return models.build(), models.preprocess(), models.tokenizer(), models.model_cfg(), pp
+    import os
+
+    import open_clip
+
+    from .encoder import _load_open_clip
+
+    model, preprocess, tokenizer = _load_open_clip(ModelRef(model_name, pretrained), None)
+    name = "local-dir:" + os.path.abspath(model_name) if os.path.isdir(model_name) else model_name
+    config = open_clip.get_model_config(name)
+    return model, preprocess, tokenizer, config, dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+
+
+def _cacheable(model) -> bool:
+    """Both towers can be run once and cached: a timm image trunk + head and an HF text tower."""
+    from open_clip.hf_model import HFTextEncoder
+
+    return hasattr(model.visual, "trunk") and hasattr(model.visual, "head") and isinstance(model.text, HFTextEncoder)
+
+
+def _counter(report: Callable[[str, int, int], None] | None, name: str, total: int) -> Callable[[int], None]:
+    """A progress callback taking increments, reporting (name, done, total)."""
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        if report:
+            report(name, done, total)
+
+    return step
+
+
+def _train_mode(model) -> None:
+    """Training mode, except BatchNorm layers: their running statistics stay as pretrained (small
+    fine-tuning batches would only make them noisier)."""
+    import torch
+
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _lock_towers(model, unlock_image: int, unlock_text: int) -> None:
+    """Freeze both towers except their last ``unlock_*`` layer groups; heads stay trainable.
+
+    HF text towers are handled here: open_clip's own HFTextEncoder.lock fails for BERT-family
+    models and prints. The trainable layers are those of the transformer's longest ModuleList.
+    """
+    import contextlib
+    import io
+
+    import torch
+    from open_clip.hf_model import HFTextEncoder
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the library never prints
+        # freeze_bn_stats=False on purpose: open_clip swaps timm's BatchNormAct2d for FrozenBatchNorm2d,
+        # which drops the activation inside it and wrecks EfficientNet (outputs off by ~1e15).
+        # BatchNorm statistics are kept fixed instead by _train_mode() leaving BN layers in eval mode.
+        model.lock_image_tower(unlocked_groups=unlock_image, freeze_bn_stats=False)
+        if not isinstance(model.text, HFTextEncoder):
+            model.lock_text_tower(unlocked_layers=unlock_text)
+            return
+    transformer = model.text.transformer
+    for p in transformer.parameters():
+        p.requires_grad_(False)
+    lists = [m for m in transformer.modules() if isinstance(m, torch.nn.ModuleList)]
+    layers = list(max(lists, key=len)) if lists else []
+    for layer in layers[len(layers) - unlock_text:] if unlock_text else []:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+
+
+def _cache_key(*parts) -> str:
+    import hashlib
+
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:16]
+
+
+def _end_to_end(model, preprocess, tokenizer, train_pairs, val_pairs, cfg: TrainConfig,
+                on_epoch: Callable[[dict], None] | None) -> list[dict]:
+    """InfoNCE over the unlocked parameters, images decoded every step (GPU: bf16 autocast)."""
+    import torch
+    from open_clip.loss import ClipLoss
+
+    from .evaluate import evaluate
+    from .media import load_image
+
+    device = next(model.parameters()).device
+    heads = {id(p) for m in (getattr(model.visual, "head", None), getattr(model.text, "proj", None)) if m is not None
+             for p in m.parameters()} | {id(model.logit_scale)}
+    for name in ("proj", "text_projection"):  # CLIP-style towers keep their projections as parameters
+        for owner in (model, model.visual):
+            if isinstance(getattr(owner, name, None), torch.nn.Parameter):
+                heads.add(id(getattr(owner, name)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([
+        {"params": [p for p in trainable if id(p) in heads], "lr": cfg.lr},
+        {"params": [p for p in trainable if id(p) not in heads], "lr": cfg.lr * cfg.tower_lr_scale},
+    ], weight_decay=cfg.weight_decay)
+    loss_fn = ClipLoss()
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    class _Enc:  # the encoder interface `evaluate` needs, over the model being trained
+        name, batch_size = "training", 32
+        dim = None
+
+        @staticmethod
+        def embed_images(paths):
+            with torch.no_grad():
+                x = torch.stack([preprocess(load_image(p)) for p in paths]).to(device)
+                return torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1).cpu().numpy()
+
+        @staticmethod
+        def embed_texts(texts):
+            with torch.no_grad():
+                out = [model.encode_text(tokenizer(list(texts[i:i + 256])).to(device)).float()
+                       for i in range(0, len(texts), 256)]
+                return torch.nn.functional.normalize(torch.cat(out), dim=-1).cpu().numpy()
+
+    history, best, best_state, bad = [], -1.0, None, 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    for epoch in range(cfg.epochs):
+        _train_mode(model)
+        perm = rng.permutation(len(train_pairs))
+        losses = []
+        for start in range(0, len(perm), cfg.batch_size):
+            idx = perm[start:start + cfg.batch_size]
+            if len(idx) < 2:
+                continue
+            images = torch.stack([preprocess(load_image(train_pairs.images[i])) for i in idx]).to(device)
+            caps = [train_pairs.captions[i][rng.integers(len(train_pairs.captions[i]))] for i in idx]
+            with autocast:
+                fi = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+                ft = torch.nn.functional.normalize(model.encode_text(tokenizer(caps).to(device)), dim=-1)
+                loss = loss_fn(fi, ft, model.logit_scale.exp())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            losses.append(float(loss.detach()))
+        model.eval()
+        r = evaluate(_Enc, val_pairs)
+        score = validation_score(r)
+        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "val": {k: r[k] for k in ("t2i", "i2t")},
+                  "val_rsum": score}
+        history.append(record)
+        if on_epoch:
+            on_epoch(record)
+        if score > best:
+            best, bad = score, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return history
+
+
+def train_model(
+    train_pairs,
+    val_pairs,
+    out_dir: str | Path,
+    model_name: str | None = None,
+    pretrained: str | None = None,
+    cfg: TrainConfig = TrainConfig(),
+    unlock_image: int = 0,
+    unlock_text: int = 0,
+    cache_dir: str | Path | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
+    """Fine-tune ``model_name`` (default mmsearch-lite) on image-caption pairs with InfoNCE and
+    write the best epoch (by validation rsum) to ``out_dir`` as an open_clip checkpoint folder that
+    ``Encoder(out_dir)`` and ``mmsearch index --model out_dir`` load. Returns the training record.
+
+    Both towers locked (``unlock_image == unlock_text == 0``) and a timm + HF model: tower features
+    are computed once and cached under ``cache_dir``, and only the heads and temperature train.
+    Otherwise the last ``unlock_image`` layer groups / ``unlock_text`` layers train end to end.
+    """
+    import json
+    import time
+
+    import torch
+
+    from . import models
+    from .config import DEFAULT_MODEL
+
+    if len(train_pairs) < 2 or len(val_pairs) < 1:
+        raise ValueError(f"training needs at least 2 training images and 1 validation image "
+                         f"(got {len(train_pairs)} and {len(val_pairs)})")
+    t0 = time.time()
+    model_name = model_name or DEFAULT_MODEL
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model, preprocess, tokenizer, model_config, pp_cfg = _load_for_training(model_name, pretrained)
+    cached = unlock_image == 0 and unlock_text == 0 and _cacheable(model)
+    if cached:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for module in (model.visual.head, model.text.proj):
+            for p in module.parameters():
+                p.requires_grad_(True)
+        model.logit_scale.requires_grad_(True)
+        cache = Path(cache_dir or Path.home() / ".cache" / "mmsearch" / "features")
+        feats = []
+        for name, pairs in (("train", train_pairs), ("val", val_pairs)):
+            texts, owner = pairs.flat()
+            stamp = [(p, Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in pairs.images]
+            key = _cache_key(model_name, pretrained, stamp)
+            img = cached_features(cache / f"img-{key}.npy", lambda: image_tower_features(
+                model, preprocess, pairs.images, progress=_counter(on_progress, name, len(pairs.images))))
+            txt = cached_features(cache / f"txt-{_cache_key(model_name, pretrained, texts)}.npy",
+                                  lambda: text_tower_features(model, tokenizer, texts))
+            feats.append((img, txt, owner))
+        history = train_heads(model, *feats[0], *feats[1], cfg=cfg, on_epoch=on_epoch,
+                              reset=False)
+    else:
+        _lock_towers(model, unlock_image, unlock_text)
+        history = _end_to_end(model, preprocess, tokenizer, train_pairs, val_pairs, cfg, on_epoch)
+    best = max(history, key=lambda r: r["val_rsum"])
+    model.eval()
+    out_dir = Path(out_dir)
+    models.save_open_clip_folder(model, out_dir, model_config=model_config,
+                                 hf_tokenizer=tokenizer if hasattr(tokenizer, "tokenizer") else None,
+                                 preprocess_cfg=pp_cfg or None)
+    record = {
+        "base_model": model_name, "pretrained": pretrained, "mode": "cached towers" if cached else "end to end",
+        "unlock_image": unlock_image, "unlock_text": unlock_text,
+        "n_train_images": len(train_pairs), "n_val_images": len(val_pairs),
+        "train_config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        "best_epoch": best["epoch"], "best_val": best["val"], "history": history,
+        "seconds": round(time.time() - t0, 1),
+    }
+    (out_dir / "mmsearch_train.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return record

@@ -174,7 +174,8 @@ def preprocess():
     return image_transform(IMAGE_SIZE, is_train=False, mean=IMAGE_MEAN, std=IMAGE_STD)
 
 
-def save_open_clip_folder(model, folder: str | Path, model_config: dict | None = None, hf_tokenizer=None) -> Path:
+def save_open_clip_folder(model, folder: str | Path, model_config: dict | None = None, hf_tokenizer=None,
+                          preprocess_cfg: dict | None = None) -> Path:
     """Write ``model`` as an open_clip checkpoint folder (open_clip_config.json + safetensors, plus
     the HF tokenizer files open_clip's ``local-dir:`` loader looks for) that ``Encoder(folder)`` and
     ``open_clip.create_model_and_transforms("local-dir:" + folder)`` load."""
@@ -186,8 +187,8 @@ def save_open_clip_folder(model, folder: str | Path, model_config: dict | None =
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "model_cfg": model_config or model_cfg(),
-        "preprocess_cfg": {"size": IMAGE_SIZE, "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD),
-                           "interpolation": "bicubic", "resize_mode": "shortest"},
+        "preprocess_cfg": preprocess_cfg or {"size": IMAGE_SIZE, "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD),
+                                             "interpolation": "bicubic", "resize_mode": "shortest"},
     }
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tmp = folder / ".open_clip_model.safetensors.tmp"
