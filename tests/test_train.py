@@ -1,0 +1,100 @@
+"""`mmsearch train`: InfoNCE on a few real pairs lowers the loss and writes a loadable checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mmsearch.cli import app
+from mmsearch.config import TrainConfig
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    from mmsearch.data import load_flickr8k
+    from tests.conftest import FLICKR
+
+    base = tmp_path_factory.mktemp("pairs")
+    for name, split, n in (("train", "train", 40), ("val", "dev", 12)):
+        pairs = load_flickr8k(FLICKR, split).subset(n)
+        with open(base / f"{name}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image", "caption"])
+            for img, caps in zip(pairs.images, pairs.captions):
+                for c in caps:
+                    w.writerow([img, c])
+    return base
+
+
+def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tables, tmp_path, pairs):
+    from mmsearch.data import load_table
+    from mmsearch.encoder import Encoder
+    from mmsearch.train import train_model
+
+    cfg = replace(TrainConfig(), epochs=6, patience=6, batch_size=16)
+    out = tmp_path / "ckpt"
+    rec = train_model(load_table(tables / "train.csv"), load_table(tables / "val.csv"), out, cfg=cfg,
+                      cache_dir=tmp_path / "cache")
+    losses = [h["loss"] for h in rec["history"]]
+    assert rec["mode"] == "cached towers" and losses[-1] < losses[0] * 0.9, losses
+    saved = json.loads((out / "mmsearch_train.json").read_text())
+    assert saved["best_epoch"] == rec["best_epoch"] and len(saved["history"]) == 6
+    enc = Encoder(str(out))
+    v = enc.embed_images(pairs.images[:2])
+    assert v.shape == (2, 256) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    # same seed, same data -> the same model (features now come from the cache)
+    rec2 = train_model(load_table(tables / "train.csv"), load_table(tables / "val.csv"), tmp_path / "again",
+                       cfg=cfg, cache_dir=tmp_path / "cache")
+    assert rec2["history"] == rec["history"]
+    assert (tmp_path / "again" / "open_clip_model.safetensors").read_bytes() == (out / "open_clip_model.safetensors").read_bytes()
+
+
+def test_cli_train_then_index_with_the_checkpoint(tables, tmp_path, photo_dir):
+    folder, _ = photo_dir
+    out = tmp_path / "ckpt"
+    r = runner.invoke(app, ["train", str(tables / "train.csv"), "--val", str(tables / "val.csv"), "--out", str(out),
+                            "--epochs", "2", "--batch-size", "16", "--cache", str(tmp_path / "cache"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "wrote" in r.stderr and f"--model {out}" in r.stderr
+    r = runner.invoke(app, ["index", str(folder), "--model", str(out), "--index", str(tmp_path / "idx"), "-q"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(runner.invoke(app, ["info", "--json", "--index", str(tmp_path / "idx")]).stdout)
+    assert info["model"] == str(out) and info["count"] == 12
+
+
+@pytest.mark.slow
+def test_end_to_end_training_with_an_unlocked_text_layer(tables, tmp_path):
+    from mmsearch.data import load_table
+    from mmsearch.encoder import Encoder
+    from mmsearch.train import train_model
+
+    train = load_table(tables / "train.csv").subset(16)
+    cfg = replace(TrainConfig(), epochs=2, batch_size=8)
+    rec = train_model(train, load_table(tables / "val.csv"), tmp_path / "e2e", cfg=cfg, unlock_text=1)
+    assert rec["mode"] == "end to end" and rec["history"][-1]["loss"] < rec["history"][0]["loss"]
+    assert rec["best_val"]["t2i"][10] > 0.8  # starting from mmsearch-lite, not wrecked by training
+    assert Encoder(str(tmp_path / "e2e")).embed_texts(["a dog"]).shape == (1, 256)
+
+
+def test_bad_training_input_is_reported(tables, tmp_path):
+    lines = (tables / "train.csv").read_text().splitlines()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join(lines[:11] + ["/nope/missing.jpg,a caption", f"{lines[1].split(',')[0]},"]) + "\n")
+    r = runner.invoke(app, ["train", str(bad), "--val", str(tables / "val.csv"), "--out", str(tmp_path / "o"),
+                            "--epochs", "1", "--cache", str(tmp_path / "cache"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "1 image(s) not found" in r.stderr and "/nope/missing.jpg" in r.stderr and "1 empty caption" in r.stderr
+    (tmp_path / "cols.csv").write_text("path,text\na.jpg,hello\n")
+    r = runner.invoke(app, ["train", str(tmp_path / "cols.csv"), "--val", str(tables / "val.csv"), "--out",
+                            str(tmp_path / "o2")])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "no column 'image', 'caption'" in r.stderr
+    r = runner.invoke(app, ["train", str(tables / "train.csv"), "--out", str(tmp_path / "o3")])
+    assert r.exit_code == 1 and "--val" in r.stderr
