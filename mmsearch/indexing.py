@@ -59,17 +59,24 @@ def _under(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+def _membership(root) -> Callable[[str, str], bool]:
+    if callable(root):
+        return root
+    return lambda path, kind: kind != "text" and _under(path, root)
+
+
 def plan_update(
     files: Sequence[MediaFile],
     items: Items,
-    root: str | Callable[[str], bool],
+    root: str | Callable[[str, str], bool],
     unreadable: Sequence[str] = (),
     failures: dict | None = None,
 ) -> Plan:
     """Compare scanned ``files`` under ``root`` with the index's ``items`` (size + mtime).
 
-    ``root`` is a folder, or a predicate telling which indexed paths belong to the source being
-    indexed (items of other sources are never touched).
+    ``root`` is a folder (its media files belong to it; texts read from a file that happens to sit
+    below it do not), or a predicate ``(path, kind)`` telling which indexed items belong to the
+    source being indexed. Items of other sources are never touched.
 
     Items at or under an ``unreadable`` path (a folder that could not be listed, a file that could
     not be read) are kept as they are: a permission problem or a network hiccup is not a deletion.
@@ -77,14 +84,14 @@ def plan_update(
     file is retried only once it changes.
     """
     failures = failures or {}
-    belongs = root if callable(root) else (lambda p: _under(p, root))
+    belongs = _membership(root)
     seen = {f.path: f for f in files}
     keep, reuse, removed, unchanged = [], {}, 0, 0
     indexed = set()
-    for row, path in enumerate(items.path):
+    for row, (path, kind) in enumerate(zip(items.path, items.kind)):
         f = seen.get(path)
         if f is None:
-            if belongs(path) and not any(_under(path, u) for u in unreadable):
+            if belongs(path, kind) and not any(_under(path, u) for u in unreadable):
                 removed += 1  # deleted below the folder being indexed
             else:
                 keep.append(row)  # another folder of the same index, or unreadable for now
@@ -228,7 +235,7 @@ def index_texts(
     t0 = time.perf_counter()
     records = read_texts(source, column)
     prefix = os.path.realpath(os.fspath(source)) + "#"
-    return _update(records, [], lambda p: p.startswith(prefix), index_path, encoder, model, spec, config,
+    return _update(records, [], lambda p, kind: kind == "text" and p.startswith(prefix), index_path, encoder, model, spec, config,
                    on_progress, None, t0)
 
 
@@ -237,7 +244,7 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
     from .index import VectorIndex, choose_kind
 
     index_path = Path(index_path)
-    belongs = root if callable(root) else (lambda p: _under(p, root))
+    belongs = _membership(root)
     report = IndexReport(str(index_path.resolve()))
 
     def skip(s: Skipped) -> None:
@@ -272,11 +279,19 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
             skip(s)
         # failures outside this root, or still current below it, stay on record
         failures = {p: v for p, v in old_failures.items()
-                    if not belongs(p) or p in {s.path for s in plan.known_failures}}
+                    if not belongs(p, "image") or p in {s.path for s in plan.known_failures}}
         report.unchanged = plan.unchanged
         report.removed = plan.removed
         dirty = bool(plan.removed)  # something not yet committed
-        if plan.to_embed and encoder is None:  # the model loads only when there is work for it
+        # a text already in the index (a line that only moved, a caption repeated) keeps its vector
+        known_text: dict[str, int] = {}
+        if existing is not None and any(f.kind == "text" for f in plan.to_embed):
+            for r, (k, t) in enumerate(zip(items.kind, items.text)):
+                if k == "text" and t:
+                    known_text.setdefault(t, r)
+        copied = [f for f in plan.to_embed if f.kind == "text" and f.text in known_text]
+        to_encode = [f for f in plan.to_embed if not (f.kind == "text" and f.text in known_text)]
+        if to_encode and encoder is None:  # the model loads only when there is work for it
             from .encoder import get_encoder
 
             encoder = get_encoder(ref.name, pretrained=ref.pretrained, device=ref.device)
@@ -285,6 +300,7 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
         dim = encoder.dim if encoder is not None else int(base["model"].get("dim") or 0)
         embeddings = (np.array(existing.embeddings, dtype=np.float32) if existing is not None and len(items)
                       else np.zeros((0, dim), np.float32))
+        copied_emb = embeddings[[known_text[f.text] for f in copied]] if copied else None
         items, embeddings = items.take(plan.keep_rows), embeddings[plan.keep_rows]
         row_of_id = {int(i): r for r, i in enumerate(items.id)}
         pending_items: list[Items] = []
@@ -332,8 +348,15 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
                 dirty = True
             skip(s)
 
+        def batches():
+            if copied:
+                progress(len(copied))
+                yield copied, copied_emb
+            if to_encode:
+                yield from embed_files(to_encode, encoder, config, progress, failed)
+
         by_path = {f.path: f for f in plan.to_embed}
-        for ok, emb in (embed_files(plan.to_embed, encoder, config, progress, failed) if plan.to_embed else ()):
+        for ok, emb in batches():
             dirty = dirty or bool(ok)
             fresh = []
             for f, vector in zip(ok, emb):

@@ -68,6 +68,54 @@ def test_texts_are_indexed_incrementally(captions_file, encoder, tmp_path):
     assert (again.added, again.updated, again.removed, again.unchanged) == (0, 0, 0, 10)
 
 
+def test_a_moved_line_keeps_its_vector_without_re_encoding(captions_file, encoder, tmp_path):
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.texts = inner, 0
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def embed_texts(self, texts):
+            self.texts += len(texts)
+            return self.inner.embed_texts(texts)
+
+    idx = tmp_path / "idx"
+    index_texts(captions_file, idx, encoder=encoder)
+    before = Collection.open(idx)
+    vec = {t: np.array(e) for t, e in zip(before.items.text, before.embeddings)}
+    lines = captions_file.read_text().splitlines()
+    captions_file.write_text("\n".join(["A brand new first line about a green kite ."] + lines) + "\n")
+    counting = Counting(encoder)
+    r = index_texts(captions_file, idx, encoder=counting)
+    assert counting.texts == 1  # only the new line is encoded; the 60 shifted lines reuse their vectors
+    assert (r.added, r.updated, r.total) == (1, 60, 61)  # lines are keyed by number: 60 moved, 1 appended
+    after = Collection.open(idx)
+    for t, e in zip(after.items.text, after.embeddings):
+        if t in vec:
+            np.testing.assert_array_equal(e, vec[t])
+    hits = Searcher(idx, encoder=encoder).search_text("a green kite", k=1, kind="text")
+    assert hits[0].text.startswith("A brand new first line")
+
+
+def test_texts_inside_an_image_folder_survive_re_indexing_the_folder(photo_dir, pairs, encoder, tmp_path):
+    folder, _ = photo_dir
+    captions = folder / "captions.txt"
+    captions.write_text("\n".join(pairs.captions[0]) + "\n")
+    idx = tmp_path / "idx"
+    index_folder(folder, idx, encoder=encoder)
+    index_texts(captions, idx, encoder=encoder)
+    r = index_folder(folder, idx, encoder=encoder)  # the folder scan finds no "captions.txt#1" files
+    assert (r.removed, r.total) == (0, 17)
+    counts = Collection.open(idx).manifest["counts_by_kind"]
+    assert counts == {"image": 12, "text": 5}
+    next(folder.glob("*.jpg")).unlink()
+    r = index_folder(folder, idx, encoder=encoder)
+    assert (r.removed, r.total) == (1, 16)
+    r = index_texts(captions, idx, encoder=encoder)  # and the texts source leaves the images alone
+    assert (r.removed, r.unchanged, r.total) == (0, 5, 16)
+
+
 def test_cli_texts_and_kind(photo_dir, captions_file, tmp_path):
     folder, _ = photo_dir
     idx = tmp_path / "idx"
