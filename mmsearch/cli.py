@@ -97,7 +97,7 @@ def index(
         bar.update(done - bar.n)
 
     def skip(s) -> None:
-        (bar.write if bar is not None else lambda m: typer.echo(m, err=True))(f"warning: skipped {s.path}: {s.reason}")
+        (functools.partial(bar.write, file=sys.stderr) if bar is not None else lambda m: typer.echo(m, err=True))(f"warning: skipped {s.path}: {s.reason}")
 
 
     ref = ModelRef(model, pretrained) if model else None
@@ -272,11 +272,11 @@ def train(
 
     if data.is_dir():
         train_pairs = _load_pairs_or_fail(data, split)
-        val_pairs = _load_pairs_or_fail(val, None) if val else _load_pairs_or_fail(data, val_split)
+        val_pairs = _load_pairs_or_fail(val, val_split if val.is_dir() else None) if val else _load_pairs_or_fail(data, val_split)
     else:
         if val is None:
             _fail("a pairs table needs --val VALIDATION_TABLE (pairs kept out of training)")
-        train_pairs, val_pairs = _load_pairs_or_fail(data, None), _load_pairs_or_fail(val, None)
+        train_pairs, val_pairs = _load_pairs_or_fail(data, None), _load_pairs_or_fail(val, val_split if val.is_dir() else None)
     cfg = replace(TrainConfig(), epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed)
     bars: dict = {}
 
@@ -295,10 +295,15 @@ def train(
             epoch_bar.set_postfix(loss=f"{r['loss']:.3f}", val_t2i_R10=f"{r['val']['t2i'][10]:.3f}",
                                   val_i2t_R10=f"{r['val']['i2t'][10]:.3f}")
 
+    def skipped(path: str, reason: str) -> None:
+        bar = next(iter(bars.values()), None) or epoch_bar
+        message = f"warning: skipped {path}: {reason.removeprefix(path + ': ')}"
+        (functools.partial(bar.write, file=sys.stderr) if bar is not None else lambda m: typer.echo(m, err=True))(message)
+
     try:
         record = train_model(train_pairs, val_pairs, out, model_name=model, pretrained=pretrained, cfg=cfg,
                              unlock_image=unlock_image, unlock_text=unlock_text, cache_dir=cache,
-                             on_epoch=on_epoch, on_progress=progress)
+                             on_epoch=on_epoch, on_progress=progress, on_skip=skipped)
     finally:
         for bar in list(bars.values()) + ([epoch_bar] if epoch_bar is not None else []):
             bar.close()

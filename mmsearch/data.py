@@ -22,6 +22,8 @@ class Pairs:
     captions: list[list[str]]
     missing_images: list[str] = field(default_factory=list)  # listed but not on disk: left out
     empty_captions: int = 0  # blank captions left out
+    uncaptioned: list[str] = field(default_factory=list)  # images with no (non-blank) caption: left out
+    blank_paths: int = 0  # table rows with no image path: left out
 
     def problems(self) -> list[str]:
         """One line per kind of problem found while reading, for the caller to show."""
@@ -29,8 +31,13 @@ class Pairs:
         if self.missing_images:
             first = ", ".join(self.missing_images[:3])
             out.append(f"{len(self.missing_images)} image(s) not found, skipped (first: {first})")
+        if self.blank_paths:
+            out.append(f"{self.blank_paths} row(s) without an image path skipped")
         if self.empty_captions:
             out.append(f"{self.empty_captions} empty caption(s) skipped")
+        if self.uncaptioned:
+            first = ", ".join(self.uncaptioned[:3])
+            out.append(f"{len(self.uncaptioned)} image(s) without a caption skipped (first: {first})")
         return out
 
     def flat(self) -> tuple[list[str], list[int]]:
@@ -51,7 +58,8 @@ class Pairs:
 def load_flickr8k(root: str | Path, split: str) -> Pairs:
     """The images of one official split (train/dev/test) with their five captions each.
 
-    Images listed in the split but missing on disk are left out (the original release has one).
+    Images listed in the split but missing on disk (the original release has one), blank captions
+    and images without any caption are left out and reported by ``Pairs.problems()``.
     """
     root = Path(root)
     if split not in SPLIT_FILES:
@@ -60,23 +68,29 @@ def load_flickr8k(root: str | Path, split: str) -> Pairs:
         if not (root / name).is_file():
             raise FileNotFoundError(f"{root / name} not found: pass a Flickr8k folder")
     caps: dict[str, list[str]] = {}
-    for line in (root / TOKEN_FILE).read_text(encoding="utf-8").splitlines():
+    empty = 0
+    for line in (root / TOKEN_FILE).read_text(encoding="utf-8-sig").splitlines():
         if "\t" not in line:
             continue
         key, text = line.split("\t", 1)
-        caps.setdefault(key.split("#", 1)[0], []).append(text.strip())
-    names = [n.strip() for n in (root / SPLIT_FILES[split]).read_text().splitlines() if n.strip()]
-    images, captions, missing = [], [], []
+        caps.setdefault(key.split("#", 1)[0], [])
+        if text.strip():
+            caps[key.split("#", 1)[0]].append(text.strip())
+        else:
+            empty += 1
+    names = [n.strip() for n in (root / SPLIT_FILES[split]).read_text(encoding="utf-8-sig").splitlines() if n.strip()]
+    images, captions, missing, uncaptioned = [], [], [], []
     for name in names:
         path = root / "images" / name
-        if name not in caps:
+        if not caps.get(name):
+            uncaptioned.append(str(path))
             continue
         if not path.is_file():
             missing.append(str(path))
             continue
         images.append(str(path.resolve()))
         captions.append(caps[name])
-    return Pairs(images, captions, missing)
+    return Pairs(images, captions, missing, empty, uncaptioned)
 
 
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".parquet": None}
@@ -97,7 +111,7 @@ def _read_columns(path: Path) -> tuple[dict[str, str], Callable[[str], list]]:
         return columns, lambda c: table.column(columns[c]).to_pylist()
     import csv
 
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tables saved by Excel start with a BOM
         rows = list(csv.DictReader(f, delimiter=TABLE_SUFFIXES[suffix]))
     columns = {(c or "").strip().lower(): c for c in (rows[0].keys() if rows else [])}
     return columns, lambda c: [r[columns[c]] for r in rows]
@@ -127,24 +141,35 @@ def load_table(path: str | Path, image_column: str = "image", caption_column: st
         raise ValueError(f"{path}: no column {', '.join(map(repr, need))} (columns: {', '.join(columns) or 'none'}); "
                          f"a pairs table needs '{image_column}' and '{caption_column}'")
     by_image: dict[str, list[str]] = {}
-    missing, empty = [], 0
-    for image, caption in zip(get(image_column), get(caption_column)):
-        image = str(image or "").strip()
-        full = str((path.parent / image).resolve()) if image else ""
-        if not image or not Path(full).is_file():
-            if full not in missing:
-                missing.append(full or "(blank image path)")
+    missing: dict[str, None] = {}  # ordered set
+    empty = blank = 0
+    exists: dict[str, bool] = {}
+    for row, (image, caption) in enumerate(zip(get(image_column), get(caption_column)), start=1):
+        if image is not None and not isinstance(image, str):
+            raise ValueError(f"{path}: row {row}: column {image_column!r} must hold image paths (text), "
+                             f"not {type(image).__name__}")
+        image = (image or "").strip()
+        if not image:
+            blank += 1
+            continue
+        full = str((path.parent / image).resolve())
+        if full not in exists:
+            exists[full] = Path(full).is_file()
+        if not exists[full]:
+            missing[full] = None
             continue
         if not str(caption or "").strip():
             empty += 1
             continue
         by_image.setdefault(full, []).append(str(caption).strip())
-    return Pairs(list(by_image), list(by_image.values()), missing, empty)
+    return Pairs(list(by_image), list(by_image.values()), list(missing), empty, blank_paths=blank)
 
 
 def load_pairs(source: str | Path, split: str | None = None) -> Pairs:
     """Pairs from a Flickr8k-style folder (``split`` picks train/dev/test) or a pairs table."""
     source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source} not found: pass a Flickr8k-style folder or a .csv/.tsv/.parquet pairs table")
     if source.is_dir():
         if not (source / TOKEN_FILE).is_file():
             raise FileNotFoundError(f"{source} has no {TOKEN_FILE}: pass a Flickr8k-style folder or a .csv/.tsv/.parquet table")

@@ -209,8 +209,14 @@ def read_texts(source: str | os.PathLike, column: str | None = None) -> list[Med
     else:
         if column:
             raise ValueError(f"--text-column applies to .csv/.tsv/.parquet tables, not {source}")
-        with open(path, encoding="utf-8", errors="replace") as f:
-            values = f.read().splitlines()
+        with open(path, "rb") as f:
+            data = f.read()
+        if b"\0" in data[:1 << 20]:
+            raise ValueError(f"{source} is not a text file (it holds binary data): pass a UTF-8 .txt, one text per line")
+        try:
+            values = data.decode("utf-8-sig").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{source} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     out = []
     for n, text in enumerate(values, start=1):
         text = " ".join(str(text or "").split())
@@ -235,6 +241,10 @@ def index_texts(
     t0 = time.perf_counter()
     records = read_texts(source, column)
     prefix = os.path.realpath(os.fspath(source)) + "#"
+    if not records:  # an emptied file removes its texts; a file that never had any is a mistake
+        items = Collection.open(index_path).items if Collection.exists(index_path) else Items.empty()
+        if not any(k == "text" and p.startswith(prefix) for p, k in zip(items.path, items.kind)):
+            raise ValueError(f"no texts in {source}: it has no non-blank lines (or the column is empty)")
     return _update(records, [], lambda p, kind: kind == "text" and p.startswith(prefix), index_path, encoder, model, spec, config,
                    on_progress, None, t0)
 

@@ -15,23 +15,32 @@ import numpy as np
 DEFAULT_KS = (1, 5, 10)
 
 
-def _ranks_t2i(sim: np.ndarray, text_image: np.ndarray) -> np.ndarray:
+CHUNK = 2048  # queries per block: memory stays O(CHUNK * n) however large the evaluation set
+
+
+def _ranks_t2i(text_emb: np.ndarray, image_emb: np.ndarray, text_image: np.ndarray) -> np.ndarray:
     """0-based rank of each text's own image (number of other images scoring >= it)."""
-    true = sim[np.arange(sim.shape[0]), text_image]
-    ge = (sim >= true[:, None]).sum(axis=1)
-    return ge - 1  # the true image itself is counted once by >=
+    out = np.empty(len(text_emb), np.int64)
+    for s in range(0, len(text_emb), CHUNK):
+        sim = text_emb[s : s + CHUNK] @ image_emb.T
+        true = sim[np.arange(sim.shape[0]), text_image[s : s + CHUNK]]
+        out[s : s + CHUNK] = (sim >= true[:, None]).sum(axis=1) - 1  # the true image itself is counted once
+    return out
 
 
-def _ranks_i2t(sim: np.ndarray, text_image: np.ndarray) -> np.ndarray:
+def _ranks_i2t(text_emb: np.ndarray, image_emb: np.ndarray, text_image: np.ndarray) -> np.ndarray:
     """0-based rank of each image's best caption (number of non-own texts scoring >= it)."""
-    sim_it = sim.T  # (images, texts)
-    own = np.zeros(sim_it.shape, dtype=bool)
-    own[text_image, np.arange(sim.shape[0])] = True
-    best_own = np.where(own, sim_it, -np.inf).max(axis=1)
-    if not np.all(np.isfinite(best_own)):
-        missing = np.flatnonzero(~np.isfinite(best_own))[:5].tolist()
+    counts = np.bincount(text_image, minlength=len(image_emb))
+    if (counts == 0).any():
+        missing = np.flatnonzero(counts == 0)[:5].tolist()
         raise ValueError(f"images without any caption (first: {missing}); every image needs one")
-    return ((sim_it >= best_own[:, None]) & ~own).sum(axis=1)
+    out = np.empty(len(image_emb), np.int64)
+    for s in range(0, len(image_emb), CHUNK):
+        sim = image_emb[s : s + CHUNK] @ text_emb.T  # (chunk images, texts)
+        own = text_image[None, :] == np.arange(s, s + sim.shape[0])[:, None]
+        best_own = np.where(own, sim, -np.inf).max(axis=1)
+        out[s : s + CHUNK] = ((sim >= best_own[:, None]) & ~own).sum(axis=1)
+    return out
 
 
 def recall_at_k(
@@ -52,9 +61,8 @@ def recall_at_k(
         raise ValueError("text->image labels out of range of the image embeddings")
     if not (np.isfinite(image_emb).all() and np.isfinite(text_emb).all()):
         raise ValueError("embeddings contain NaN or inf: recall would be meaningless")
-    sim = text_emb @ image_emb.T
-    r_t2i = _ranks_t2i(sim, text_image)
-    r_i2t = _ranks_i2t(sim, text_image)
+    r_t2i = _ranks_t2i(text_emb, image_emb, text_image)
+    r_i2t = _ranks_i2t(text_emb, image_emb, text_image)
     return {
         "t2i": {int(k): float(np.mean(r_t2i < k)) for k in ks},
         "i2t": {int(k): float(np.mean(r_i2t < k)) for k in ks},

@@ -16,6 +16,8 @@ import numpy as np
 from .errors import BadQueryError, EmptyIndexError, ModelMismatchError
 from .store import Collection
 
+EXACT_FILTER_MAX = 50_000  # a modality with at most this many items is searched exactly when filtered
+
 
 @dataclass(frozen=True)
 class Hit:
@@ -69,21 +71,40 @@ class Searcher:
         """
         if k < 1:
             raise BadQueryError(f"k must be at least 1, got {k}")
-        q = np.asarray(queries, dtype=np.float32)
+        q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         kinds = self.collection.items.kind
-        if kind is None or all(x == kind for x in kinds):
+        rows = self._rows_of_kind(kind) if kind is not None else None
+        if rows is None or len(rows) == len(kinds):
             return self.collection.index.search(q, k)
-        rows = np.flatnonzero(np.asarray(kinds, dtype=object) == kind)
         if len(rows) == 0:
             have = ", ".join(sorted(set(kinds)))
             raise EmptyIndexError(f"index {self.collection.path} holds no {kind} items (it has: {have})")
-        # exact search over that modality's vectors: a filter never returns fewer than asked
-        scores = np.atleast_2d(q) @ np.asarray(self.collection.embeddings[rows]).T
         k = min(k, len(rows))
+        if len(rows) > EXACT_FILTER_MAX:
+            # a large share of a large index: over-fetch from the ANN index and keep that modality
+            n = len(kinds)
+            D, I = self.collection.index.search(q, min(n, k + int(np.ceil(2 * k * n / len(rows)))))
+            wanted = (self._kind_array()[self.collection.rows_of(I)] == kind).reshape(I.shape)
+            if (wanted.sum(1) >= k).all():
+                cols = np.argsort(~wanted, axis=1, kind="stable")[:, :k]  # first k wanted, order kept
+                return np.take_along_axis(D, cols, 1), np.take_along_axis(I, cols, 1)
+        # exact search over that modality's vectors: a filter never returns fewer than asked
+        scores = q @ np.asarray(self.collection.embeddings[rows]).T
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         order = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable"), 1)
         return (np.take_along_axis(scores, order, 1).astype(np.float32),
                 self.collection.items.id[rows][order].astype(np.int64))
+
+    def _kind_array(self) -> np.ndarray:
+        if getattr(self, "_kinds", None) is None:
+            self._kinds = np.asarray(self.collection.items.kind, dtype=object)
+        return self._kinds
+
+    def _rows_of_kind(self, kind: str) -> np.ndarray:
+        cache = self.__dict__.setdefault("_kind_rows", {})
+        if kind not in cache:
+            cache[kind] = np.flatnonzero(self._kind_array() == kind)
+        return cache[kind]
 
     def hits(self, D: np.ndarray, I: np.ndarray) -> list[list[Hit]]:
         """Turn search results into Hit lists (one per query)."""

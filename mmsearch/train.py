@@ -22,22 +22,76 @@ from .metrics import recall_at_k
 # ---- tower features (what is cached) ----------------------------------------------------------
 def image_tower_features(model, preprocess, paths: Sequence[str], batch_size: int = 64,
                          progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Pooled image-trunk features (n, C) of a timm image tower, before its projection head."""
+    """Pooled image-trunk features (n, C) of a timm image tower, before its projection head.
+
+    Rows of images that cannot be decoded (missing, corrupt, zero-byte...) are NaN.
+    """
     import torch
 
+    from .errors import MediaError
     from .media import load_image
 
     def load_batch(chunk):
-        return torch.stack([preprocess(load_image(p)) for p in chunk])
+        out, bad = [], []
+        for j, p in enumerate(chunk):
+            try:
+                out.append(preprocess(load_image(p)))
+            except (MediaError, OSError):
+                bad.append(j)
+                out.append(None)
+        fill = next((x for x in out if x is not None), None)
+        return (torch.stack([fill if x is None else x for x in out]) if fill is not None else None), bad, len(chunk)
 
     trunk = model.visual.trunk.eval().to(memory_format=torch.channels_last)
+    device = next(trunk.parameters()).device
     out = []
     with torch.inference_mode():
-        for pixels in prefetch_map(load_batch, batched(list(paths), batch_size)):
-            out.append(trunk(pixels.contiguous(memory_format=torch.channels_last)).float().numpy())
+        for pixels, bad, n in prefetch_map(load_batch, batched(list(paths), batch_size)):
+            feats = (trunk(pixels.to(device).contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
+                     if pixels is not None else np.zeros((n, trunk.num_features), np.float32))
+            feats[bad] = np.nan
+            out.append(feats)
             if progress:
-                progress(len(pixels))
+                progress(n)
     return np.concatenate(out) if out else np.zeros((0, trunk.num_features), np.float32)
+
+
+def usable_images(pairs, check: Callable[[str], None] | None = None,
+                  on_skip: Callable[[str, str], None] | None = None, bad: Sequence[int] | None = None):
+    """The pairs without images that cannot be decoded, and the kept indices.
+
+    ``bad``: indices already known to be unusable; otherwise each image is tried with ``check``
+    (default: a full decode). ``on_skip(path, reason)`` is told about each one left out.
+    """
+    from .data import Pairs
+    from .errors import MediaError
+    from .media import load_image
+
+    check = check or load_image
+
+    def reason(p: str) -> str | None:
+        try:
+            check(p)
+        except (MediaError, OSError) as e:
+            return str(e)
+        return None
+
+    if bad is None:
+        bad = []
+        for i, p in enumerate(pairs.images):
+            why = reason(p)
+            if why is not None:
+                bad.append(i)
+                if on_skip:
+                    on_skip(p, why)
+    elif on_skip:
+        for i in bad:  # known bad (e.g. from cached features): decode again only to say why
+            on_skip(pairs.images[i], reason(pairs.images[i]) or "could not be decoded")
+    drop = set(int(i) for i in bad)
+    keep = [i for i in range(len(pairs)) if i not in drop]
+    if not drop:
+        return pairs, keep
+    return Pairs([pairs.images[i] for i in keep], [pairs.captions[i] for i in keep]), keep
 
 
 def text_tower_features(model, tokenizer, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
@@ -45,6 +99,7 @@ def text_tower_features(model, tokenizer, texts: Sequence[str], batch_size: int 
     import torch
 
     text = model.text.eval()
+    device = next(text.parameters()).device
     pad = text.config.pad_token_id
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = np.zeros((len(texts), text.config.hidden_size), np.float32)
@@ -54,19 +109,35 @@ def text_tower_features(model, tokenizer, texts: Sequence[str], batch_size: int 
             mask = ids != pad
             ids = ids[:, : int(mask.any(0).nonzero().max()) + 1]
             mask = (ids != pad).long()
+            ids, mask = ids.to(device), mask.to(device)
             pooled = text.pooler(text.transformer(input_ids=ids, attention_mask=mask), mask)
-            out[list(idx)] = pooled.float().numpy()
+            out[list(idx)] = pooled.float().cpu().numpy()
     return out
 
 
 # ---- head training ---------------------------------------------------------------------------
+def _own_rng(fn):
+    """Run ``fn`` with torch's global random state forked: seeding inside does not leak to the caller."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.random.fork_rng(devices=None if torch.cuda.is_available() else []):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _embed(head, feats, batch: int = 4096) -> np.ndarray:
     import torch
 
+    device = next(head.parameters()).device
     with torch.no_grad():
-        outs = [head(torch.from_numpy(feats[i : i + batch])) for i in range(0, len(feats), batch)]
-        x = torch.nn.functional.normalize(torch.cat(outs), dim=-1)
-    return x.numpy()
+        outs = [head(torch.from_numpy(feats[i : i + batch]).to(device)) for i in range(0, len(feats), batch)]
+        x = torch.nn.functional.normalize(torch.cat(outs).float(), dim=-1)
+    return x.cpu().numpy()
 
 
 def validation_score(r: dict) -> float:
@@ -74,6 +145,7 @@ def validation_score(r: dict) -> float:
     return sum(r["t2i"].values()) + sum(r["i2t"].values())
 
 
+@_own_rng
 def train_heads(
     model,
     train_img: np.ndarray,
@@ -129,8 +201,9 @@ def train_heads(
             return cfg.lr * (step + 1) / cfg.warmup_steps
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)))
 
-    img_t = torch.from_numpy(np.ascontiguousarray(train_img, dtype=np.float32))
-    txt_t = torch.from_numpy(np.ascontiguousarray(train_txt, dtype=np.float32))
+    device = model.logit_scale.device  # the heads train where the model is (CUDA when there is one)
+    img_t = torch.from_numpy(np.ascontiguousarray(train_img, dtype=np.float32)).to(device)
+    txt_t = torch.from_numpy(np.ascontiguousarray(train_txt, dtype=np.float32)).to(device)
     history, best, best_state, bad_epochs, step = [], -1.0, None, 0, 0
     for epoch in range(cfg.epochs):
         vhead.train(), tproj.train()
@@ -274,12 +347,47 @@ def _lock_towers(model, unlock_image: int, unlock_text: int) -> None:
             p.requires_grad_(True)
 
 
+def _check_sizes(train_pairs, val_pairs) -> None:
+    if len(train_pairs) < 2 or len(val_pairs) < 1:
+        raise ValueError(f"training needs at least 2 usable training images and 1 validation image "
+                         f"(got {len(train_pairs)} and {len(val_pairs)})")
+
+
+def _stat(path: str) -> tuple[int, int]:
+    try:
+        st = Path(path).stat()
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, -1
+
+
+def _model_identity(model_name: str, pretrained: str | None):
+    """What the cached tower features depend on: the model's name, or for a checkpoint folder or
+    weights file its absolute path and the size and mtime of every file in it (retrained = new key)."""
+    import os
+
+    def files(p):
+        p = Path(p)
+        if p.is_dir():
+            return [(f.name, *_stat(str(f))) for f in sorted(p.iterdir()) if f.is_file()]
+        return [(p.name, *_stat(str(p)))] if p.is_file() else []
+
+    parts = []
+    for x in (model_name, pretrained):
+        if x and os.path.exists(x):
+            parts.append((os.path.abspath(x), files(x)))
+        else:
+            parts.append(x)
+    return tuple(parts)
+
+
 def _cache_key(*parts) -> str:
     import hashlib
 
     return hashlib.sha1(repr(parts).encode()).hexdigest()[:16]
 
 
+@_own_rng
 def _end_to_end(model, preprocess, tokenizer, train_pairs, val_pairs, cfg: TrainConfig,
                 on_epoch: Callable[[dict], None] | None) -> list[dict]:
     """InfoNCE over the unlocked parameters, images decoded every step (GPU: bf16 autocast)."""
@@ -376,6 +484,8 @@ def train_model(
     cache_dir: str | Path | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
+    on_skip: Callable[[str, str], None] | None = None,
+    device: str | None = None,
 ) -> dict:
     """Fine-tune ``model_name`` (default mmsearch-lite) on image-caption pairs with InfoNCE and
     write the best epoch (by validation rsum) to ``out_dir`` as an open_clip checkpoint folder that
@@ -384,6 +494,8 @@ def train_model(
     Both towers locked (``unlock_image == unlock_text == 0``) and a timm + HF model: tower features
     are computed once and cached under ``cache_dir``, and only the heads and temperature train.
     Otherwise the last ``unlock_image`` layer groups / ``unlock_text`` layers train end to end.
+    Images that cannot be decoded are left out with their captions (``on_skip(path, reason)``).
+    ``device``: "cpu", "cuda", ...; None picks CUDA when available (end to end: bf16 autocast there).
     """
     import json
     import time
@@ -393,14 +505,14 @@ def train_model(
     from . import models
     from .config import DEFAULT_MODEL
 
-    if len(train_pairs) < 2 or len(val_pairs) < 1:
-        raise ValueError(f"training needs at least 2 training images and 1 validation image "
-                         f"(got {len(train_pairs)} and {len(val_pairs)})")
+    _check_sizes(train_pairs, val_pairs)
     t0 = time.time()
     model_name = model_name or DEFAULT_MODEL
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model, preprocess, tokenizer, model_config, pp_cfg = _load_for_training(model_name, pretrained)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
     cached = unlock_image == 0 and unlock_text == 0 and _cacheable(model)
     if cached:
         for p in model.parameters():
@@ -410,23 +522,31 @@ def train_model(
                 p.requires_grad_(True)
         model.logit_scale.requires_grad_(True)
         cache = Path(cache_dir or Path.home() / ".cache" / "mmsearch" / "features")
-        feats = []
+        feats, used = [], []
+        model_key = _model_identity(model_name, pretrained)
         for name, pairs in (("train", train_pairs), ("val", val_pairs)):
-            texts, owner = pairs.flat()
-            stamp = [(p, Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in pairs.images]
-            key = _cache_key(model_name, pretrained, stamp)
-            img = cached_features(cache / f"img-{key}.npy", lambda: image_tower_features(
+            stamp = [(p, *_stat(p)) for p in pairs.images]
+            img = cached_features(cache / f"img-{_cache_key(model_key, stamp)}.npy", lambda: image_tower_features(
                 model, preprocess, pairs.images, progress=_counter(on_progress, name, len(pairs.images))))
-            txt = cached_features(cache / f"txt-{_cache_key(model_name, pretrained, texts)}.npy",
+            pairs, keep = usable_images(pairs, on_skip=on_skip, bad=np.flatnonzero(np.isnan(img).any(1)))
+            img = img[keep]
+            texts, owner = pairs.flat()
+            txt = cached_features(cache / f"txt-{_cache_key(model_key, texts)}.npy",
                                   lambda: text_tower_features(model, tokenizer, texts))
             feats.append((img, txt, owner))
+            used.append(pairs)
+        train_pairs, val_pairs = used
+        _check_sizes(train_pairs, val_pairs)
         history = train_heads(model, *feats[0], *feats[1], cfg=cfg, on_epoch=on_epoch,
                               reset=False)
     else:
+        train_pairs, _ = usable_images(train_pairs, on_skip=on_skip)
+        val_pairs, _ = usable_images(val_pairs, on_skip=on_skip)
+        _check_sizes(train_pairs, val_pairs)
         _lock_towers(model, unlock_image, unlock_text)
         history = _end_to_end(model, preprocess, tokenizer, train_pairs, val_pairs, cfg, on_epoch)
     best = max(history, key=lambda r: r["val_rsum"])
-    model.eval()
+    model = model.cpu().eval()
     out_dir = Path(out_dir)
     models.save_open_clip_folder(model, out_dir, model_config=model_config,
                                  hf_tokenizer=tokenizer if hasattr(tokenizer, "tokenizer") else None,
@@ -434,7 +554,7 @@ def train_model(
     record = {
         "base_model": model_name, "pretrained": pretrained, "mode": "cached towers" if cached else "end to end",
         "unlock_image": unlock_image, "unlock_text": unlock_text,
-        "n_train_images": len(train_pairs), "n_val_images": len(val_pairs),
+        "n_train_images": len(train_pairs), "n_val_images": len(val_pairs), "device": str(device),
         "train_config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         "best_epoch": best["epoch"], "best_val": best["val"], "history": history,
         "seconds": round(time.time() - t0, 1),

@@ -168,7 +168,8 @@ def test_eval_json_on_a_pairs_table_matches_the_library(tmp_path, pairs, encoder
     assert (got["n_images"], got["n_texts"]) == (12, 60)
     want = evaluate(encoder, load_table(table))
     assert got["t2i"] == {str(k): v for k, v in want["t2i"].items()}
-    assert got["i2t"]["10"] == 1.0 and got["t2i"]["10"] == 1.0  # 12 images: everything is in the top 10
+    assert got["i2t"] == {str(k): v for k, v in want["i2t"].items()}
+    assert got["t2i"]["1"] <= got["t2i"]["5"] <= got["t2i"]["10"] <= 1
     assert 0 < got["t2i"]["1"] < 1
 
 
@@ -180,6 +181,9 @@ def test_eval_via_index_reports_ann_recall(pairs, encoder):
     assert r["via_index"]["t2i"] == r["t2i"] and r["via_index"]["ann_recall"] == {1: 1.0, 5: 1.0, 10: 1.0}
     r = evaluate(encoder, pairs, via_index=IndexSpec(index_type="ivfpq"))
     assert r["via_index"]["index"]["kind"] == "ivfpq" and 0 < r["via_index"]["ann_recall"][10] <= 1
+    # fewer images than k: the exact top-10 is all 5 images, and an exact index returns all of them
+    r = evaluate(encoder, pairs.subset(5), via_index=IndexSpec(index_type="flat"))
+    assert r["via_index"]["ann_recall"] == {1: 1.0, 5: 1.0, 10: 1.0} and r["t2i"][5] == 1.0
 
 
 def test_eval_on_the_flickr8k_folder_cli(tmp_path):
@@ -189,3 +193,60 @@ def test_eval_on_the_flickr8k_folder_cli(tmp_path):
     assert r.exit_code == 1 and "unknown split" in r.stderr
     r = run("eval", tmp_path, "-q")
     assert r.exit_code == 1 and "Flickr8k" in r.stderr
+
+
+def test_bad_texts_files_are_one_line_errors(photo_dir, tmp_path):
+    folder, _ = photo_dir
+    photo = next(folder.glob("*.jpg"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 on a street\n".encode("latin-1"))
+    idx = tmp_path / "idx"
+    for source, message in ((photo, "is not a text file"), (empty, "no texts in"), (latin1, "is not UTF-8 text"),
+                            (tmp_path / "nope.txt", "texts file not found")):
+        r = run("index", "--texts", source, "--index", idx, "-q")
+        assert r.exit_code == 1 and r.stderr.count("\n") == 1 and message in r.stderr, (source, r.stderr)
+        assert not (idx / "manifest.json").exists()  # nothing was written
+
+
+def test_tables_saved_by_excel_and_problem_reports(tmp_path, pairs):
+    from mmsearch.data import load_flickr8k
+
+    shutil.copy(pairs.images[0], tmp_path / "a.jpg")
+    (tmp_path / "bom.csv").write_bytes("\ufeffimage,caption\na.jpg,a dog runs\n,no image\n,\n".encode("utf-8"))
+    p = load_table(tmp_path / "bom.csv")
+    assert p.captions == [["a dog runs"]] and p.problems() == ["2 row(s) without an image path skipped"]
+    # a Flickr8k-style folder with a blank caption and a split entry without any caption
+    root = tmp_path / "f8k"
+    (root / "images").mkdir(parents=True)
+    shutil.copy(pairs.images[0], root / "images" / "a.jpg")
+    shutil.copy(pairs.images[1], root / "images" / "b.jpg")
+    (root / "Flickr8k.token.txt").write_text("a.jpg#0\tA dog .\na.jpg#1\t \n")
+    (root / "Flickr_8k.testImages.txt").write_text("a.jpg\nb.jpg\n")
+    p = load_flickr8k(root, "test")
+    assert p.captions == [["A dog ."]]
+    assert p.problems() == ["1 empty caption(s) skipped",
+                            f"1 image(s) without a caption skipped (first: {root / 'images' / 'b.jpg'})"]
+    r = run("eval", tmp_path / "nosuch", "-q")
+    assert r.exit_code == 1 and "nosuch not found" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_filtered_search_through_the_index_matches_exact_filtering(photo_dir, captions_file, encoder, tmp_path,
+                                                                    monkeypatch):
+    from mmsearch import search
+
+    folder, _ = photo_dir
+    idx = tmp_path / "idx"
+    index_folder(folder, idx, encoder=encoder)
+    index_texts(captions_file, idx, encoder=encoder)
+    s = Searcher(idx, encoder=encoder)
+    q = encoder.embed_texts(["a dog runs on grass", "two people", "a child"])
+    exact = {kind: s.search_vectors(q, 8, kind) for kind in ("image", "text")}
+    monkeypatch.setattr(search, "EXACT_FILTER_MAX", 0)  # every filtered search goes through the faiss index
+    for kind, (D, I) in exact.items():
+        D2, I2 = Searcher(idx, encoder=encoder).search_vectors(q, 8, kind)
+        assert I2.tolist() == I.tolist() and np.allclose(D2, D, atol=1e-5)
+        kinds = Collection.open(idx).items.kind
+        rows = Collection.open(idx).rows_of(I2)
+        assert {kinds[r] for r in rows} == {kind}

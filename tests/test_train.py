@@ -98,3 +98,46 @@ def test_bad_training_input_is_reported(tables, tmp_path):
     assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "no column 'image', 'caption'" in r.stderr
     r = runner.invoke(app, ["train", str(tables / "train.csv"), "--out", str(tmp_path / "o3")])
     assert r.exit_code == 1 and "--val" in r.stderr
+
+
+def test_undecodable_training_images_are_skipped_and_reported(tables, tmp_path):
+    import shutil
+
+    lines = (tables / "train.csv").read_text().splitlines()
+    first = lines[1].split(",")[0]
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not a jpeg")
+    shutil.copy(first, tmp_path / "ok.jpg")
+    table = tmp_path / "t.csv"
+    table.write_text("\n".join(lines[:21] + [f"{tmp_path / 'zero.jpg'},a dog", f"{tmp_path / 'text.jpg'},a cat"]) + "\n")
+    for extra in ([], ["--unlock-text", "1"]):  # cached features and end to end
+        out = tmp_path / f"o{len(extra)}"
+        r = runner.invoke(app, ["train", str(table), "--val", str(tables / "val.csv"), "--out", str(out),
+                                "--epochs", "1", "--batch-size", "8", "--cache", str(tmp_path / "cache"), "-q",
+                                *extra])
+        assert r.exit_code == 0, r.output
+        assert f"skipped {tmp_path / 'zero.jpg'}: zero-byte file" in r.stderr, r.stderr
+        assert f"skipped {tmp_path / 'text.jpg'}" in r.stderr
+        rec = json.loads((out / "mmsearch_train.json").read_text())
+        assert rec["n_train_images"] == 4  # the 4 photos of the first 20 caption rows; the 2 bad files left out
+
+
+def test_a_validation_folder_uses_its_dev_split(tmp_path, monkeypatch):
+    """`train TABLE --val FLICKR_FOLDER` validates on the folder's dev split, never on its test split."""
+    from mmsearch import cli, train
+    from tests.conftest import FLICKR
+
+    seen = {}
+
+    def fake_train_model(train_pairs, val_pairs, out, **kw):
+        seen["val"] = val_pairs.images
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(train, "train_model", fake_train_model)
+    (tmp_path / "t.csv").write_text("image,caption\n")
+    from mmsearch.data import load_flickr8k
+
+    dev = load_flickr8k(FLICKR, "dev").images
+    r = runner.invoke(app, ["train", str(FLICKR), "--split", "train", "--val", str(FLICKR), "--out",
+                            str(tmp_path / "o"), "-q"])
+    assert r.exit_code == 1 and "stop here" in r.stderr and seen["val"] == dev
