@@ -1,13 +1,17 @@
-"""Rebuild the heads of the built-in model "mmsearch-lite" from scratch.
+"""Rebuild the heads of a built-in model ("mmsearch-lite", "mmsearch-lite2") from scratch.
 
 Trains the projection heads with InfoNCE on the Flickr8k *train* split, selects the best epoch on
-the *dev* split (the test split is never read), and writes
-``mmsearch/models/mmsearch_lite_heads.safetensors`` plus ``benchmarks/results/train_default_model.json``.
+the *dev* split (the test split is never read), and writes the model's heads file
+(``mmsearch/models/<model>_heads.safetensors``) plus ``benchmarks/results/train_default_model[_<model>].json``.
+Every run, shipped or not, is also recorded as ``benchmarks/results/model_candidates/<name>.json``
+(the comparison table in the README is ``python benchmarks/report.py``).
 
-    python benchmarks/train_default_model.py [--data ../shared/data/flickr8k] [--dry-run]
+    python benchmarks/train_default_model.py [--model mmsearch-lite2] [--flip] [--captions-per-step 5]
+        [--name NAME] [--dry-run] [--data ../shared/data/flickr8k]
 
-Tower features are cached under ``.cache/features`` (git-ignored): ~6 min for the first run on a
-2-core CPU, seconds afterwards.
+Tower features are cached under ``.cache/features`` (git-ignored): the first run of a model computes
+them (EfficientNet-Lite0: ~6 min on a 2-core CPU, Lite2 at 260 px: ~12 min; --flip doubles the
+train part), later runs take seconds to load them.
 """
 
 from __future__ import annotations
@@ -20,43 +24,55 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mmsearch import models  # noqa: E402
-from mmsearch.config import TrainConfig  # noqa: E402
+from mmsearch.config import DEFAULT_MODEL, TrainConfig  # noqa: E402
 from mmsearch.data import load_flickr8k  # noqa: E402
 from mmsearch.train import cached_features, image_tower_features, text_tower_features, train_heads  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(models.BUILTINS))
+    ap.add_argument("--flip", action="store_true", help="train on mirrored views of the train images too")
+    ap.add_argument("--captions-per-step", type=int, default=TrainConfig.captions_per_step)
+    ap.add_argument("--name", help="candidate name for benchmarks/results/model_candidates/ [default: from the options]")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "features"))
     ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    ap.add_argument("--dry-run", action="store_true", help="train and report, but do not overwrite the shipped heads")
+    ap.add_argument("--dry-run", action="store_true", help="train and record, but do not overwrite the shipped heads")
     args = ap.parse_args()
 
     import torch
     from safetensors.torch import save_file
 
     t0 = time.time()
-    model = models.build(heads=None)
-    preprocess, tok = models.preprocess(), models.tokenizer()
+    b = models.builtin(args.model)
+    tower = b.trunk.replace("efficientnet_", "")  # lite0, lite2
+    name = args.name or "-".join([tower] + (["flip"] if args.flip else [])
+                                 + ([f"caps{args.captions_per_step}"] if args.captions_per_step > 1 else []))
+    model = models.build(heads=None, name=args.model)
+    preprocess, tok = models.preprocess(args.model), models.tokenizer()
     cache = Path(args.cache)
     feats = {}
     for split in ("train", "dev"):
         pairs = load_flickr8k(args.data, split)
         texts, owner = pairs.flat()
-        feats[split] = (
-            cached_features(cache / f"lite0_img_{split}.npy",
-                            lambda: image_tower_features(model, preprocess, pairs.images)),
-            cached_features(cache / f"minilm_txt_{split}.npy", lambda: text_tower_features(model, tok, texts)),
-            owner,
-        )
+        img = cached_features(cache / f"{tower}_img_{split}.npy",
+                              lambda: image_tower_features(model, preprocess, pairs.images))
+        if args.flip and split == "train":
+            flipped = cached_features(cache / f"{tower}_img_{split}_flip.npy",
+                                      lambda: image_tower_features(model, preprocess, pairs.images, flip=True))
+            img = np.stack([img, flipped])
+        feats[split] = (img, cached_features(cache / f"minilm_txt_{split}.npy",
+                                             lambda: text_tower_features(model, tok, texts)), owner)
         print(f"{split}: {len(pairs.images)} images, {len(texts)} captions ({time.time() - t0:.0f}s)", flush=True)
 
-    cfg = replace(TrainConfig(), epochs=args.epochs)
+    cfg = replace(TrainConfig(), epochs=args.epochs, flip_views=args.flip, captions_per_step=args.captions_per_step)
     t1 = time.time()
     history = train_heads(model, *feats["train"], *feats["dev"], cfg=cfg,
                           on_epoch=lambda r: print(
@@ -65,29 +81,42 @@ def main() -> None:
                               f"i2t {r['val']['i2t'][1]:.3f}/{r['val']['i2t'][5]:.3f}/{r['val']['i2t'][10]:.3f}",
                               flush=True))
     best = max(history, key=lambda r: r["val_rsum"])
+    command = "python benchmarks/train_default_model.py" + "".join(
+        [f" --model {args.model}" if args.model != DEFAULT_MODEL else "", " --flip" if args.flip else "",
+         f" --captions-per-step {args.captions_per_step}" if args.captions_per_step > 1 else "",
+         f" --name {args.name}" if args.name else "", " --dry-run" if args.dry_run else ""])
     record = {
-        "what": "mmsearch-lite heads: InfoNCE on Flickr8k train, best epoch on dev (test never used)",
-        "command": "python benchmarks/train_default_model.py",
-        "towers": {"image": "efficientnet_lite0 (ImageNet, locked)", "text": "all-MiniLM-L6-v2 (locked, mean pool)"},
+        "what": f"{args.model} heads: InfoNCE on Flickr8k train, best epoch on dev (test never used)",
+        "candidate": name,
+        "model": args.model,
+        "command": command,
+        "towers": {"image": f"{b.trunk} at {b.image_size} px (ImageNet, locked)",
+                   "text": "all-MiniLM-L6-v2 (locked, mean pool)"},
         "heads": {"vision": models.VISION_PROJ, "text": models.TEXT_PROJ, "embed_dim": models.EMBED_DIM},
         "train_config": asdict(cfg),
-        "n_train_images": int(len(feats["train"][0])),
+        "n_train_images": int(feats["train"][0].shape[-2]),
         "n_train_captions": int(len(feats["train"][1])),
         "best_epoch": best["epoch"],
+        "epochs_run": len(history),
         "dev_recall": best["val"],
+        "dev_rsum": best["val_rsum"],
         "train_seconds_heads_only": round(time.time() - t1, 1),
         "history": history,
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
-    out = ROOT / "benchmarks" / "results" / ("train_default_model.dry.json" if args.dry_run else "train_default_model.json")
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    results = ROOT / "benchmarks" / "results"
+    (results / "model_candidates").mkdir(parents=True, exist_ok=True)
+    (results / "model_candidates" / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     if not args.dry_run:
+        suffix = "" if args.model == "mmsearch-lite" else "_" + args.model.replace("mmsearch-", "")
+        (results / f"train_default_model{suffix}.json").write_text(json.dumps(record, indent=2) + "\n")
         state = {k: v.contiguous() for k, v in models.head_state_dict(model).items()}
-        tmp = models.HEADS_FILE.with_suffix(".tmp")
-        save_file(state, str(tmp), metadata={"recipe": record["what"], "best_epoch": str(best["epoch"])})
-        tmp.replace(models.HEADS_FILE)
-        print(f"wrote {models.HEADS_FILE}")
-    print(f"best epoch {best['epoch']}: dev {json.dumps(best['val'])}  -> {out}")
+        tmp = b.heads_file.with_suffix(".tmp")
+        save_file(state, str(tmp), metadata={"recipe": record["what"], "command": command,
+                                             "best_epoch": str(best["epoch"])})
+        tmp.replace(b.heads_file)
+        print(f"wrote {b.heads_file}")
+    print(f"{name}: best epoch {best['epoch']}: dev {json.dumps(best['val'])}")
 
 
 if __name__ == "__main__":

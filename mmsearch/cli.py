@@ -259,6 +259,10 @@ def train(
     lr: float = typer.Option(TrainConfig.lr, "--lr", help="Peak learning rate."),
     patience: int = typer.Option(TrainConfig.patience, "--patience", min=1, help="Epochs without a better validation score before stopping."),
     seed: int = typer.Option(TrainConfig.seed, "--seed", help="Random seed (runs are deterministic on CPU)."),
+    captions_per_step: int = typer.Option(TrainConfig.captions_per_step, "--captions-per-step", min=1,
+                                          help="Captions of each image per step (locked towers)."),
+    flip: bool = typer.Option(TrainConfig.flip_views, "--flip/--no-flip",
+                              help="Also train on mirrored images (locked towers; caches their features too)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Feature cache folder [default: ~/.cache/mmsearch/features]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -277,7 +281,8 @@ def train(
         if val is None:
             _fail("a pairs table needs --val VALIDATION_TABLE (pairs kept out of training)")
         train_pairs, val_pairs = _load_pairs_or_fail(data, None), _load_pairs_or_fail(val, val_split if val.is_dir() else None)
-    cfg = replace(TrainConfig(), epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed)
+    cfg = replace(TrainConfig(), epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
+                  captions_per_step=captions_per_step, flip_views=flip)
     bars: dict = {}
 
     def progress(name: str, done: int, total: int) -> None:

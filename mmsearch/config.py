@@ -81,4 +81,6 @@ class TrainConfig:
     init_temperature: float = 0.07  # initial softmax temperature (learnable)
     tower_lr_scale: float = 0.01  # unlocked tower layers learn at lr * this (pretrained weights need small steps)
     feature_dropout: float = 0.5  # dropout on the cached tower features fed to the heads (6k images overfit fast)
+    captions_per_step: int = 1  # captions of each image per step, one InfoNCE term each (cached-tower training)
+    flip_views: bool = False  # also cache mirrored images' features; each step picks a view (cached-tower training)
     seed: int = 0  # shuffling, caption sampling and head initialisation

@@ -140,11 +140,11 @@ class Encoder:
         self.ref = ModelRef(name=str(model), pretrained=pretrained, device=device)
         self.batch_size = batch_size
         self.device = torch.device(device)
-        if self.ref.name == DEFAULT_MODEL and pretrained is None:
-            from . import models
+        from . import models
 
-            self.model = models.build()
-            self._preprocess = models.preprocess()
+        if self.ref.name in models.BUILTINS and pretrained is None:
+            self.model = models.build(name=self.ref.name)
+            self._preprocess = models.preprocess(self.ref.name)
             self._tokenizer = models.tokenizer()
         else:
             self.model, self._preprocess, self._tokenizer = _load_open_clip(self.ref, cache_dir)

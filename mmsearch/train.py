@@ -21,10 +21,11 @@ from .metrics import recall_at_k
 
 # ---- tower features (what is cached) ----------------------------------------------------------
 def image_tower_features(model, preprocess, paths: Sequence[str], batch_size: int = 64,
-                         progress: Callable[[int], None] | None = None) -> np.ndarray:
+                         progress: Callable[[int], None] | None = None, flip: bool = False) -> np.ndarray:
     """Pooled image-trunk features (n, C) of a timm image tower, before its projection head.
 
-    Rows of images that cannot be decoded (missing, corrupt, zero-byte...) are NaN.
+    ``flip``: of the horizontally mirrored images (an augmented view). Rows of images that cannot
+    be decoded (missing, corrupt, zero-byte...) are NaN.
     """
     import torch
 
@@ -47,6 +48,8 @@ def image_tower_features(model, preprocess, paths: Sequence[str], batch_size: in
     out = []
     with torch.inference_mode():
         for pixels, bad, n in prefetch_map(load_batch, batched(list(paths), batch_size)):
+            if pixels is not None and flip:
+                pixels = torch.flip(pixels, dims=[3])
             feats = (trunk(pixels.to(device).contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
                      if pixels is not None else np.zeros((n, trunk.num_features), np.float32))
             feats[bad] = np.nan
@@ -161,8 +164,10 @@ def train_heads(
     """Train ``model.visual.head``, ``model.text.proj`` and ``model.logit_scale`` with InfoNCE.
 
     Features are tower outputs (``image_tower_features`` / ``text_tower_features``);
-    ``train_owner[t]`` is the image index of caption t. Each step draws a batch of distinct images
-    with one random caption each (no duplicate image inside a batch, so no false negatives).
+    ``train_owner[t]`` is the image index of caption t. ``train_img`` may hold several views of each
+    image, shape (views, n, C): each step then uses a random view per image. Each step draws a batch
+    of distinct images (no duplicate image inside a batch, so no false negatives) and
+    ``cfg.captions_per_step`` random captions of each; the loss averages one InfoNCE term per caption.
     The model is left with the heads of the best validation epoch; returns the per-epoch history.
     ``reset=False`` fine-tunes the heads the model already has instead of starting from scratch.
     """
@@ -188,11 +193,13 @@ def train_heads(
     )
     loss_fn = ClipLoss()
 
+    views = train_img if train_img.ndim == 3 else train_img[None]
     owner = np.asarray(train_owner)
-    caps_of = [[] for _ in range(len(train_img))]
+    n_img = views.shape[1]
+    caps_of = [[] for _ in range(n_img)]
     for t, i in enumerate(owner):
         caps_of[i].append(t)
-    n_img = len(train_img)
+    k = max(1, int(cfg.captions_per_step))
     steps_per_epoch = math.ceil(n_img / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
 
@@ -202,7 +209,7 @@ def train_heads(
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)))
 
     device = model.logit_scale.device  # the heads train where the model is (CUDA when there is one)
-    img_t = torch.from_numpy(np.ascontiguousarray(train_img, dtype=np.float32)).to(device)
+    img_t = torch.from_numpy(np.ascontiguousarray(views, dtype=np.float32)).to(device)
     txt_t = torch.from_numpy(np.ascontiguousarray(train_txt, dtype=np.float32)).to(device)
     history, best, best_state, bad_epochs, step = [], -1.0, None, 0, 0
     for epoch in range(cfg.epochs):
@@ -213,13 +220,18 @@ def train_heads(
             imgs = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             if len(imgs) < 2:
                 continue
-            caps = [caps_of[i][rng.integers(len(caps_of[i]))] for i in imgs]
+            if k == 1:
+                caps = np.array([[caps_of[i][rng.integers(len(caps_of[i]))] for i in imgs]])
+            else:  # (k, batch): k distinct captions of each image (repeats only if it has fewer)
+                caps = np.array([rng.choice(caps_of[i], size=k, replace=len(caps_of[i]) < k) for i in imgs]).T
+            view = rng.integers(len(views), size=len(imgs)) if len(views) > 1 else np.zeros(len(imgs), np.int64)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             drop = lambda x: torch.nn.functional.dropout(x, cfg.feature_dropout)  # noqa: E731
-            fi = torch.nn.functional.normalize(vhead(drop(img_t[imgs])), dim=-1)
-            ft = torch.nn.functional.normalize(tproj(drop(txt_t[caps])), dim=-1)
-            loss = loss_fn(fi, ft, model.logit_scale.exp())
+            fi = torch.nn.functional.normalize(vhead(drop(img_t[view, imgs])), dim=-1)
+            ft = torch.nn.functional.normalize(tproj(drop(txt_t[caps.reshape(-1)])), dim=-1).view(k, len(imgs), -1)
+            scale = model.logit_scale.exp()
+            loss = sum(loss_fn(fi, ft[j], scale) for j in range(k)) / k
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -268,12 +280,11 @@ def cached_features(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray
 def _load_for_training(model_name: str, pretrained: str | None):
     """(model, preprocess, tokenizer, open_clip model config, preprocess config) of any model."""
     from . import models
-    from .config import DEFAULT_MODEL, ModelRef
+    from .config import ModelRef
 
-    if model_name == DEFAULT_MODEL and pretrained is None:
-        pp = {"size": models.IMAGE_SIZE, "mean": list(models.IMAGE_MEAN), "std": list(models.IMAGE_STD),
-              "interpolation": "bicubic", "resize_mode": "shortest"}
-        return models.build(), models.preprocess(), models.tokenizer(), models.model_cfg(), pp
+    if model_name in models.BUILTINS and pretrained is None:
+        return (models.build(name=model_name), models.preprocess(model_name), models.tokenizer(),
+                models.model_cfg(model_name), models.preprocess_config(model_name))
     import os
 
     import open_clip
@@ -528,8 +539,14 @@ def train_model(
             stamp = [(p, *_stat(p)) for p in pairs.images]
             img = cached_features(cache / f"img-{_cache_key(model_key, stamp)}.npy", lambda: image_tower_features(
                 model, preprocess, pairs.images, progress=_counter(on_progress, name, len(pairs.images))))
+            pairs_all = pairs
             pairs, keep = usable_images(pairs, on_skip=on_skip, bad=np.flatnonzero(np.isnan(img).any(1)))
             img = img[keep]
+            if cfg.flip_views and name == "train":  # validation stays on the images as they are
+                flipped = cached_features(cache / f"img-flip-{_cache_key(model_key, stamp)}.npy", lambda: image_tower_features(
+                    model, preprocess, pairs_all.images, flip=True,
+                    progress=_counter(on_progress, "train, mirrored", len(pairs_all.images))))
+                img = np.stack([img, flipped[keep]])
             texts, owner = pairs.flat()
             txt = cached_features(cache / f"txt-{_cache_key(model_key, texts)}.npy",
                                   lambda: text_tower_features(model, tokenizer, texts))

@@ -141,3 +141,16 @@ def test_a_validation_folder_uses_its_dev_split(tmp_path, monkeypatch):
     r = runner.invoke(app, ["train", str(FLICKR), "--split", "train", "--val", str(FLICKR), "--out",
                             str(tmp_path / "o"), "-q"])
     assert r.exit_code == 1 and "stop here" in r.stderr and seen["val"] == dev
+
+
+def test_mirrored_views_and_several_captions_per_step(tables, tmp_path):
+    from mmsearch.data import load_table
+    from mmsearch.train import train_model
+
+    cfg = replace(TrainConfig(), epochs=5, patience=5, batch_size=16, flip_views=True, captions_per_step=3)
+    rec = train_model(load_table(tables / "train.csv"), load_table(tables / "val.csv"), tmp_path / "o", cfg=cfg,
+                      cache_dir=tmp_path / "cache")
+    losses = [h["loss"] for h in rec["history"]]
+    assert losses[-1] < losses[0] * 0.9, losses
+    assert len(list((tmp_path / "cache").glob("img-flip-*.npy"))) == 1  # mirrored train features, cached
+    assert rec["train_config"]["flip_views"] and rec["train_config"]["captions_per_step"] == 3

