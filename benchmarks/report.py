@@ -29,34 +29,77 @@ def main() -> None:
         r = json.loads(path.read_text())
         split = "test (1k images, 5k captions)" if path.stem.endswith("_test") else "dev"
         print(f"| {r['model']} | {split} | {fmt(r['t2i'])} | {fmt(r['i2t'])} | `{r['command']}` |")
-    t = load("train_default_model.json")
-    if t:
-        heads = f"{t['heads']['vision']}/{t['heads']['text']} heads"
-        print(f"| mmsearch-lite ({heads}, best epoch {t['best_epoch']}) | dev (model selection) | "
+    for path in sorted(RESULTS.glob("train_default_model*.json")):
+        t = json.loads(path.read_text())
+        model = t.get("model", "mmsearch-lite")
+        print(f"| {model} ({t.get('candidate', '')}, best epoch {t['best_epoch']}) | dev (model selection) | "
               f"{fmt({k: t['dev_recall']['t2i'][k] for k in ('1', '5', '10')})} | "
               f"{fmt({k: t['dev_recall']['i2t'][k] for k in ('1', '5', '10')})} | `{t['command']}` |")
-    tp = load("throughput.json")
-    if tp:
+
+    throughput = {}
+    for path in sorted(RESULTS.glob("throughput_*.json")):
+        tp = json.loads(path.read_text())
+        throughput[tp.get("model", "mmsearch-lite")] = tp
+
+    candidates = [json.loads(p.read_text()) for p in sorted((RESULTS / "model_candidates").glob("*.json"))]
+    if candidates:
         print()
-        print(f"Throughput and latency ({tp['what']}; {tp['machine']}), from `{tp['command']}`:")
+        print("Candidates for the built-in model, all selected on Flickr8k dev (train split for training, test never"
+              " read), sorted by rsum (sum of the six recalls); forward speed from the throughput runs below:")
         print()
-        print("| measure | value |")
-        print("|---|---|")
+        print("| candidate | image tower | text tower | image views | captions / step | batch | dev t2i R@1 / 5 / 10 | "
+              "dev i2t R@1 / 5 / 10 | rsum | best epoch | training | other settings | forward images/s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for c in sorted(candidates, key=lambda c: -c["dev_rsum"]):
+            cfg, d = c["train_config"], c["dev_recall"]
+            tp = throughput.get(c.get("model", "mmsearch-lite"))
+            extra = {k: v for k, v in cfg.items() if k not in ("flip_views", "zoom_views", "captions_per_step",
+                                                                "batch_size", "epochs") and v != _default(k)}
+            views = ["orig"] + (["flip"] if cfg.get("flip_views") else []) + (
+                (["zoom"] + (["zoomflip"] if cfg.get("flip_views") else [])) if cfg.get("zoom_views") else [])
+            text = c["towers"]["text"].split(" (")[1].split(",")[0]
+            if c.get("start_from"):
+                text += f", from {c['start_from']}"
+            name = c["candidate"]
+            other = ", ".join(f"{k}={v}" for k, v in extra.items()) or "–"
+            print(f"| {name} | {c['towers']['image'].split(' (')[0]} | {text} | {', '.join(views)} | "
+                  f"{cfg.get('captions_per_step', 1)} | {cfg['batch_size']} | {fmt(d['t2i'])} | {fmt(d['i2t'])} | "
+                  f"{c['dev_rsum']:.3f} | {c['best_epoch']} | {c['train_seconds_heads_only']:.0f} s | {other} | "
+                  f"{tp['forward_only_images_per_s'] if tp else '–'} |")
+
+    if throughput:
+        models = list(throughput)
+        first = next(iter(throughput.values()))
+        print()
+        print(f"Throughput and latency on {first['what'].split(', model')[0].replace('throughput on ', '')} "
+              f"({first['machine']}), from " + ", ".join(f"`{t['command']}`" for t in throughput.values()) + ":")
+        print()
+        print("| measure | " + " | ".join(models) + " |")
+        print("|---|" + "---|" * len(models))
         rows = [
-            ("model forward only", f"{tp['forward_only_images_per_s']} images/s"),
+            ("model forward only", lambda t: f"{t['forward_only_images_per_s']} images/s"),
             ("`mmsearch index` embed stage (decode + preprocess + forward)",
-             f"{tp['index_embed_stage_images_per_s']} images/s = {tp['ratio_embed_stage_vs_forward']:.2f} × forward"),
+             lambda t: f"{t['index_embed_stage_images_per_s']} images/s = {t['ratio_embed_stage_vs_forward']:.2f} × forward"),
             ("`mmsearch index` end to end, fresh process (imports, model load, faiss, commit)",
-             f"{tp['index_end_to_end_images_per_s']} images/s = {tp['ratio_end_to_end_vs_forward']:.2f} × forward "
-             f"({tp['index_wall_seconds']} s)"),
-            ("`mmsearch index` again, nothing changed", f"{tp['reindex_unchanged_wall_seconds']} s"),
-            ("`mmsearch query \"...\"` from a cold process (median)", f"{tp['cold_query_wall_seconds_median']} s"),
-            ("  of which `import torch`", f"{tp['python_import_torch_seconds']} s"),
-            ("  of which `import torch, open_clip`", f"{tp.get('python_import_torch_and_open_clip_seconds', '–')} s"),
-            ("query in a warm process (library)", f"{tp['warm_query_ms']} ms"),
+             lambda t: f"{t['index_end_to_end_images_per_s']} images/s = {t['ratio_end_to_end_vs_forward']:.2f} × forward "
+                       f"({t['index_wall_seconds']} s)"),
+            ("`mmsearch index` again, nothing changed", lambda t: f"{t['reindex_unchanged_wall_seconds']} s"),
+            ("`mmsearch query \"...\"` from a cold process (median)", lambda t: f"{t['cold_query_wall_seconds_median']} s"),
+            ("  of which `import torch, open_clip`",
+             lambda t: f"{t.get('python_import_torch_and_open_clip_seconds', '–')} s"),
+            ("query in a warm process (library)", lambda t: f"{t['warm_query_ms']} ms"),
         ]
-        for name, value in rows:
-            print(f"| {name} | {value} |")
+        for name, cell in rows:
+            print(f"| {name} | " + " | ".join(cell(t) for t in throughput.values()) + " |")
+
+
+def _default(field: str):
+    import sys
+
+    sys.path.insert(0, str(RESULTS.parents[1]))
+    from mmsearch.config import TrainConfig
+
+    return getattr(TrainConfig, field)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ In one run, on the same N Flickr8k photos (dev split, so nothing here touches te
 3. cold ``mmsearch query "..."``: a fresh process each time (imports, model load, index load,
    search), median of several runs; plus the warm in-process query time.
 
-    python benchmarks/throughput.py [--n 400] [--repeats 5]
+    python benchmarks/throughput.py [--model mmsearch-lite2] [--n 400] [--repeats 5]
 
-Writes benchmarks/results/throughput.json.
+Writes benchmarks/results/throughput_<model>.json.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mmsearch.config import DEFAULT_MODEL  # noqa: E402
 from mmsearch.data import load_flickr8k  # noqa: E402
 
 
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
     ap.add_argument("--n", type=int, default=400, help="photos to index")
     ap.add_argument("--repeats", type=int, default=5, help="cold query runs")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="a built-in model or any --model value")
     args = ap.parse_args()
 
     import torch
@@ -57,7 +59,7 @@ def main() -> None:
 
     # 1. model load, then forward only
     t = time.perf_counter()
-    enc = get_encoder()
+    enc = get_encoder(args.model)
     load_seconds = time.perf_counter() - t
     pixels = [enc.preprocess(load_image(p)) for p in paths]
     bs = 32
@@ -77,7 +79,7 @@ def main() -> None:
         for p in paths:
             os.symlink(p, photos / Path(p).name)
         # 2. end to end, a fresh process as a user runs it
-        wall, p = timed_run(mmsearch + ["index", str(photos), "--index", str(index), "-q"], env)
+        wall, p = timed_run(mmsearch + ["index", str(photos), "--index", str(index), "--model", args.model, "-q"], env)
         if p.returncode:
             raise SystemExit(p.stderr)
         summary = p.stderr.strip().splitlines()[-1]
@@ -107,7 +109,9 @@ def main() -> None:
 
     record = {
         "what": f"throughput on {len(paths)} Flickr8k dev photos (224x224 JPEG), model {enc.name}",
-        "command": f"python benchmarks/throughput.py --n {args.n} --repeats {args.repeats}",
+        "model": enc.name,
+        "image_size": enc.image_size,
+        "command": f"python benchmarks/throughput.py --model {args.model} --n {args.n} --repeats {args.repeats}",
         "forward_only_images_per_s": round(forward_ips, 1),
         "forward_only_passes_images_per_s": [round(x, 1) for x in passes],
         "index_end_to_end_images_per_s": round(len(paths) / wall, 1),
@@ -125,7 +129,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} "
                    f"({torch.get_num_threads()} threads)",
     }
-    out = ROOT / "benchmarks" / "results" / "throughput.json"
+    out = ROOT / "benchmarks" / "results" / f"throughput_{Path(enc.name).name}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 

@@ -32,14 +32,22 @@ sys.path.insert(0, str(ROOT))
 from mmsearch import models  # noqa: E402
 from mmsearch.config import DEFAULT_MODEL, TrainConfig  # noqa: E402
 from mmsearch.data import load_flickr8k  # noqa: E402
-from mmsearch.train import cached_features, image_tower_features, text_tower_features, train_heads  # noqa: E402
+from mmsearch.train import (TextTail, cached_features, image_tower_features, text_hidden_states,  # noqa: E402
+                            text_tower_features, train_heads, train_views)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(models.BUILTINS))
     ap.add_argument("--flip", action="store_true", help="train on mirrored views of the train images too")
+    ap.add_argument("--zoom", action="store_true", help="train on zoomed-in views of the train images too")
     ap.add_argument("--captions-per-step", type=int, default=TrainConfig.captions_per_step)
+    ap.add_argument("--unlock-text", type=int, default=0,
+                    help="also train the text tower's last N layers (on cached hidden states)")
+    ap.add_argument("--start-from", metavar="CANDIDATE",
+                    help="start from the trained weights of an earlier candidate run (default: fresh heads)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a TrainConfig field, e.g. --set batch_size=1024 (repeatable)")
     ap.add_argument("--name", help="candidate name for benchmarks/results/model_candidates/ [default: from the options]")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "features"))
@@ -53,9 +61,24 @@ def main() -> None:
     t0 = time.time()
     b = models.builtin(args.model)
     tower = b.trunk.replace("efficientnet_", "")  # lite0, lite2
-    name = args.name or "-".join([tower] + (["flip"] if args.flip else [])
-                                 + ([f"caps{args.captions_per_step}"] if args.captions_per_step > 1 else []))
-    model = models.build(heads=None, name=args.model)
+    name = args.name or "-".join([tower] + (["flip"] if args.flip else []) + (["zoom"] if args.zoom else [])
+                                 + ([f"caps{args.captions_per_step}"] if args.captions_per_step > 1 else [])
+                                 + ([f"text{args.unlock_text}"] if args.unlock_text else [])
+                                 + ([f"from-{args.start_from}"] if args.start_from else [])
+                                 + [x.replace("=", "") for x in args.set])
+    weights = ROOT / ".cache" / "candidates"  # trained weights of every run, for --start-from
+    if args.start_from:
+        from safetensors import safe_open
+
+        start = weights / f"{args.start_from}.safetensors"
+        if not start.is_file():
+            ap.error(f"--start-from {args.start_from}: no weights at {start}; run that candidate first")
+        with safe_open(str(start), "pt") as f:
+            if any(k.startswith("text.transformer.") for k in f.keys()):
+                # the cached text features below are those of the stock MiniLM
+                ap.error(f"--start-from {args.start_from}: it changed text layers; start from a heads-only candidate")
+    model = models.build(heads=weights / f"{args.start_from}.safetensors" if args.start_from else None,
+                         name=args.model)
     preprocess, tok = models.preprocess(args.model), models.tokenizer()
     cache = Path(args.cache)
     feats = {}
@@ -64,17 +87,42 @@ def main() -> None:
         texts, owner = pairs.flat()
         img = cached_features(cache / f"{tower}_img_{split}.npy",
                               lambda: image_tower_features(model, preprocess, pairs.images))
-        if args.flip and split == "train":
-            flipped = cached_features(cache / f"{tower}_img_{split}_flip.npy",
-                                      lambda: image_tower_features(model, preprocess, pairs.images, flip=True))
-            img = np.stack([img, flipped])
-        feats[split] = (img, cached_features(cache / f"minilm_txt_{split}.npy",
-                                             lambda: text_tower_features(model, tok, texts)), owner)
+        views = train_views(replace(TrainConfig(), flip_views=args.flip, zoom_views=args.zoom))[1:]
+        if views and split == "train":
+            img = np.stack([img] + [cached_features(cache / f"{tower}_img_{split}_{view}.npy",
+                                                    lambda: image_tower_features(model, preprocess, pairs.images, view=view))
+                                    for view in views])
+        if args.unlock_text:
+            start = 6 - args.unlock_text  # all-MiniLM-L6-v2 has 6 layers
+            hidden = cache / f"minilm_h{start}_{split}.npy"
+            if not hidden.is_file():
+                h, m = text_hidden_states(model, tok, texts, start)
+                cached_features(cache / f"minilm_mask_{split}.npy", lambda: m)
+                cached_features(hidden, lambda: h)
+                del h
+            txt = TextTail(model, np.load(hidden, mmap_mode="r"), np.load(cache / f"minilm_mask_{split}.npy"),
+                           args.unlock_text)
+        else:
+            txt = cached_features(cache / f"minilm_txt_{split}.npy", lambda: text_tower_features(model, tok, texts))
+        feats[split] = (img, txt, owner)
         print(f"{split}: {len(pairs.images)} images, {len(texts)} captions ({time.time() - t0:.0f}s)", flush=True)
 
-    cfg = replace(TrainConfig(), epochs=args.epochs, flip_views=args.flip, captions_per_step=args.captions_per_step)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in TrainConfig.__dataclass_fields__:
+            ap.error(f"--set {item}: TrainConfig has no field {key!r}")
+        default = getattr(TrainConfig, key)
+        overrides[key] = value.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(value)
+    cfg = replace(TrainConfig(), epochs=args.epochs, flip_views=args.flip, zoom_views=args.zoom,
+                  captions_per_step=args.captions_per_step,
+                  **overrides)
     t1 = time.time()
-    history = train_heads(model, *feats["train"], *feats["dev"], cfg=cfg,
+    if args.unlock_text:
+        for layer in feats["train"][1].layers:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+    history = train_heads(model, *feats["train"], *feats["dev"], cfg=cfg, reset=not args.start_from,
                           on_epoch=lambda r: print(
                               f"epoch {r['epoch']:3d} loss {r['loss']:.3f} dev t2i R@1/5/10 "
                               f"{r['val']['t2i'][1]:.3f}/{r['val']['t2i'][5]:.3f}/{r['val']['t2i'][10]:.3f} "
@@ -83,15 +131,21 @@ def main() -> None:
     best = max(history, key=lambda r: r["val_rsum"])
     command = "python benchmarks/train_default_model.py" + "".join(
         [f" --model {args.model}" if args.model != DEFAULT_MODEL else "", " --flip" if args.flip else "",
+         " --zoom" if args.zoom else "",
          f" --captions-per-step {args.captions_per_step}" if args.captions_per_step > 1 else "",
-         f" --name {args.name}" if args.name else "", " --dry-run" if args.dry_run else ""])
+         f" --unlock-text {args.unlock_text}" if args.unlock_text else "",
+         f" --start-from {args.start_from}" if args.start_from else "",
+         "".join(f" --set {x}" for x in args.set), f" --name {args.name}" if args.name else "",
+         " --dry-run" if args.dry_run else ""])
     record = {
         "what": f"{args.model} heads: InfoNCE on Flickr8k train, best epoch on dev (test never used)",
         "candidate": name,
         "model": args.model,
         "command": command,
         "towers": {"image": f"{b.trunk} at {b.image_size} px (ImageNet, locked)",
-                   "text": "all-MiniLM-L6-v2 (locked, mean pool)"},
+                   "text": "all-MiniLM-L6-v2 (" + (f"last {args.unlock_text} layers trained" if args.unlock_text
+                                                   else "locked") + ", mean pool)"},
+        "start_from": args.start_from,
         "heads": {"vision": models.VISION_PROJ, "text": models.TEXT_PROJ, "embed_dim": models.EMBED_DIM},
         "train_config": asdict(cfg),
         "n_train_images": int(feats["train"][0].shape[-2]),
@@ -104,15 +158,19 @@ def main() -> None:
         "history": history,
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
+    trained = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+               if k in models.head_state_dict(model) or any(
+                   k.startswith(f"text.transformer.encoder.layer.{i}.") for i in range(6 - args.unlock_text, 6))}
+    weights.mkdir(parents=True, exist_ok=True)
+    save_file(trained, str(weights / f"{name}.safetensors"))
     results = ROOT / "benchmarks" / "results"
     (results / "model_candidates").mkdir(parents=True, exist_ok=True)
     (results / "model_candidates" / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     if not args.dry_run:
         suffix = "" if args.model == "mmsearch-lite" else "_" + args.model.replace("mmsearch-", "")
         (results / f"train_default_model{suffix}.json").write_text(json.dumps(record, indent=2) + "\n")
-        state = {k: v.contiguous() for k, v in models.head_state_dict(model).items()}
         tmp = b.heads_file.with_suffix(".tmp")
-        save_file(state, str(tmp), metadata={"recipe": record["what"], "command": command,
+        save_file(trained, str(tmp), metadata={"recipe": record["what"], "command": command,
                                              "best_epoch": str(best["epoch"])})
         tmp.replace(b.heads_file)
         print(f"wrote {b.heads_file}")

@@ -253,16 +253,20 @@ def train(
     model: str = typer.Option(DEFAULT_MODEL, "--model", help="Model to start from: name, hf-hub: id or checkpoint folder."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag or weights file."),
     unlock_image: int = typer.Option(0, "--unlock-image", min=0, help="Train the last N layer groups of the image tower (0: locked)."),
-    unlock_text: int = typer.Option(0, "--unlock-text", min=0, help="Train the last N layers of the text tower (0: locked)."),
+    unlock_text: int = typer.Option(0, "--unlock-text", min=0, help="Train the last N layers of the text tower (0: locked); with the image tower locked they train on cached states."),
     epochs: int = typer.Option(TrainConfig.epochs, "--epochs", min=1, help="Most epochs; stops early without progress."),
     batch_size: int = typer.Option(TrainConfig.batch_size, "--batch-size", min=2, help="Pairs per step."),
     lr: float = typer.Option(TrainConfig.lr, "--lr", help="Peak learning rate."),
     patience: int = typer.Option(TrainConfig.patience, "--patience", min=1, help="Epochs without a better validation score before stopping."),
     seed: int = typer.Option(TrainConfig.seed, "--seed", help="Random seed (runs are deterministic on CPU)."),
+    tower_lr_scale: float = typer.Option(TrainConfig.tower_lr_scale, "--tower-lr-scale",
+                                         help="Unlocked tower layers learn at --lr times this."),
     captions_per_step: int = typer.Option(TrainConfig.captions_per_step, "--captions-per-step", min=1,
                                           help="Captions of each image per step (locked towers)."),
     flip: bool = typer.Option(TrainConfig.flip_views, "--flip/--no-flip",
                               help="Also train on mirrored images (locked towers; caches their features too)."),
+    zoom: bool = typer.Option(TrainConfig.zoom_views, "--zoom/--no-zoom",
+                              help="Also train on the images' centres, zoomed in (locked towers)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Feature cache folder [default: ~/.cache/mmsearch/features]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -282,7 +286,7 @@ def train(
             _fail("a pairs table needs --val VALIDATION_TABLE (pairs kept out of training)")
         train_pairs, val_pairs = _load_pairs_or_fail(data, None), _load_pairs_or_fail(val, val_split if val.is_dir() else None)
     cfg = replace(TrainConfig(), epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
-                  captions_per_step=captions_per_step, flip_views=flip)
+                  captions_per_step=captions_per_step, flip_views=flip, zoom_views=zoom, tower_lr_scale=tower_lr_scale)
     bars: dict = {}
 
     def progress(name: str, done: int, total: int) -> None:

@@ -83,4 +83,5 @@ class TrainConfig:
     feature_dropout: float = 0.5  # dropout on the cached tower features fed to the heads (6k images overfit fast)
     captions_per_step: int = 1  # captions of each image per step, one InfoNCE term each (cached-tower training)
     flip_views: bool = False  # also cache mirrored images' features; each step picks a view (cached-tower training)
+    zoom_views: bool = False  # also cache features of the images' central 1/1.125 (and mirrored, with flip_views)
     seed: int = 0  # shuffling, caption sampling and head initialisation

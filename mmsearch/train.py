@@ -20,17 +20,58 @@ from .metrics import recall_at_k
 
 
 # ---- tower features (what is cached) ----------------------------------------------------------
+VIEWS = ("orig", "flip", "zoom", "zoomflip")  # augmented views of an image whose features can be cached
+ZOOM = 1.125  # the "zoom" views crop the central 1/ZOOM of the image (resize to ZOOM x size, centre crop)
+
+
+def train_views(cfg: TrainConfig) -> tuple[str, ...]:
+    """The image views cached-tower training uses, "orig" first."""
+    views = ["orig"] + (["flip"] if cfg.flip_views else [])
+    if cfg.zoom_views:
+        views += ["zoom"] + (["zoomflip"] if cfg.flip_views else [])
+    return tuple(views)
+
+
+def _zoomed(preprocess, size: int):
+    """``preprocess`` looking at the central 1/ZOOM of the image: its resize enlarged by ZOOM when it
+    is the usual resize + centre crop, else the image is cropped before it."""
+    import torchvision.transforms as T
+
+    steps = getattr(preprocess, "transforms", None)
+    if steps and len(steps) > 2 and isinstance(steps[0], T.Resize) and isinstance(steps[1], T.CenterCrop):
+        first = steps[0]
+        return T.Compose([T.Resize(round(size * ZOOM), interpolation=first.interpolation, antialias=first.antialias),
+                          steps[1]] + list(steps[2:]))
+
+    def crop_then(image):
+        w, h = image.size
+        cw, ch = round(w / ZOOM), round(h / ZOOM)
+        left, top = (w - cw) // 2, (h - ch) // 2
+        return preprocess(image.crop((left, top, left + cw, top + ch)))
+
+    return crop_then
+
+
 def image_tower_features(model, preprocess, paths: Sequence[str], batch_size: int = 64,
-                         progress: Callable[[int], None] | None = None, flip: bool = False) -> np.ndarray:
+                         progress: Callable[[int], None] | None = None, flip: bool = False,
+                         view: str = "orig") -> np.ndarray:
     """Pooled image-trunk features (n, C) of a timm image tower, before its projection head.
 
-    ``flip``: of the horizontally mirrored images (an augmented view). Rows of images that cannot
-    be decoded (missing, corrupt, zero-byte...) are NaN.
+    ``view`` (one of VIEWS; ``flip=True`` means "flip"): features of an augmented view, mirrored
+    and/or zoomed. Rows of images that cannot be decoded (missing, corrupt, zero-byte...) are NaN.
     """
     import torch
 
     from .errors import MediaError
     from .media import load_image
+
+    view = "flip" if flip and view == "orig" else view
+    if view not in VIEWS:
+        raise ValueError(f"unknown image view {view!r}: use one of {', '.join(VIEWS)}")
+    flip = view.endswith("flip")
+    if view.startswith("zoom"):
+        size = model.visual.image_size
+        preprocess = _zoomed(preprocess, size[0] if isinstance(size, (tuple, list)) else size)
 
     def load_batch(chunk):
         out, bad = [], []
@@ -118,6 +159,108 @@ def text_tower_features(model, tokenizer, texts: Sequence[str], batch_size: int 
     return out
 
 
+def _text_layers(transformer) -> list:
+    """The layer blocks of an HF transformer: its longest ModuleList."""
+    import torch
+
+    lists = [m for m in transformer.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def text_hidden_states(model, tokenizer, texts: Sequence[str], start: int, batch_size: int = 256):
+    """(hidden, mask): the HF text tower's hidden states entering layer ``start`` (n, T, C) as float16,
+    and the token mask (n, T) as uint8, T the longest caption: what ``TextTail`` trains on."""
+    import torch
+
+    text = model.text.eval()
+    device = next(text.parameters()).device
+    pad = text.config.pad_token_id
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    lengths = np.zeros(len(texts), np.int64)
+    for idx in batched(order, 1024):
+        lengths[list(idx)] = (tokenizer([texts[i] for i in idx]) != pad).sum(1).numpy()
+    t_max = int(lengths.max()) if len(texts) else 1
+    hidden = np.zeros((len(texts), t_max, text.config.hidden_size), np.float16)
+    mask = np.zeros((len(texts), t_max), np.uint8)
+    with torch.inference_mode():
+        for idx in batched(order, batch_size):
+            ids = tokenizer([texts[i] for i in idx])
+            t = int(lengths[list(idx)].max())
+            ids = ids[:, :t]
+            m = (ids != pad).long()
+            out = text.transformer(input_ids=ids.to(device), attention_mask=m.to(device), output_hidden_states=True)
+            hidden[list(idx), :t] = out.hidden_states[start].float().cpu().numpy()
+            mask[list(idx), :t] = m.numpy()
+    return hidden, mask
+
+
+class TextTail:
+    """The last ``n`` layers of an HF text tower (and its pooler) run on cached hidden states, so
+    those layers can train without re-running the locked ones below them. Called with caption
+    indices, returns their pooled features (before the projection)."""
+
+    def __init__(self, model, hidden: np.ndarray, mask: np.ndarray, n: int):
+        self.text = model.text
+        self.layers = _text_layers(self.text.transformer)[-n:]
+        self.hidden, self.mask = hidden, mask
+        self.device = next(self.text.parameters()).device
+
+    def parameters(self):
+        return [p for layer in self.layers for p in layer.parameters()]
+
+    def train(self, mode: bool = True) -> None:
+        for layer in self.layers:
+            layer.train(mode)
+
+    def state_dict(self) -> list:
+        return [copy.deepcopy(layer.state_dict()) for layer in self.layers]
+
+    def load_state_dict(self, states: list) -> None:
+        for layer, state in zip(self.layers, states):
+            layer.load_state_dict(state)
+
+    def __len__(self) -> int:
+        return len(self.mask)
+
+    def __call__(self, idx):
+        import types
+
+        import torch
+
+        idx = np.asarray(idx)
+        m = torch.from_numpy(np.asarray(self.mask[idx], dtype=np.int64))
+        t = max(1, int(m.sum(1).max()))
+        m = m[:, :t].to(self.device)
+        h = torch.from_numpy(np.asarray(self.hidden[idx, :t], dtype=np.float32)).to(self.device)
+        ext = self._attention_mask(h, m)
+        for layer in self.layers:
+            h = layer(h, attention_mask=ext)
+            h = h[0] if isinstance(h, tuple) else h
+        return self.text.pooler(types.SimpleNamespace(last_hidden_state=h), m)
+
+    def _attention_mask(self, h, m):
+        try:
+            from transformers.masking_utils import create_bidirectional_mask
+
+            return create_bidirectional_mask(config=self.text.transformer.config, inputs_embeds=h, attention_mask=m)
+        except ImportError:  # older transformers
+            return self.text.transformer.get_extended_attention_mask(m, m.shape)
+
+    def embed(self, proj, batch: int = 512) -> np.ndarray:
+        """Normalised projected embeddings of all captions (no grad), for validation."""
+        import torch
+
+        order = np.argsort(self.mask.sum(1), kind="stable")
+        out = None
+        with torch.no_grad():
+            for s in range(0, len(order), batch):
+                e = proj(self(order[s:s + batch])).float()
+                if out is None:
+                    out = torch.zeros(len(order), e.shape[1])
+                out[torch.from_numpy(order[s:s + batch])] = e.cpu()
+        return torch.nn.functional.normalize(out, dim=-1).numpy()
+
+
 # ---- head training ---------------------------------------------------------------------------
 def _own_rng(fn):
     """Run ``fn`` with torch's global random state forked: seeding inside does not leak to the caller."""
@@ -187,10 +330,15 @@ def train_heads(
     params = list(vhead.parameters()) + list(tproj.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2] + [model.logit_scale]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-    )
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "scale": 1.0}]
+    tail = train_txt if isinstance(train_txt, TextTail) else None
+    if tail is not None:  # unlocked text layers: small steps for pretrained weights
+        groups.append({"params": [p for p in tail.parameters() if p.ndim >= 2], "weight_decay": cfg.weight_decay,
+                       "scale": cfg.tower_lr_scale})
+        groups.append({"params": [p for p in tail.parameters() if p.ndim < 2], "weight_decay": 0.0,
+                       "scale": cfg.tower_lr_scale})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
     loss_fn = ClipLoss()
 
     views = train_img if train_img.ndim == 3 else train_img[None]
@@ -210,10 +358,13 @@ def train_heads(
 
     device = model.logit_scale.device  # the heads train where the model is (CUDA when there is one)
     img_t = torch.from_numpy(np.ascontiguousarray(views, dtype=np.float32)).to(device)
-    txt_t = torch.from_numpy(np.ascontiguousarray(train_txt, dtype=np.float32)).to(device)
+    txt_t = (tail if tail is not None
+             else torch.from_numpy(np.ascontiguousarray(train_txt, dtype=np.float32)).to(device))
     history, best, best_state, bad_epochs, step = [], -1.0, None, 0, 0
     for epoch in range(cfg.epochs):
         vhead.train(), tproj.train()
+        if tail is not None:
+            tail.train()
         perm = rng.permutation(n_img)
         losses = []
         for b in range(steps_per_epoch):
@@ -226,10 +377,12 @@ def train_heads(
                 caps = np.array([rng.choice(caps_of[i], size=k, replace=len(caps_of[i]) < k) for i in imgs]).T
             view = rng.integers(len(views), size=len(imgs)) if len(views) > 1 else np.zeros(len(imgs), np.int64)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step)
+                group["lr"] = lr_at(step) * group["scale"]
             drop = lambda x: torch.nn.functional.dropout(x, cfg.feature_dropout)  # noqa: E731
             fi = torch.nn.functional.normalize(vhead(drop(img_t[view, imgs])), dim=-1)
-            ft = torch.nn.functional.normalize(tproj(drop(txt_t[caps.reshape(-1)])), dim=-1).view(k, len(imgs), -1)
+            flat = caps.reshape(-1)
+            pooled = txt_t(flat) if tail is not None else txt_t[flat]
+            ft = torch.nn.functional.normalize(tproj(drop(pooled)), dim=-1).view(k, len(imgs), -1)
             scale = model.logit_scale.exp()
             loss = sum(loss_fn(fi, ft[j], scale) for j in range(k)) / k
             opt.zero_grad()
@@ -240,7 +393,10 @@ def train_heads(
             losses.append(float(loss.detach()))
             step += 1
         vhead.eval(), tproj.eval()
-        r = recall_at_k(_embed(vhead, val_img), _embed(tproj, val_txt), val_owner)
+        if tail is not None:
+            tail.train(False)
+        r = recall_at_k(_embed(vhead, val_img),
+                        val_txt.embed(tproj) if isinstance(val_txt, TextTail) else _embed(tproj, val_txt), val_owner)
         score = validation_score(r)
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "val": r, "val_rsum": score,
                   "temperature": float(1 / model.logit_scale.detach().exp())}
@@ -251,6 +407,8 @@ def train_heads(
             best, bad_epochs = score, 0
             best_state = copy.deepcopy({"v": vhead.state_dict(), "t": tproj.state_dict(),
                                         "s": model.logit_scale.detach().clone()})
+            if tail is not None:
+                best_state["layers"] = tail.state_dict()
         else:
             bad_epochs += 1
             if bad_epochs >= cfg.patience:
@@ -260,6 +418,8 @@ def train_heads(
         tproj.load_state_dict(best_state["t"])
         with torch.no_grad():
             model.logit_scale.copy_(best_state["s"])
+        if tail is not None:
+            tail.load_state_dict(best_state["layers"])
     return history
 
 
@@ -295,6 +455,25 @@ def _load_for_training(model_name: str, pretrained: str | None):
     name = "local-dir:" + os.path.abspath(model_name) if os.path.isdir(model_name) else model_name
     config = open_clip.get_model_config(name)
     return model, preprocess, tokenizer, config, dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+
+
+def _tail_works(model, tokenizer, n: int) -> bool:
+    """Whether TextTail reproduces this text tower's own output (so its last ``n`` layers can train
+    on cached hidden states); checked on a few captions, to the precision of float16 storage."""
+    import torch
+
+    texts = ["a dog runs on the grass .", "two children play football in a park near the river", "a man"]
+    try:
+        with torch.inference_mode():
+            layers = _text_layers(model.text.transformer)
+            if not 0 < n <= len(layers):
+                return False
+            hidden, mask = text_hidden_states(model, tokenizer, texts, len(layers) - n)
+            got = TextTail(model, hidden, mask, n)(np.arange(len(texts))).float().cpu().numpy()
+        want = text_tower_features(model, tokenizer, texts)
+        return bool(np.abs(got - want).max() <= 2e-2 * max(1.0, float(np.abs(want).max())))
+    except Exception:  # any architecture TextTail cannot drive: train end to end instead
+        return False
 
 
 def _cacheable(model) -> bool:
@@ -383,7 +562,14 @@ def _model_identity(model_name: str, pretrained: str | None):
             return [(f.name, *_stat(str(f))) for f in sorted(p.iterdir()) if f.is_file()]
         return [(p.name, *_stat(str(p)))] if p.is_file() else []
 
+    from . import models
+
     parts = []
+    if model_name in models.BUILTINS and pretrained is None:  # shipped weights may change between versions
+        import hashlib
+
+        heads = models.builtin(model_name).heads_file
+        parts.append(hashlib.sha1(heads.read_bytes()).hexdigest() if heads.is_file() else None)
     for x in (model_name, pretrained):
         if x and os.path.exists(x):
             parts.append((os.path.abspath(x), files(x)))
@@ -524,7 +710,7 @@ def train_model(
         model, preprocess, tokenizer, model_config, pp_cfg = _load_for_training(model_name, pretrained)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
-    cached = unlock_image == 0 and unlock_text == 0 and _cacheable(model)
+    cached = unlock_image == 0 and _cacheable(model) and (unlock_text == 0 or _tail_works(model, tokenizer, unlock_text))
     if cached:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -532,6 +718,11 @@ def train_model(
             for p in module.parameters():
                 p.requires_grad_(True)
         model.logit_scale.requires_grad_(True)
+        n_layers = len(_text_layers(model.text.transformer))
+        unlock_text = min(unlock_text, n_layers)
+        for layer in _text_layers(model.text.transformer)[n_layers - unlock_text:] if unlock_text else []:
+            for p in layer.parameters():
+                p.requires_grad_(True)
         cache = Path(cache_dir or Path.home() / ".cache" / "mmsearch" / "features")
         feats, used = [], []
         model_key = _model_identity(model_name, pretrained)
@@ -542,14 +733,27 @@ def train_model(
             pairs_all = pairs
             pairs, keep = usable_images(pairs, on_skip=on_skip, bad=np.flatnonzero(np.isnan(img).any(1)))
             img = img[keep]
-            if cfg.flip_views and name == "train":  # validation stays on the images as they are
-                flipped = cached_features(cache / f"img-flip-{_cache_key(model_key, stamp)}.npy", lambda: image_tower_features(
-                    model, preprocess, pairs_all.images, flip=True,
-                    progress=_counter(on_progress, "train, mirrored", len(pairs_all.images))))
-                img = np.stack([img, flipped[keep]])
+            extra = train_views(cfg)[1:] if name == "train" else ()  # validation sees the images as they are
+            if extra:
+                img = np.stack([img] + [cached_features(
+                    cache / f"img-{view}-{_cache_key(model_key, stamp)}.npy",
+                    lambda: image_tower_features(model, preprocess, pairs_all.images, view=view,
+                                                 progress=_counter(on_progress, f"train, {view}", len(pairs_all.images)))
+                )[keep] for view in extra])
             texts, owner = pairs.flat()
-            txt = cached_features(cache / f"txt-{_cache_key(model_key, texts)}.npy",
-                                  lambda: text_tower_features(model, tokenizer, texts))
+            if unlock_text:  # hidden states below the unlocked layers, cached; those layers train
+                start = n_layers - unlock_text
+                key = _cache_key(model_key, texts)
+                hidden_file, mask_file = cache / f"txt-h{start}-{key}.npy", cache / f"txt-mask-{key}.npy"
+                if not (hidden_file.is_file() and mask_file.is_file()):
+                    hidden, mask = text_hidden_states(model, tokenizer, texts, start)
+                    cached_features(mask_file, lambda: mask)
+                    cached_features(hidden_file, lambda: hidden)
+                    del hidden
+                txt = TextTail(model, np.load(hidden_file, mmap_mode="r"), np.load(mask_file), unlock_text)
+            else:
+                txt = cached_features(cache / f"txt-{_cache_key(model_key, texts)}.npy",
+                                      lambda: text_tower_features(model, tokenizer, texts))
             feats.append((img, txt, owner))
             used.append(pairs)
         train_pairs, val_pairs = used
@@ -569,7 +773,9 @@ def train_model(
                                  hf_tokenizer=tokenizer if hasattr(tokenizer, "tokenizer") else None,
                                  preprocess_cfg=pp_cfg or None)
     record = {
-        "base_model": model_name, "pretrained": pretrained, "mode": "cached towers" if cached else "end to end",
+        "base_model": model_name, "pretrained": pretrained,
+        "mode": ("cached towers" if not unlock_text else "cached image tower, text layers on cached states")
+                if cached else "end to end",
         "unlock_image": unlock_image, "unlock_text": unlock_text,
         "n_train_images": len(train_pairs), "n_val_images": len(val_pairs), "device": str(device),
         "train_config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},

