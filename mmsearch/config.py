@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 #: name of the built-in offline model (EfficientNet-Lite0 + all-MiniLM-L6-v2, heads trained on Flickr8k)
-DEFAULT_MODEL = "mmsearch-lite"
+DEFAULT_MODEL = "mmsearch-lite2"
 
 #: where `mmsearch index` / `mmsearch query` keep the index when no --index / MMSEARCH_INDEX is given
 DEFAULT_INDEX_DIR = Path("indexes") / "default"
