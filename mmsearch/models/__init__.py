@@ -216,6 +216,13 @@ def preprocess(name: str = "mmsearch-lite"):
     return image_transform(builtin(name).image_size, is_train=False, mean=IMAGE_MEAN, std=IMAGE_STD)
 
 
+def _builtin_of(model) -> str:
+    """The built-in model whose image trunk ``model`` has (mmsearch-lite if none matches)."""
+    trunk = getattr(getattr(model, "visual", None), "trunk", None)
+    arch = (getattr(trunk, "pretrained_cfg", None) or {}).get("architecture")
+    return next((b.name for b in BUILTINS.values() if b.trunk == arch), "mmsearch-lite")
+
+
 def save_open_clip_folder(model, folder: str | Path, model_config: dict | None = None, hf_tokenizer=None,
                           preprocess_cfg: dict | None = None) -> Path:
     """Write ``model`` as an open_clip checkpoint folder (open_clip_config.json + safetensors, plus
@@ -227,9 +234,10 @@ def save_open_clip_folder(model, folder: str | Path, model_config: dict | None =
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    name = _builtin_of(model)  # the configs default to those of the built-in model this one is
     config = {
-        "model_cfg": model_config or model_cfg(),
-        "preprocess_cfg": preprocess_cfg or preprocess_config(),
+        "model_cfg": model_config or model_cfg(name),
+        "preprocess_cfg": preprocess_cfg or preprocess_config(name),
     }
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tmp = folder / ".open_clip_model.safetensors.tmp"
