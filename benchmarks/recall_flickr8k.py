@@ -88,7 +88,7 @@ def main() -> None:
     r = recall_at_k(image_emb, text_emb, owner)
     record = {
         "what": f"Flickr8k {args.split} split retrieval, {len(pairs.images)} images x {len(texts)} captions",
-        "command": "python benchmarks/recall_flickr8k.py" + (f" --model {args.model}" if args.model != DEFAULT_MODEL else "")
+        "command": f"python benchmarks/recall_flickr8k.py --model {args.model}"
                    + (f" --split {args.split}" if args.split != "test" else ""),
         "model": enc.name,
         "t2i": r["t2i"],

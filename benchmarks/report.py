@@ -32,7 +32,7 @@ def main() -> None:
     for path in sorted(RESULTS.glob("train_default_model*.json")):
         t = json.loads(path.read_text())
         model = t.get("model", "mmsearch-lite")
-        print(f"| {model} ({t.get('candidate', '')}, best epoch {t['best_epoch']}) | dev (model selection) | "
+        print(f"| {model} ({t.get('candidate', 'heads only')}, best epoch {t['best_epoch']}) | dev (model selection) | "
               f"{fmt({k: t['dev_recall']['t2i'][k] for k in ('1', '5', '10')})} | "
               f"{fmt({k: t['dev_recall']['i2t'][k] for k in ('1', '5', '10')})} | `{t['command']}` |")
 

@@ -130,7 +130,8 @@ def main() -> None:
                               flush=True))
     best = max(history, key=lambda r: r["val_rsum"])
     command = "python benchmarks/train_default_model.py" + "".join(
-        [f" --model {args.model}" if args.model != DEFAULT_MODEL else "", " --flip" if args.flip else "",
+        [f" --model {args.model}", " --flip" if args.flip else "",
+         f" --epochs {args.epochs}" if args.epochs != TrainConfig.epochs else "",
          " --zoom" if args.zoom else "",
          f" --captions-per-step {args.captions_per_step}" if args.captions_per_step > 1 else "",
          f" --unlock-text {args.unlock_text}" if args.unlock_text else "",
