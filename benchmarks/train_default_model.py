@@ -33,7 +33,7 @@ from mmsearch import models  # noqa: E402
 from mmsearch.config import DEFAULT_MODEL, TrainConfig  # noqa: E402
 from mmsearch.data import load_flickr8k  # noqa: E402
 from mmsearch.train import (TextTail, cached_features, image_tower_features, text_hidden_states,  # noqa: E402
-                            text_tower_features, train_heads, train_views)
+                            _text_layers, text_tower_features, train_heads, train_views)
 
 
 def main() -> None:
@@ -81,6 +81,7 @@ def main() -> None:
                          name=args.model)
     preprocess, tok = models.preprocess(args.model), models.tokenizer()
     cache = Path(args.cache)
+    n_layers = len(_text_layers(model.text.transformer))  # all-MiniLM-L6-v2: 6
     feats = {}
     for split in ("train", "dev"):
         pairs = load_flickr8k(args.data, split)
@@ -93,7 +94,7 @@ def main() -> None:
                                                     lambda: image_tower_features(model, preprocess, pairs.images, view=view))
                                     for view in views])
         if args.unlock_text:
-            start = 6 - args.unlock_text  # all-MiniLM-L6-v2 has 6 layers
+            start = n_layers - args.unlock_text
             hidden = cache / f"minilm_h{start}_{split}.npy"
             if not hidden.is_file():
                 h, m = text_hidden_states(model, tok, texts, start)
@@ -161,7 +162,7 @@ def main() -> None:
     }
     trained = {k: v.detach().contiguous() for k, v in model.state_dict().items()
                if k in models.head_state_dict(model) or any(
-                   k.startswith(f"text.transformer.encoder.layer.{i}.") for i in range(6 - args.unlock_text, 6))}
+                   k.startswith(f"text.transformer.encoder.layer.{i}.") for i in range(n_layers - args.unlock_text, n_layers))}
     weights.mkdir(parents=True, exist_ok=True)
     save_file(trained, str(weights / f"{name}.safetensors"))
     results = ROOT / "benchmarks" / "results"

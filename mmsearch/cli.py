@@ -35,6 +35,14 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _warn(bar, message: str) -> None:
+    """A warning on stderr, above the progress bar when one is showing."""
+    if bar is not None:
+        bar.write(message, file=sys.stderr)
+    else:
+        typer.echo(message, err=True)
+
+
 def handle_errors(fn):
     """Expected failures become one `error: ...` line on stderr and exit code 1, no traceback."""
 
@@ -97,7 +105,7 @@ def index(
         bar.update(done - bar.n)
 
     def skip(s) -> None:
-        (functools.partial(bar.write, file=sys.stderr) if bar is not None else lambda m: typer.echo(m, err=True))(f"warning: skipped {s.path}: {s.reason}")
+        _warn(bar, f"warning: skipped {s.path}: {s.reason}")
 
 
     ref = ModelRef(model, pretrained) if model else None
@@ -292,9 +300,9 @@ def train(
     def progress(name: str, done: int, total: int) -> None:
         if quiet:
             return
-        bar = bars.get(name) or bars.setdefault(name, tqdm(total=total, unit="img", desc=f"features ({name})",
-                                                           file=sys.stderr, dynamic_ncols=True))
-        bar.update(done - bar.n)
+        if name not in bars:
+            bars[name] = tqdm(total=total, unit="img", desc=f"features ({name})", file=sys.stderr, dynamic_ncols=True)
+        bars[name].update(done - bars[name].n)
 
     epoch_bar = None if quiet else tqdm(total=epochs, unit="epoch", desc="training", file=sys.stderr, dynamic_ncols=True)
 
@@ -307,7 +315,7 @@ def train(
     def skipped(path: str, reason: str) -> None:
         bar = next(iter(bars.values()), None) or epoch_bar
         message = f"warning: skipped {path}: {reason.removeprefix(path + ': ')}"
-        (functools.partial(bar.write, file=sys.stderr) if bar is not None else lambda m: typer.echo(m, err=True))(message)
+        _warn(bar, message)
 
     try:
         record = train_model(train_pairs, val_pairs, out, model_name=model, pretrained=pretrained, cfg=cfg,

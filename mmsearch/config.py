@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: name of the built-in offline model (EfficientNet-Lite0 + all-MiniLM-L6-v2, heads trained on Flickr8k)
+#: the default built-in offline model (EfficientNet-Lite2 + all-MiniLM-L6-v2 trained on Flickr8k; see mmsearch.models)
 DEFAULT_MODEL = "mmsearch-lite2"
 
 #: where `mmsearch index` / `mmsearch query` keep the index when no --index / MMSEARCH_INDEX is given
@@ -70,7 +70,7 @@ class IndexingConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """InfoNCE training of projection heads on cached tower features (towers locked: the LiT recipe)."""
+    """InfoNCE training (``mmsearch train``): heads on cached tower features, optionally unlocked layers."""
 
     epochs: int = 150  # upper bound; early stopping may end sooner
     batch_size: int = 512  # image-caption pairs per step (one caption per image per step)

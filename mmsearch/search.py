@@ -1,4 +1,4 @@
-"""Query layer: text -> image and image -> image search over a built index.
+"""Query layer: text -> image, image -> image and image -> text search over a built index.
 
 The Searcher depends on "something that embeds" (``embed_texts`` / ``embed_images`` returning
 normalised float32 rows), not on torch itself, so a lighter backend can drop in later.
@@ -52,6 +52,8 @@ class Searcher:
                     f"{encoder.name!r}: load the index's model or rebuild the index"
                 )
         self._encoder = encoder
+        self._kinds: np.ndarray | None = None  # items' kinds as an array, built on first filtered query
+        self._kind_rows: dict[str, np.ndarray] = {}
 
     @property
     def encoder(self):
@@ -96,15 +98,14 @@ class Searcher:
                 self.collection.items.id[rows][order].astype(np.int64))
 
     def _kind_array(self) -> np.ndarray:
-        if getattr(self, "_kinds", None) is None:
+        if self._kinds is None:
             self._kinds = np.asarray(self.collection.items.kind, dtype=object)
         return self._kinds
 
     def _rows_of_kind(self, kind: str) -> np.ndarray:
-        cache = self.__dict__.setdefault("_kind_rows", {})
-        if kind not in cache:
-            cache[kind] = np.flatnonzero(self._kind_array() == kind)
-        return cache[kind]
+        if kind not in self._kind_rows:
+            self._kind_rows[kind] = np.flatnonzero(self._kind_array() == kind)
+        return self._kind_rows[kind]
 
     def hits(self, D: np.ndarray, I: np.ndarray) -> list[list[Hit]]:
         """Turn search results into Hit lists (one per query)."""
@@ -124,7 +125,7 @@ class Searcher:
         """Resolve ``kind``: "auto" searches the other modality when the index holds any (text ->
         images, image -> texts), else everything; "all"/None searches everything."""
         if kind == "auto":
-            return other if other in set(self.collection.items.kind) else None
+            return other if len(self._rows_of_kind(other)) else None
         if kind in (None, "all"):
             return None
         if kind not in ("image", "text"):

@@ -1,14 +1,16 @@
-"""InfoNCE training of the projection heads on cached features of locked towers (LiT recipe).
+"""InfoNCE training (``mmsearch train``), open_clip's ``ClipLoss`` with a learnable temperature.
 
-With both towers locked, their outputs (pooled image features, pooled text features) are computed
-once and cached; training then only runs the small heads, seconds to minutes on a CPU. The loss is
-open_clip's ``ClipLoss`` with a learnable temperature.
+With the image tower locked (the LiT recipe), its pooled features are computed once and cached, for
+the images and any augmented views; the text tower's pooled features too when it is locked, or its
+hidden states below the unlocked layers (``TextTail``). Training then runs only the small heads and
+those layers: seconds to minutes on a CPU. Unlocked image layers train end to end on decoded images.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -53,11 +55,10 @@ def _zoomed(preprocess, size: int):
 
 
 def image_tower_features(model, preprocess, paths: Sequence[str], batch_size: int = 64,
-                         progress: Callable[[int], None] | None = None, flip: bool = False,
-                         view: str = "orig") -> np.ndarray:
+                         progress: Callable[[int], None] | None = None, view: str = "orig") -> np.ndarray:
     """Pooled image-trunk features (n, C) of a timm image tower, before its projection head.
 
-    ``view`` (one of VIEWS; ``flip=True`` means "flip"): features of an augmented view, mirrored
+    ``view`` (one of VIEWS): features of the images as they are, or of an augmented view, mirrored
     and/or zoomed. Rows of images that cannot be decoded (missing, corrupt, zero-byte...) are NaN.
     """
     import torch
@@ -65,7 +66,6 @@ def image_tower_features(model, preprocess, paths: Sequence[str], batch_size: in
     from .errors import MediaError
     from .media import load_image
 
-    view = "flip" if flip and view == "orig" else view
     if view not in VIEWS:
         raise ValueError(f"unknown image view {view!r}: use one of {', '.join(VIEWS)}")
     flip = view.endswith("flip")
@@ -276,6 +276,18 @@ def _own_rng(fn):
     return wrapper
 
 
+def _step(opt, loss, model) -> float:
+    """One optimiser step on ``loss``; the temperature stays >= 0.01 (logit scale <= 100, as CLIP)."""
+    import torch
+
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    return float(loss.detach())
+
+
 def _embed(head, feats, batch: int = 4096) -> np.ndarray:
     import torch
 
@@ -385,12 +397,7 @@ def train_heads(
             ft = torch.nn.functional.normalize(tproj(drop(pooled)), dim=-1).view(k, len(imgs), -1)
             scale = model.logit_scale.exp()
             loss = sum(loss_fn(fi, ft[j], scale) for j in range(k)) / k
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            losses.append(float(loss.detach()))
+            losses.append(_step(opt, loss, model))
             step += 1
         vhead.eval(), tproj.eval()
         if tail is not None:
@@ -430,7 +437,7 @@ def cached_features(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray
         return np.load(path)
     feats = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")  # two runs filling one cache don't collide
     np.save(tmp, feats)
     tmp.replace(path)
     return feats
@@ -516,7 +523,6 @@ def _lock_towers(model, unlock_image: int, unlock_text: int) -> None:
     import contextlib
     import io
 
-    import torch
     from open_clip.hf_model import HFTextEncoder
 
     with contextlib.redirect_stdout(io.StringIO()):  # the library never prints
@@ -527,11 +533,9 @@ def _lock_towers(model, unlock_image: int, unlock_text: int) -> None:
         if not isinstance(model.text, HFTextEncoder):
             model.lock_text_tower(unlocked_layers=unlock_text)
             return
-    transformer = model.text.transformer
-    for p in transformer.parameters():
+    for p in model.text.transformer.parameters():
         p.requires_grad_(False)
-    lists = [m for m in transformer.modules() if isinstance(m, torch.nn.ModuleList)]
-    layers = list(max(lists, key=len)) if lists else []
+    layers = _text_layers(model.text.transformer)
     for layer in layers[len(layers) - unlock_text:] if unlock_text else []:
         for p in layer.parameters():
             p.requires_grad_(True)
@@ -643,12 +647,7 @@ def _end_to_end(model, preprocess, tokenizer, train_pairs, val_pairs, cfg: Train
                 fi = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
                 ft = torch.nn.functional.normalize(model.encode_text(tokenizer(caps).to(device)), dim=-1)
                 loss = loss_fn(fi, ft, model.logit_scale.exp())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            losses.append(float(loss.detach()))
+            losses.append(_step(opt, loss, model))
         model.eval()
         r = evaluate(_Enc, val_pairs)
         score = validation_score(r)
@@ -684,13 +683,14 @@ def train_model(
     on_skip: Callable[[str, str], None] | None = None,
     device: str | None = None,
 ) -> dict:
-    """Fine-tune ``model_name`` (default mmsearch-lite) on image-caption pairs with InfoNCE and
-    write the best epoch (by validation rsum) to ``out_dir`` as an open_clip checkpoint folder that
-    ``Encoder(out_dir)`` and ``mmsearch index --model out_dir`` load. Returns the training record.
+    """Fine-tune ``model_name`` (default: the built-in default model) on image-caption pairs with
+    InfoNCE and write the best epoch (by validation rsum) to ``out_dir`` as an open_clip checkpoint
+    folder that ``Encoder(out_dir)`` and ``mmsearch index --model out_dir`` load. Returns the record.
 
-    Both towers locked (``unlock_image == unlock_text == 0``) and a timm + HF model: tower features
-    are computed once and cached under ``cache_dir``, and only the heads and temperature train.
-    Otherwise the last ``unlock_image`` layer groups / ``unlock_text`` layers train end to end.
+    A timm + HF model with ``unlock_image == 0``: image features (and ``cfg``'s augmented views) are
+    computed once and cached under ``cache_dir``; so are the text features, or with ``unlock_text``
+    the hidden states below those layers, which then train on them (``TextTail``). Otherwise the
+    last ``unlock_image`` layer groups / ``unlock_text`` layers train end to end on decoded images.
     Images that cannot be decoded are left out with their captions (``on_skip(path, reason)``).
     ``device``: "cpu", "cuda", ...; None picks CUDA when available (end to end: bf16 autocast there).
     """
@@ -710,19 +710,13 @@ def train_model(
         model, preprocess, tokenizer, model_config, pp_cfg = _load_for_training(model_name, pretrained)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
-    cached = unlock_image == 0 and _cacheable(model) and (unlock_text == 0 or _tail_works(model, tokenizer, unlock_text))
+    cached = unlock_image == 0 and _cacheable(model)
     if cached:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for module in (model.visual.head, model.text.proj):
-            for p in module.parameters():
-                p.requires_grad_(True)
-        model.logit_scale.requires_grad_(True)
         n_layers = len(_text_layers(model.text.transformer))
         unlock_text = min(unlock_text, n_layers)
-        for layer in _text_layers(model.text.transformer)[n_layers - unlock_text:] if unlock_text else []:
-            for p in layer.parameters():
-                p.requires_grad_(True)
+        cached = unlock_text == 0 or _tail_works(model, tokenizer, unlock_text)
+    _lock_towers(model, unlock_image, unlock_text)
+    if cached:
         cache = Path(cache_dir or Path.home() / ".cache" / "mmsearch" / "features")
         feats, used = [], []
         model_key = _model_identity(model_name, pretrained)
@@ -764,7 +758,6 @@ def train_model(
         train_pairs, _ = usable_images(train_pairs, on_skip=on_skip)
         val_pairs, _ = usable_images(val_pairs, on_skip=on_skip)
         _check_sizes(train_pairs, val_pairs)
-        _lock_towers(model, unlock_image, unlock_text)
         history = _end_to_end(model, preprocess, tokenizer, train_pairs, val_pairs, cfg, on_epoch)
     best = max(history, key=lambda r: r["val_rsum"])
     model = model.cpu().eval()

@@ -63,3 +63,21 @@ def built_index(tmp_path_factory, pairs, encoder):
     mapping = copy_photos(pairs, base / "photos")
     index_folder(base / "photos", base / "index", encoder=encoder)
     return base / "index", mapping
+
+
+class CountingEncoder:
+    """Wraps the real encoder and counts the images and texts it embeds."""
+
+    def __init__(self, inner):
+        self.inner, self.embedded, self.texts = inner, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def embed_pixels(self, pixels):
+        self.embedded += len(pixels)
+        return self.inner.embed_pixels(pixels)
+
+    def embed_texts(self, texts):
+        self.texts += len(texts)
+        return self.inner.embed_texts(texts)

