@@ -73,7 +73,15 @@ def index(
         None, "--model", help=f"open_clip model name, hf-hub: id or checkpoint folder [default: the index's, else {DEFAULT_MODEL}]."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag or weights file."),
     index_type: Optional[str] = typer.Option(
-        None, "--index-type", help="auto, flat (exact) or ivfpq (IVF-PQ + exact re-rank) [default: the index's, else auto]."),
+        None, "--index-type", help="auto, flat (exact), hnsw, ivfflat or ivfpq (IVF-PQ + exact re-rank) [default: the index's, else auto]."),
+    factory: Optional[str] = typer.Option(
+        None, "--index-factory", help="Force a faiss index_factory string, e.g. 'IVF4096,PQ32' or 'HNSW32'."),
+    memory: Optional[str] = typer.Option(
+        None, "--memory", help="RAM budget for the index, e.g. 4G; picks IVF-PQ and its code size to fit [default: 4G]."),
+    target_recall: Optional[float] = typer.Option(
+        None, "--target-recall", min=0.01, max=1.0, help="Tune nprobe/efSearch to this recall@10 against exact search [default: 0.95]."),
+    rerank: Optional[int] = typer.Option(
+        None, "--rerank", min=1, help="IVF-PQ: re-rank k x this many candidates with the exact vectors [default: 10]."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     commit_every: int = typer.Option(2048, "--commit-every", min=1, help="Save progress to disk every N images."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -86,8 +94,14 @@ def index(
     from .config import IndexingConfig
     from .indexing import index_folder, index_texts
 
-    if index_type not in (None, "auto", "flat", "ivfpq"):
-        _fail(f"unknown --index-type {index_type!r}: use auto, flat or ivfpq")
+    from .index import INDEX_TYPES, parse_size
+
+    if index_type not in (None,) + INDEX_TYPES:
+        _fail(f"unknown --index-type {index_type!r}: use {', '.join(INDEX_TYPES)}")
+    if factory is not None and index_type is not None:
+        _fail("give either --index-type or --index-factory, not both")
+    if memory is not None:
+        parse_size(memory)  # a bad size fails here, before any work
     if folder is None and texts is None:
         _fail("nothing to index: give a FOLDER of images and/or --texts FILE")
     if folder is not None and not folder.exists():
@@ -109,7 +123,10 @@ def index(
 
 
     ref = ModelRef(model, pretrained) if model else None
-    spec = IndexSpec(index_type=index_type) if index_type else None
+    index_opts = {"index_type": index_type, "factory": factory, "memory": memory, "target_recall": target_recall,
+                  "rerank_factor": rerank}
+    index_opts = {k: v for k, v in index_opts.items() if v is not None}
+    spec = IndexSpec(**index_opts) if index_opts else None
     config = replace(IndexingConfig(), batch_size=batch_size, commit_every=commit_every)
     reports = []
     try:
@@ -133,6 +150,13 @@ def index(
             f"{report.unchanged} unchanged, {len(report.skipped)} skipped in {report.seconds:.1f}s{speed}",
             err=True,
         )
+        for note in report.index_notes:
+            typer.echo(f"note: {note}", err=True)
+
+
+def _hit_json(h) -> dict:
+    return {"rank": h.rank, "score": round(h.score, 6), "path": h.path, "kind": h.kind,
+            **({"text": h.text} if h.kind == "text" else {})}
 
 
 @app.command()
@@ -144,24 +168,49 @@ def query(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON array of {rank, score, path, kind}."),
     kind: str = typer.Option(
         "auto", "--kind", help="image, text or all; auto = the other modality when the index has it (text -> images, image -> texts)."),
+    batch: Optional[Path] = typer.Option(
+        None, "--batch", help="Answer every line of this text file as a query (batched); prints query<TAB>score<TAB>result."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="IVF lists to visit [default: tuned at build]."),
+    ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1, help="HNSW search breadth [default: tuned at build]."),
+    rerank: Optional[int] = typer.Option(None, "--rerank", min=1, help="IVF-PQ: re-rank k x this many candidates [default: the index's]."),
     index: Optional[Path] = IndexOpt,
 ) -> None:
     """Print the best matches, best first: `score<TAB>path` for images, `score<TAB>text` for texts."""
     from .search import Searcher
 
+    given = sum(x is not None for x in (text, image, batch))
+    if given > 1:
+        _fail("give one of: a text query, --image PATH or --batch FILE")
+    if batch is not None:
+        if not batch.is_file():
+            _fail(f"queries file not found: {batch}")
+        from .indexing import read_texts
+
+        queries = [r.text for r in read_texts(batch)]
+        if not queries:
+            _fail(f"no queries in {batch}: it has no non-blank lines")
+        if kind not in ("auto", "all", "image", "text"):
+            _fail(f"unknown --kind {kind!r}: use image, text, all or auto")
+        searcher = Searcher(_index_dir(index), nprobe=nprobe, ef_search=ef_search, rerank_factor=rerank)
+        for start in range(0, len(queries), 1024):
+            chunk = queries[start:start + 1024]
+            for q, hits in zip(chunk, searcher.search_texts(chunk, k, kind)):
+                if as_json:
+                    typer.echo(json.dumps({"query": q, "hits": [_hit_json(h) for h in hits]}))
+                else:
+                    for h in hits:
+                        typer.echo(f"{q}\t{h.score:.4f}\t{h.text if h.kind == 'text' else h.path}")
+        return
     if image is None and (text is None or not text.strip()):
         _fail("empty query: give some text to search for, or --image PATH")
-    if image is not None and text is not None:
-        _fail("give either a text query or --image, not both")
     if image is not None and not image.is_file():
         _fail(f"query image not found: {image}")
     if kind not in ("auto", "all", "image", "text"):
         _fail(f"unknown --kind {kind!r}: use image, text, all or auto")
-    searcher = Searcher(_index_dir(index))
+    searcher = Searcher(_index_dir(index), nprobe=nprobe, ef_search=ef_search, rerank_factor=rerank)
     hits = searcher.search_image(image, k, kind) if image is not None else searcher.search_text(text, k, kind)
     if as_json:
-        typer.echo(json.dumps([{"rank": h.rank, "score": round(h.score, 6), "path": h.path, "kind": h.kind,
-                                **({"text": h.text} if h.kind == "text" else {})} for h in hits]))
+        typer.echo(json.dumps([_hit_json(h) for h in hits]))
     else:
         for h in hits:
             typer.echo(f"{h.score:.4f}\t{h.text if h.kind == 'text' else h.path}")

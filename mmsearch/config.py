@@ -44,16 +44,30 @@ class ModelRef:
         return f"{name}@{self.pretrained}" if self.pretrained else name
 
 
+#: RAM the faiss index may use when no --memory is given (the index only; embeddings are memory-mapped)
+DEFAULT_INDEX_MEMORY = 4 * 2**30
+
+
 @dataclass(frozen=True)
 class IndexSpec:
-    """How the faiss index is chosen and built."""
+    """How the faiss index is chosen, built and tuned (see mmsearch.index.plan_index)."""
 
-    index_type: str = "auto"  # "auto", "flat" (exact) or "ivfpq" (IVF-PQ + exact re-rank)
+    index_type: str = "auto"  # "auto", "flat" (exact), "hnsw", "ivfflat" or "ivfpq" (IVF-PQ + exact re-rank)
+    factory: str | None = None  # a faiss index_factory string ("IVF4096,PQ32", "HNSW32"); overrides index_type
+    memory: int | str | None = None  # RAM budget for the index ("4G" or bytes); None = DEFAULT_INDEX_MEMORY
     flat_max: int = 50_000  # "auto" stays exact up to this many vectors (exact search over 50k x 256 is a few ms)
-    pq_m: int | None = None  # PQ sub-quantizers; None = largest of 64/48/32/24/16/8 dividing d
+    ivfflat_max: int = 1_000_000  # "auto" uses IVF-Flat below this many vectors when they fit the budget, else IVF-PQ
+    pq_m: int | None = None  # PQ sub-quantizers; None = largest of 64/48/32/24/16/8 dividing d that fits the budget
     nlist: int | None = None  # IVF lists; None = 2**round(log2(4*sqrt(N))), capped so each list trains on >= 39 points
-    nprobe: int | None = None  # lists visited per query; None = max(1, nlist // 8)
-    rerank_factor: int = 10  # IVF-PQ returns k * rerank_factor candidates, re-ranked with exact vectors
+    train_per_list: int = 64  # k-means trains on at most this many sampled vectors per list (at least 39)
+    hnsw_m: int = 32  # HNSW graph degree
+    nprobe: int | None = None  # IVF lists visited per query; None = tuned at build time to target_recall
+    ef_search: int | None = None  # HNSW search breadth; None = tuned at build time to target_recall
+    target_recall: float = 0.95  # tuning goal: recall@10 against exact search
+    tune_queries: int = 500  # stored vectors used as held-out tuning queries (their own entry left out)
+    rerank_factor: int = 10  # lossy indexes return k * rerank_factor candidates, re-ranked with exact vectors
+    growth_rebuild: float = 4.0  # retrain an IVF index once the collection is this many times what it was trained on
+    gpu: str = "auto"  # "auto": faiss on the GPU when faiss-gpu sees one (training, adding, search); "never"
     seed: int = 1234  # k-means / sampling seed, so builds are reproducible
 
 

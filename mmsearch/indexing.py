@@ -35,6 +35,7 @@ class IndexReport:
     skipped: list[Skipped] = field(default_factory=list)
     total: int = 0  # items in the index afterwards
     index_kind: str | None = None
+    index_notes: list[str] = field(default_factory=list)  # rebuilds and why, tuned search settings
     seconds: float = 0.0
     embedded_per_second: float = 0.0
 
@@ -249,9 +250,56 @@ def index_texts(
                    on_progress, None, t0)
 
 
+def spec_to_manifest(spec: IndexSpec) -> dict:
+    """The index settings as stored in the manifest, so later updates keep them."""
+    from dataclasses import asdict
+
+    return asdict(spec)
+
+
+def spec_from_manifest(manifest: dict) -> IndexSpec:
+    """The index settings an index was built with (format 1 kept only the index type)."""
+    from dataclasses import fields
+
+    stored = manifest.get("index_spec")
+    if stored is None:
+        return IndexSpec(index_type=manifest.get("index_type", "auto"))
+    known = {f.name for f in fields(IndexSpec)}
+    return IndexSpec(**{k: v for k, v in stored.items() if k in known})
+
+
+def sync_index(vindex, embeddings: np.ndarray, ids: np.ndarray, spec: IndexSpec, changed: set[int],
+               notes: list[str]):
+    """Bring ``vindex`` up to date with ``embeddings`` (row i is item ``ids[i]``): remove items that
+    are gone or whose vector ``changed``, add the new ones, in place; build afresh when there is no
+    index yet or it no longer fits the collection (the reason goes to ``notes``). Returns the index.
+    """
+    from .index import VectorIndex, VectorLookup
+
+    n = len(ids)
+    if n == 0:
+        return None
+    reason = "no index yet" if vindex is None else vindex.needs_rebuild(n, spec)
+    if reason is None:
+        have = vindex.ids()
+        stale = np.union1d(np.setdiff1d(have, ids), np.intersect1d(have, np.fromiter(changed, np.int64, len(changed))))
+        if len(stale) and not vindex.can_remove:
+            reason = f"a {vindex.kind} index cannot remove items in place"
+    if reason is not None:
+        vindex = VectorIndex.build(embeddings, ids, spec)
+        if vindex.kind != "flat" or len(notes):
+            notes.append(f"built a {vindex.kind} index over {n} vectors ({reason})")
+        return vindex
+    vindex.remove(stale)
+    new = np.setdiff1d(ids, vindex.ids())
+    if len(new):
+        vindex.add(embeddings[VectorLookup(embeddings, ids).rows(new)], new, keep_vectors=False)
+    vindex.attach(embeddings, ids)
+    return vindex
+
+
 def _update(files, skipped, root, index_path, encoder, model, spec, config, on_progress, on_skip, t0) -> IndexReport:
     """Apply scanned ``files`` of one source (``root``: folder or membership predicate) to the index."""
-    from .index import VectorIndex, choose_kind
 
     index_path = Path(index_path)
     belongs = _membership(root)
@@ -281,8 +329,8 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
             existing = Collection.open(index_path)
         items = existing.items if existing else Items.empty()
         base = dict(existing.manifest) if existing else {"model": _model_record(ref), "next_id": 0}
-        if spec is None:  # keep the index type the user chose when the index was built
-            spec = IndexSpec(index_type=base.get("index_type", "auto"))
+        if spec is None:  # keep the index settings the user chose when the index was built
+            spec = spec_from_manifest(base)
         old_failures = base.get("failed", {})
         plan = plan_update(files, items, root, [s.path for s in skipped if s.unreadable], old_failures)
         for s in plan.known_failures:
@@ -330,13 +378,22 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
             row_of_id = {int(i): r for r, i in enumerate(items.id)}
             pending_items, pending_emb, dropped_ids = [], [], set()
 
+        vindex = None  # the faiss index, updated in place between commits (rebuilt only when needed)
+        if existing is not None and len(existing.items) and existing.manifest["index"].get("kind"):
+            if spec_from_manifest(existing.manifest) == spec:
+                vindex = existing.load_index(mmap=False)
+            else:
+                report.index_notes.append("index settings changed: rebuilding the index")
+        reembedded: set[int] = set()  # ids whose vector changed since vindex was last synced
+
         def save():
-            nonlocal base, dirty
+            nonlocal base, dirty, vindex
             flush()
             dirty = False
             base["failed"] = failures
-            base["index_type"] = spec.index_type
-            vindex = VectorIndex.build(embeddings, items.id, spec) if len(items) else None
+            base["index_spec"] = spec_to_manifest(spec)
+            vindex = sync_index(vindex, embeddings, items.id, spec, reembedded, report.index_notes)
+            reembedded.clear()
             base = commit(index_path, items, embeddings, vindex, base)
 
         done, since_commit = 0, 0
@@ -374,6 +431,7 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
                 if f.path in plan.reuse_ids:  # re-embedded in place: same id, same row
                     r = row_of_id[plan.reuse_ids[f.path]]
                     embeddings[r] = vector
+                    reembedded.add(plan.reuse_ids[f.path])
                     items.size[r], items.mtime_ns[r], items.text[r] = f.size, f.mtime_ns, f.text
                     report.updated += 1
                 else:
@@ -397,9 +455,8 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
             report.embedded_per_second = done / max(1e-9, time.perf_counter() - t_embed)
 
         n_final = len(items) + sum(len(p) for p in pending_items) - len(dropped_ids)
-        current = base.get("index", {}).get("kind")
-        wanted = choose_kind(n_final, spec) if n_final else None
-        if existing is None or dirty or wanted != current or base.get("index_type", "auto") != spec.index_type:
+        stale = n_final and (vindex is None or vindex.needs_rebuild(n_final, spec))
+        if existing is None or dirty or stale or spec_from_manifest(base) != spec:
             save()
         elif failures != old_failures:  # only the failure record changed: no new generation needed
             base["failed"] = failures

@@ -38,8 +38,12 @@ class Searcher:
     The encoder defaults to the model recorded in the index manifest, loaded on first query.
     """
 
-    def __init__(self, index: str | os.PathLike | Collection, encoder=None) -> None:
+    def __init__(self, index: str | os.PathLike | Collection, encoder=None, nprobe: int | None = None,
+                 ef_search: int | None = None, rerank_factor: int | None = None, gpu: bool | None = None) -> None:
+        """``nprobe`` / ``ef_search`` / ``rerank_factor`` override the values tuned at build time for
+        every query; ``gpu`` (None: when faiss-gpu sees a CUDA device) searches the index on the GPU."""
         self.collection = index if isinstance(index, Collection) else Collection.open(index, load_index=True)
+        self.search_options = {"nprobe": nprobe, "ef_search": ef_search, "rerank_factor": rerank_factor}
         if self.collection.count == 0:
             raise EmptyIndexError(
                 f"index {self.collection.path} is empty: add images with `mmsearch index FOLDER`"
@@ -52,6 +56,12 @@ class Searcher:
                     f"{encoder.name!r}: load the index's model or rebuild the index"
                 )
         self._encoder = encoder
+        self.on_gpu = False
+        if gpu or (gpu is None and self.collection.count > EXACT_FILTER_MAX):
+            from .index import gpu_count
+
+            if gpu_count():
+                self.on_gpu = self.collection.index.to_gpu()
         self._kinds: np.ndarray | None = None  # items' kinds as an array, built on first filtered query
         self._kind_rows: dict[str, np.ndarray] = {}
 
@@ -76,8 +86,9 @@ class Searcher:
         q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         kinds = self.collection.items.kind
         rows = self._rows_of_kind(kind) if kind is not None else None
+        opts = {key: v for key, v in self.search_options.items() if v is not None}
         if rows is None or len(rows) == len(kinds):
-            return self.collection.index.search(q, k)
+            return self.collection.index.search(q, k, **opts)
         if len(rows) == 0:
             have = ", ".join(sorted(set(kinds)))
             raise EmptyIndexError(f"index {self.collection.path} holds no {kind} items (it has: {have})")
@@ -85,17 +96,18 @@ class Searcher:
         if len(rows) > EXACT_FILTER_MAX:
             # a large share of a large index: over-fetch from the ANN index and keep that modality
             n = len(kinds)
-            D, I = self.collection.index.search(q, min(n, k + int(np.ceil(2 * k * n / len(rows)))))
+            D, I = self.collection.index.search(q, min(n, k + int(np.ceil(2 * k * n / len(rows)))), **opts)
             wanted = (self._kind_array()[self.collection.rows_of(I)] == kind).reshape(I.shape)
             if (wanted.sum(1) >= k).all():
                 cols = np.argsort(~wanted, axis=1, kind="stable")[:, :k]  # first k wanted, order kept
                 return np.take_along_axis(D, cols, 1), np.take_along_axis(I, cols, 1)
         # exact search over that modality's vectors: a filter never returns fewer than asked
-        scores = q @ np.asarray(self.collection.embeddings[rows]).T
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        order = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable"), 1)
-        return (np.take_along_axis(scores, order, 1).astype(np.float32),
-                self.collection.items.id[rows][order].astype(np.int64))
+        from .index import VectorLookup, exact_topk
+
+        lookup = VectorLookup(self.collection.embeddings[rows], self.collection.items.id[rows])
+        I = exact_topk(q, lookup, k)
+        D = np.einsum("qkd,qd->qk", self.collection.lookup.get(I), q)
+        return D.astype(np.float32), I
 
     def _kind_array(self) -> np.ndarray:
         if self._kinds is None:

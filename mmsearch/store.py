@@ -30,7 +30,8 @@ from ._util import atomic_write_bytes
 from .errors import EmptyIndexError, IndexFormatError, IndexLockedError, IndexNotFoundError
 
 FORMAT = "mmsearch-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: IVF indexes hold ids themselves, re-ranked from embeddings.npy; tuned nprobe/efSearch
+READABLE_VERSIONS = (1, 2)  # version 1 indexes are searched as they are and rebuilt on their next update
 MANIFEST = "manifest.json"
 ITEMS, EMBEDDINGS, FAISS = "items.parquet", "embeddings.npy", "index.faiss"
 COLUMNS = ("id", "path", "size", "mtime_ns", "kind")  # required; "text" is optional (None for images)
@@ -115,7 +116,7 @@ def read_manifest(path: str | Path) -> dict:
     if manifest.get("format") != FORMAT:
         raise IndexFormatError(f"{mf} is not an mmsearch index manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise IndexFormatError(
             f"index {path} has format version {version}, this mmsearch reads version {FORMAT_VERSION}: "
             "rebuild it with `mmsearch index` into a new --index folder"
@@ -132,7 +133,7 @@ class Collection:
         self.items = items
         self.embeddings = embeddings
         self._index = None
-        self._row_of_id: dict[int, int] | None = None
+        self._lookup = None
 
     # ---- reading --------------------------------------------------------------------------------
     @classmethod
@@ -169,23 +170,34 @@ class Collection:
         return self.manifest["model"]
 
     @property
-    def index(self):
-        """The faiss index of the committed generation (loaded on first use)."""
-        if self._index is None:
-            from .index import VectorIndex
+    def lookup(self):
+        """Embeddings by item id (a VectorLookup over the memory-mapped embeddings)."""
+        if self._lookup is None:
+            from .index import VectorLookup
 
-            if self.count == 0:
-                raise EmptyIndexError(f"index {self.path} is empty: add files with `mmsearch index FOLDER`")
-            info = self.manifest["index"]
-            self._index = VectorIndex.load(self.path / self.manifest["generation_dir"] / FAISS,
-                                           info["kind"], info["params"])
+            self._lookup = VectorLookup(self.embeddings, self.items.id)
+        return self._lookup
+
+    @property
+    def index(self):
+        """The faiss index of the committed generation, memory-mapped (loaded on first use)."""
+        if self._index is None:
+            self._index = self.load_index(mmap=True)
         return self._index
 
+    def load_index(self, mmap: bool = False):
+        """The faiss index of the committed generation; ``mmap`` maps it read-only instead of reading it."""
+        from .index import VectorIndex
+
+        if self.count == 0:
+            raise EmptyIndexError(f"index {self.path} is empty: add files with `mmsearch index FOLDER`")
+        info = self.manifest["index"]
+        return VectorIndex.load(self.path / self.manifest["generation_dir"] / FAISS, info["kind"], info["params"],
+                                mmap=mmap, vectors=self.lookup)
+
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
-        """Item-table rows of the given item ids."""
-        if self._row_of_id is None:
-            self._row_of_id = {int(i): r for r, i in enumerate(self.items.id)}
-        return np.array([self._row_of_id[int(i)] for i in np.ravel(ids)], dtype=np.int64)
+        """Item-table rows of the given item ids (flattened)."""
+        return self.lookup.rows(np.ravel(ids))
 
     def disk_bytes(self) -> int:
         gen = self.path / self.manifest["generation_dir"]

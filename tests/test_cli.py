@@ -163,3 +163,24 @@ def test_help_is_fast_and_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     assert mmsearch("--help").returncode == 0
+
+
+def test_batch_queries_match_single_queries(built_index, pairs, tmp_path):
+    """`mmsearch query --batch FILE`: one answer per line, the same as asking one by one."""
+    idx, mapping = built_index
+    queries = [pairs.captions[i][0] for i in range(3)]
+    qfile = tmp_path / "queries.txt"
+    qfile.write_text("\n".join(queries) + "\n\n", encoding="utf-8")  # a blank line is skipped
+    r = run("query", "--batch", qfile, "-k", "3", "--index", idx)
+    assert r.exit_code == 0, r.output
+    rows = [line.split("\t") for line in r.stdout.strip().splitlines()]
+    assert [q for q, _, _ in rows] == [q for q in queries for _ in range(3)]
+    for q in queries:
+        single = run("query", q, "-k", "3", "--index", idx).stdout.strip().splitlines()
+        assert [f"{s}\t{p}" for qq, s, p in rows if qq == q] == single
+    assert rows[0][2] == mapping[pairs.images[0]]  # the photo the first caption was written for
+    r = run("query", "--batch", qfile, "-k", "2", "--json", "--index", idx)
+    answers = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    assert [a["query"] for a in answers] == queries and all(len(a["hits"]) == 2 for a in answers)
+    r = run("query", "a dog", "--batch", qfile, "--index", idx)
+    assert r.exit_code == 1 and "give one of" in r.stderr
