@@ -8,7 +8,7 @@ held-out queries, over an nprobe / efSearch sweep (the recall-QPS curve). The se
 tuned itself (target recall@10 0.95 on stored vectors, own entry left out) is marked.
 
 Datasets (d = 256, the dimension of the default model):
-- ``real``: Flickr8k train+dev photos and captions embedded by the default model (~42k vectors);
+- ``real``: Flickr8k train+dev photos and captions embedded by the default model (42,000 vectors);
   queries: the test split's 5,000 captions (text->image queries, never indexed, never tuned on).
 - ``synth-100k`` / ``synth-1m``: seeded synthetic vectors anchored on the real ones: a random real
   embedding plus Gaussian noise shaped like the real embeddings' covariance (x0.5), re-normalised;
@@ -154,7 +154,7 @@ def run_dataset(name: str, base: np.ndarray, queries: np.ndarray, methods: list[
             kw = {knob: v} if knob else {}
             s_qps, b_qps, I = qps(index, queries, 10, args.single, **kw)
             row = {knob or "setting": v, "recall@1": round(recall(I, truth, 1), 4), "recall@10": round(recall(I, truth, 10), 4),
-                   "qps_single": round(s_qps, 1), "qps_batched": round(b_qps, 1), "tuned": v == tuned}
+                   "qps_single": round(s_qps, 1), "qps_batched": round(b_qps, 1), "tuned": knob is not None and v == tuned}
             if method == "ivfpq":
                 _, b2, I2 = qps(index, queries, 10, 0, rerank_factor=1, **kw)
                 row["no_rerank"] = {"recall@10": round(recall(I2, truth, 10), 4), "qps_batched": round(b2, 1)}
@@ -225,7 +225,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])  # synthetic dataset sizes
     ap.add_argument("--queries", type=int, default=1000, help="held-out queries per synthetic dataset")
     ap.add_argument("--single", type=int, default=200, help="queries timed one at a time")
     ap.add_argument("--methods", nargs="*", default=list(METHODS))

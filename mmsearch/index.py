@@ -160,6 +160,13 @@ def plan_index(n: int, d: int, spec: IndexSpec = IndexSpec()) -> dict[str, Any]:
     return plan
 
 
+def check_spec(spec: IndexSpec, d: int) -> None:
+    """Raise ValueError now if ``spec`` cannot give an index for vectors of dimension ``d``."""
+    plan_index(1, d, spec)
+    if spec.factory:
+        VectorIndex._from_factory(d, spec.factory)
+
+
 def _as_matrix(x: np.ndarray, what: str) -> np.ndarray:
     """``x`` as a C-contiguous float32 2-D array with finite values, else ValueError."""
     x = np.asarray(x)
@@ -226,12 +233,9 @@ class VectorLookup:
         return out
 
     def get(self, ids: np.ndarray) -> np.ndarray:
-        flat = np.ravel(ids)
-        rows = self.rows(flat)
-        order = np.argsort(rows, kind="stable")  # read a memory map front to back
-        out = np.empty((len(flat), self.vectors.shape[1]), np.float32)
-        out[order] = self.vectors[rows[order]]
-        return out.reshape(*np.shape(ids), -1)
+        rows = self.rows(np.ravel(ids))
+        out = np.take(self.vectors, rows, axis=0)  # (sorting the rows first is slower once pages are cached)
+        return np.asarray(out, np.float32).reshape(*np.shape(ids), -1)
 
 
 def gpu_count() -> int:
@@ -492,25 +496,25 @@ class VectorIndex:
 
     # ---- searching -------------------------------------------------------------------------------
     def _search_params(self, nprobe: int | None, ef: int | None):
+        """Per-call search parameters (no shared state, so concurrent searches are safe)."""
         faiss = _faiss()
 
-        if self.kind == "hnsw" or (self.kind == "factory" and _hnsw(self._index) is not None):
+        if _hnsw(self._index) is not None:
             return faiss.SearchParametersHNSW(efSearch=int(ef)) if ef else None
-        if _is_ivf(self._index) and nprobe:
-            p = faiss.SearchParametersIVF(nprobe=int(nprobe))
-            inner = self._index
-            wrappers = []
-            while isinstance(inner, (faiss.IndexPreTransform, faiss.IndexRefine, faiss.IndexIDMap, faiss.IndexIDMap2)):
-                wrappers.append(type(inner))
-                inner = faiss.downcast_index(inner.index if not isinstance(inner, faiss.IndexRefine) else inner.base_index)
-            for w in reversed(wrappers):
-                if w is faiss.IndexPreTransform:
-                    p = faiss.SearchParametersPreTransform(index_params=p)
-                elif w is faiss.IndexRefine:
-                    p = faiss.IndexRefineSearchParameters(k_factor=float(faiss.downcast_index(self._index).k_factor),
-                                                          base_index_params=p)
-            return p
-        return None
+        if not (_is_ivf(self._index) and nprobe):
+            return None
+        if self.params.get("legacy_refine"):  # format 1 layout: IdMap2(IndexRefineFlat(IVFPQ))
+            faiss.extract_index_ivf(self._index).nprobe = int(nprobe)
+            return None
+        p = faiss.SearchParametersIVF(nprobe=int(nprobe))
+        wrappers, inner = [], self._index
+        while isinstance(inner, (faiss.IndexPreTransform, faiss.IndexIDMap, faiss.IndexIDMap2)):
+            wrappers.append(inner)
+            inner = faiss.downcast_index(inner.index)
+        for w in reversed(wrappers):
+            if isinstance(w, faiss.IndexPreTransform):
+                p = faiss.SearchParametersPreTransform(index_params=p)
+        return p
 
     @property
     def reranks(self) -> bool:
@@ -591,7 +595,7 @@ class VectorIndex:
         step = max(1, (64 << 20) // max(1, I.shape[1] * self.d * 4))  # ~64 MB of gathered vectors at a time
         for s in range(0, len(q), step):
             vecs = self._lookup.get(safe[s:s + step])
-            scores = np.einsum("qcd,qd->qc", vecs, q[s:s + step])
+            scores = np.matmul(vecs, q[s:s + step, :, None])[..., 0]
             scores[~valid[s:s + step]] = -np.inf
             order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
             out_D[s:s + step] = np.take_along_axis(scores, order, 1)
@@ -641,12 +645,21 @@ class VectorIndex:
         if _is_ivf(self._index):
             nlist = self._nlist()
             candidates = [spec.nprobe] if spec.nprobe else sorted({min(nlist, 2 ** i) for i in range(0, 20)})
-            for p in candidates:
-                r = recall(nprobe=p)
-                sweep.append({"nprobe": p, "recall": round(r, 4)})
-                if r >= spec.target_recall:
+            # lossy codes: when even every list falls short, re-rank deeper (k x 2, 4, ... up to 64)
+            factors = [int(self.params.get("rerank_factor", 1))]
+            while self.reranks and factors[-1] < 64:
+                factors.append(factors[-1] * 2)
+            for f in factors:
+                for p in candidates:
+                    r = recall(nprobe=p, rerank_factor=f)
+                    sweep.append({"nprobe": p, "recall": round(r, 4), **({"rerank_factor": f} if self.reranks else {})})
+                    if r >= spec.target_recall:
+                        break
+                if sweep[-1]["recall"] >= spec.target_recall:
                     break
             self.params["nprobe"] = sweep[-1]["nprobe"]
+            if self.reranks:
+                self.params["rerank_factor"] = sweep[-1]["rerank_factor"]
         elif self.kind == "hnsw" or _hnsw(self._index) is not None:
             candidates = [spec.ef_search] if spec.ef_search else [16, 32, 64, 128, 256, 512, 1024, 2048]
             for ef in candidates:
@@ -743,10 +756,10 @@ class VectorIndex:
         self = cls(index, kind, params, vectors)
         self.read_only = mmap
         if isinstance(index, faiss.IndexIDMap2) and isinstance(faiss.downcast_index(index.index), faiss.IndexRefine):
-            self.kind = "factory"  # the old layout: searched through faiss's own refine step
-            self.params.setdefault("rerank_factor", 1)
+            # the format-1 layout: searched through faiss's own refine step, rebuilt on the next update
+            self.kind = "factory"
             faiss.downcast_index(index.index).k_factor = float(params.get("rerank_factor", 10))
-            self.params["rerank_factor"] = 1
+            self.params.update(rerank_factor=1, legacy_refine=True)
         return self
 
 
