@@ -123,6 +123,21 @@ def main() -> None:
                       f"batched QPS {t['batched qps vs flat']}× Flat (≥ 20×: {'met' if t['>= 20x flat batched qps'] else 'MISSED'}), "
                       f"RAM per vector {t['ram per vector vs flat']:.3f}× Flat (≤ 1/8: {'met' if t['<= 1/8 of flat ram'] else 'MISSED'}).")
 
+    videos = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("video_throughput_*.json"))]
+    for v in videos:
+        print()
+        print(f"Video indexing ({v['what']}; {v['machine']}), from `{v['command']}`:")
+        print()
+        print("| measure | value |")
+        print("|---|---|")
+        print(f"| model forward only | {v['forward_only_frames_per_s']} frames/s |")
+        print(f"| decode + sample + preprocess (PyAV, no model) | {v['decode_sample_preprocess_frames_per_s']} frames/s |")
+        print(f"| `index_folder` end to end (model loaded) | {v['index_end_to_end_frames_per_s']} frames/s = "
+              f"{v['ratio_end_to_end_vs_forward']:.2f} × forward; {v['video_seconds_indexed_per_wall_second']} s of "
+              f"video per second |")
+        print(f"| index size | {v['index_bytes_per_frame']:.0f} bytes/frame = {v['index_megabytes_per_hour_of_video']} MB "
+              f"per hour of video |")
+
 
 def _default(field: str):
     import sys

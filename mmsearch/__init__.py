@@ -25,10 +25,13 @@ __version__ = "0.1.0"
 _LAZY = {
     "Encoder": "encoder",
     "VectorIndex": "index",
+    "plan_index": "index",
+    "IndexSpec": "config",
     "Collection": "store",
     "Searcher": "search",
     "Hit": "search",
     "index_folder": "indexing",
+    "index_texts": "indexing",
     "recall_at_k": "metrics",
 }
 

@@ -35,6 +35,54 @@ def prefetch_map(fn: Callable[[T], R], items: Iterable[T], depth: int = 2, worke
             yield fut.result()
 
 
+def prefetch_iter(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """``items`` (an iterator) run ahead in a background thread, at most ``depth`` items buffered.
+
+    Exceptions raised by the producer surface in the consumer; a consumer that stops early stops
+    the producer at its next item.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((None, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((None, done))
+        except BaseException as e:  # handed to the consumer
+            q.put((e, None))
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            error, item = q.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except Exception:
+                pass
+            thread.join(timeout=0.05)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new file, never a partial one."""
     path = Path(path)

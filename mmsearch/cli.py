@@ -81,12 +81,16 @@ def index(
     target_recall: Optional[float] = typer.Option(
         None, "--target-recall", min=0.01, max=1.0, help="Tune nprobe/efSearch to this recall@10 against exact search [default: 0.95]."),
     rerank: Optional[int] = typer.Option(
-        None, "--rerank", min=1, help="IVF-PQ: re-rank k x this many candidates with the exact vectors [default: 10]."),
+        None, "--rerank", min=1, help="IVF-PQ: re-rank k x this many candidates with the exact vectors [default: 4, deeper if tuning needs it]."),
+    frame_interval: float = typer.Option(
+        1.0, "--frame-interval", min=0.01, help="Seconds between sampled video frames (plus the first frame)."),
+    skip_similar: Optional[float] = typer.Option(
+        None, "--skip-similar", min=0.0, help="Drop video frames this close to the last kept one (mean grey levels, e.g. 3)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     commit_every: int = typer.Option(2048, "--commit-every", min=1, help="Save progress to disk every N images."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Add new, re-embed changed and drop deleted images of FOLDER (and texts of --texts) in the index."""
+    """Add new, re-embed changed and drop deleted images and videos of FOLDER (and texts of --texts) in the index."""
     from dataclasses import replace
 
     from tqdm import tqdm
@@ -115,7 +119,7 @@ def index(
         if quiet:
             return
         if bar is None:
-            bar = tqdm(total=total, unit="img", desc="embedding", file=sys.stderr, dynamic_ncols=True)
+            bar = tqdm(total=total, unit="file", desc="embedding", file=sys.stderr, dynamic_ncols=True)
         bar.update(done - bar.n)
 
     def skip(s) -> None:
@@ -127,12 +131,13 @@ def index(
                   "rerank_factor": rerank}
     index_opts = {k: v for k, v in index_opts.items() if v is not None}
     spec = IndexSpec(**index_opts) if index_opts else None
-    config = replace(IndexingConfig(), batch_size=batch_size, commit_every=commit_every)
+    config = replace(IndexingConfig(), batch_size=batch_size, commit_every=commit_every,
+                     frame_interval=frame_interval, skip_similar=skip_similar)
     reports = []
     try:
         if folder is not None:
-            reports.append(("images", index_folder(folder, _index_dir(index), model=ref, spec=spec, config=config,
-                                                   on_progress=progress, on_skip=skip)))
+            reports.append(("files", index_folder(folder, _index_dir(index), model=ref, spec=spec, config=config,
+                                                  on_progress=progress, on_skip=skip)))
         if texts is not None:
             if bar is not None:
                 bar.close()
@@ -154,9 +159,22 @@ def index(
             typer.echo(f"note: {note}", err=True)
 
 
+KINDS = ("auto", "all", "image", "video", "text")
+
+
 def _hit_json(h) -> dict:
     return {"rank": h.rank, "score": round(h.score, 6), "path": h.path, "kind": h.kind,
-            **({"text": h.text} if h.kind == "text" else {})}
+            **({"text": h.text} if h.kind == "text" else {}),
+            **({"start": h.start, "end": h.end} if h.kind == "video" else {})}
+
+
+def _hit_line(h) -> str:
+    """`score<TAB>path` (images), `score<TAB>text` (texts), `score<TAB>path<TAB>start-end` (videos, seconds)."""
+    if h.kind == "text":
+        return f"{h.score:.4f}\t{h.text}"
+    if h.kind == "video":
+        return f"{h.score:.4f}\t{h.path}\t{h.start:g}-{h.end:g}"
+    return f"{h.score:.4f}\t{h.path}"
 
 
 @app.command()
@@ -167,7 +185,7 @@ def query(
     k: int = typer.Option(10, "-k", "--top-k", min=1, help="Number of results."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON array of {rank, score, path, kind}."),
     kind: str = typer.Option(
-        "auto", "--kind", help="image, text or all; auto = the other modality when the index has it (text -> images, image -> texts)."),
+        "auto", "--kind", help="image, video, text or all; auto = the other modality when the index has it (text -> photos and videos, image -> texts)."),
     batch: Optional[Path] = typer.Option(
         None, "--batch", help="Answer every line of this text file as a query (batched); prints query<TAB>score<TAB>result."),
     nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="IVF lists to visit [default: tuned at build]."),
@@ -175,7 +193,8 @@ def query(
     rerank: Optional[int] = typer.Option(None, "--rerank", min=1, help="IVF-PQ: re-rank k x this many candidates [default: the index's]."),
     index: Optional[Path] = IndexOpt,
 ) -> None:
-    """Print the best matches, best first: `score<TAB>path` for images, `score<TAB>text` for texts."""
+    """Print the best matches, best first: `score<TAB>path` for images, `score<TAB>path<TAB>start-end`
+    for videos (seconds), `score<TAB>text` for texts."""
     from .search import Searcher
 
     given = sum(x is not None for x in (text, image, batch))
@@ -189,8 +208,8 @@ def query(
         queries = [r.text for r in read_texts(batch)]
         if not queries:
             _fail(f"no queries in {batch}: it has no non-blank lines")
-        if kind not in ("auto", "all", "image", "text"):
-            _fail(f"unknown --kind {kind!r}: use image, text, all or auto")
+        if kind not in KINDS:
+            _fail(f"unknown --kind {kind!r}: use image, video, text, all or auto")
         searcher = Searcher(_index_dir(index), nprobe=nprobe, ef_search=ef_search, rerank_factor=rerank)
         for start in range(0, len(queries), 1024):
             chunk = queries[start:start + 1024]
@@ -199,21 +218,21 @@ def query(
                     typer.echo(json.dumps({"query": q, "hits": [_hit_json(h) for h in hits]}))
                 else:
                     for h in hits:
-                        typer.echo(f"{q}\t{h.score:.4f}\t{h.text if h.kind == 'text' else h.path}")
+                        typer.echo(f"{q}\t{_hit_line(h)}")
         return
     if image is None and (text is None or not text.strip()):
         _fail("empty query: give some text to search for, or --image PATH")
     if image is not None and not image.is_file():
         _fail(f"query image not found: {image}")
-    if kind not in ("auto", "all", "image", "text"):
-        _fail(f"unknown --kind {kind!r}: use image, text, all or auto")
+    if kind not in KINDS:
+        _fail(f"unknown --kind {kind!r}: use image, video, text, all or auto")
     searcher = Searcher(_index_dir(index), nprobe=nprobe, ef_search=ef_search, rerank_factor=rerank)
     hits = searcher.search_image(image, k, kind) if image is not None else searcher.search_text(text, k, kind)
     if as_json:
         typer.echo(json.dumps([_hit_json(h) for h in hits]))
     else:
         for h in hits:
-            typer.echo(f"{h.score:.4f}\t{h.text if h.kind == 'text' else h.path}")
+            typer.echo(_hit_line(h))
 
 
 @app.command()
@@ -247,6 +266,28 @@ def info(
         if key == "disk_bytes":
             value = f"{value / 2**20:.2f} MiB ({value} bytes)"
         typer.echo(f"{key + ':':16s}{value}")
+
+
+@app.command()
+@handle_errors
+def frame(
+    video: Path = typer.Argument(..., help="A video file."),
+    at: float = typer.Option(..., "--at", min=0.0, help="Time in seconds (e.g. the start of a hit's span)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Image file to write (.jpg, .png, ...)."),
+) -> None:
+    """Write the frame shown at --at seconds of VIDEO to an image file, to look at a hit."""
+    from .video import frame_at
+
+    if not video.is_file():
+        _fail(f"video not found: {video}")
+    image = frame_at(str(video), at)
+    if out.parent and not out.parent.exists():
+        _fail(f"folder not found for --out: {out.parent}")
+    try:
+        image.save(out)
+    except (KeyError, ValueError):
+        _fail(f"cannot write {out}: give it an image extension such as .jpg or .png")
+    typer.echo(f"wrote {out} ({image.width}x{image.height}, {video} at {at:g}s)", err=True)
 
 
 def _load_pairs_or_fail(data: Path, split: Optional[str]):

@@ -18,6 +18,9 @@ INDEX_ENV_VAR = "MMSEARCH_INDEX"
 #: file extensions (lower case) treated as images
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
+#: file extensions (lower case) treated as videos (decoded with PyAV)
+VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".avi", ".mov", ".mkv", ".m4v"})
+
 #: images with more pixels than this are skipped (decompression-bomb guard)
 MAX_IMAGE_PIXELS = 100_000_000
 
@@ -65,7 +68,7 @@ class IndexSpec:
     ef_search: int | None = None  # HNSW search breadth; None = tuned at build time to target_recall
     target_recall: float = 0.95  # tuning goal: recall@10 against exact search
     tune_queries: int = 500  # stored vectors used as held-out tuning queries (their own entry left out)
-    rerank_factor: int = 10  # lossy indexes return k * rerank_factor candidates, re-ranked with exact vectors
+    rerank_factor: int = 4  # lossy indexes return k * rerank_factor candidates, re-ranked with exact vectors
     growth_rebuild: float = 4.0  # retrain an IVF index once the collection is this many times what it was trained on
     gpu: str = "auto"  # "auto": faiss on the GPU when faiss-gpu sees one (training, adding, search); "never"
     seed: int = 1234  # k-means / sampling seed, so builds are reproducible
@@ -80,6 +83,9 @@ class IndexingConfig:
     max_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped with a warning
     follow_symlinks: bool = True  # follow links to files and folders (loops are detected and skipped)
     extensions: frozenset[str] = field(default=IMAGE_EXTENSIONS)  # what counts as an image
+    video_extensions: frozenset[str] = field(default=VIDEO_EXTENSIONS)  # what counts as a video
+    frame_interval: float = 1.0  # seconds between sampled video frames (plus the first frame)
+    skip_similar: float | None = None  # drop sampled frames this close (mean grey levels, 16x16) to the last kept one
 
 
 @dataclass(frozen=True)

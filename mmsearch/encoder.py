@@ -183,12 +183,23 @@ class Encoder:
         return tokens
 
     # ---- forward passes ------------------------------------------------------------------------
+    def _autocast(self):
+        """bf16 (else fp16) autocast on CUDA; full precision on the CPU."""
+        import contextlib
+
+        import torch
+
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
     def embed_pixels(self, pixels) -> np.ndarray:
         """A batch tensor (n, C, H, W) from ``preprocess`` -> float32 (n, d), L2-normalised."""
         import torch
 
-        with torch.inference_mode():
-            x = pixels.to(self.device)
+        with torch.inference_mode(), self._autocast():
+            x = pixels.to(self.device, non_blocking=True)
             if self.device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
             out = self.model.encode_image(x)
@@ -197,7 +208,7 @@ class Encoder:
     def embed_tokens(self, tokens) -> np.ndarray:
         import torch
 
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             out = self.model.encode_text(tokens.to(self.device))
         return _normalise(out.float().cpu().numpy())
 

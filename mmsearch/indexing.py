@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from ._util import batched, prefetch_map
+from ._util import batched, prefetch_iter
 from .config import DEFAULT_MODEL, IndexingConfig, IndexSpec, ModelRef
 from .errors import MediaError, ModelMismatchError
 from .media import MediaFile, Skipped, load_image, scan
@@ -50,10 +50,11 @@ class Plan:
 
     keep_rows: np.ndarray  # rows of the current items that stay (changed ones too, until re-embedded)
     to_embed: list[MediaFile]  # new or changed files
-    reuse_ids: dict[str, int]  # path -> existing item id, for changed files
-    removed: int  # items whose file is gone from under the root
-    unchanged: int  # kept items under the root
+    reuse_ids: dict[str, int]  # path -> existing item id, for changed images and texts
+    removed: int  # files whose items are gone from under the root
+    unchanged: int  # kept files under the root
     known_failures: list[Skipped]  # files that failed before and have not changed since: not retried
+    resampled: set[str] = field(default_factory=set)  # changed videos: their old frames dropped, re-sampled
 
 
 def _under(path: str, folder: str) -> bool:
@@ -72,12 +73,17 @@ def plan_update(
     root: str | Callable[[str, str], bool],
     unreadable: Sequence[str] = (),
     failures: dict | None = None,
+    resample_videos: bool = False,
 ) -> Plan:
     """Compare scanned ``files`` under ``root`` with the index's ``items`` (size + mtime).
 
     ``root`` is a folder (its media files belong to it; texts read from a file that happens to sit
     below it do not), or a predicate ``(path, kind)`` telling which indexed items belong to the
     source being indexed. Items of other sources are never touched.
+
+    A video is one file but many items (its sampled frames): a changed video (or every video, with
+    ``resample_videos``, after the frame interval changed) has all its frames dropped and is sampled
+    again; counts are per file.
 
     Items at or under an ``unreadable`` path (a folder that could not be listed, a file that could
     not be read) are kept as they are: a permission problem or a network hiccup is not a deletion.
@@ -87,20 +93,29 @@ def plan_update(
     failures = failures or {}
     belongs = _membership(root)
     seen = {f.path: f for f in files}
-    keep, reuse, removed, unchanged = [], {}, 0, 0
-    indexed = set()
+    keep, reuse, unchanged, removed = [], {}, set(), set()
+    indexed, resampled = set(), set()
     for row, (path, kind) in enumerate(zip(items.path, items.kind)):
         f = seen.get(path)
         if f is None:
             if belongs(path, kind) and not any(_under(path, u) for u in unreadable):
-                removed += 1  # deleted below the folder being indexed
+                removed.add(path)  # deleted below the folder being indexed
             else:
                 keep.append(row)  # another folder of the same index, or unreadable for now
             continue
+        same = int(items.size[row]) == f.size and int(items.mtime_ns[row]) == f.mtime_ns
+        if kind == "video":
+            if same and not resample_videos:
+                keep.append(row)
+                indexed.add(path)
+                unchanged.add(path)
+            else:
+                resampled.add(path)  # frames dropped now, the file goes to to_embed as a whole
+            continue
         indexed.add(path)
         keep.append(row)
-        if int(items.size[row]) == f.size and int(items.mtime_ns[row]) == f.mtime_ns:
-            unchanged += 1
+        if same:
+            unchanged.add(path)
         else:
             reuse[path] = int(items.id[row])
     to_embed, known = [], []
@@ -108,11 +123,12 @@ def plan_update(
         if f.path in indexed and f.path not in reuse:
             continue
         old = failures.get(f.path)
-        if f.path not in indexed and old and old["size"] == f.size and old["mtime_ns"] == f.mtime_ns:
+        if f.path not in indexed and f.path not in resampled and old and old["size"] == f.size \
+                and old["mtime_ns"] == f.mtime_ns:
             known.append(Skipped(f.path, f"{old['reason']} (unchanged since it failed; not retried)"))
             continue
         to_embed.append(f)
-    return Plan(np.asarray(keep, dtype=np.int64), to_embed, reuse, removed, unchanged, known)
+    return Plan(np.asarray(keep, dtype=np.int64), to_embed, reuse, len(removed), len(unchanged), known, resampled)
 
 
 def decode_batch(files: Sequence[MediaFile], encoder, max_pixels: int):
@@ -130,6 +146,46 @@ def decode_batch(files: Sequence[MediaFile], encoder, max_pixels: int):
     return (torch.stack(tensors) if tensors else None), ok, bad
 
 
+def _visual_batches(files: Sequence[MediaFile], encoder, config: IndexingConfig):
+    """(pixels or None, records, skipped, boundary) per batch of images or video frames.
+
+    Images are decoded ``batch_size`` at a time; a video streams its sampled frames (one record per
+    frame, with its time), so a long video never sits in memory. ``boundary`` is False inside a
+    video: committing there would store half a video as if it were complete. A video that fails
+    part way is reported in ``skipped`` after some of its frames: the consumer must drop those.
+    """
+    import torch
+
+    from .video import sample_frames
+
+    bs = config.batch_size
+    images: list[MediaFile] = []
+    for f in list(files) + [None]:
+        if f is None or f.kind == "video" or len(images) == bs:
+            if images:
+                pixels, ok, bad = decode_batch(images, encoder, config.max_pixels)
+                yield pixels, ok, bad, True
+                images = []
+        if f is None:
+            break
+        if f.kind != "video":
+            images.append(f)
+            continue
+        tensors, records = [], []
+        try:
+            for frame in sample_frames(f.path, config.frame_interval, config.skip_similar):
+                tensors.append(encoder.preprocess(frame.image))
+                records.append(replace(f, t=frame.t))
+                if len(tensors) == bs:
+                    yield torch.stack(tensors), records, [], False
+                    tensors, records = [], []
+        except (MediaError, OSError) as e:  # the frames already sent are dropped by the consumer
+            reason = str(e).split(": ", 1)[-1] if str(e).startswith(f.path) else str(e)
+            yield None, [], [Skipped(f.path, reason)], True
+            continue
+        yield (torch.stack(tensors) if tensors else None), records, [], True
+
+
 def embed_files(
     files: Sequence[MediaFile],
     encoder,
@@ -137,22 +193,27 @@ def embed_files(
     on_progress: Callable[[int], None] | None = None,
     on_skip: Callable[[Skipped], None] | None = None,
 ):
-    """Yield (records, embeddings) per batch; decoding of the next batches overlaps the forward pass."""
+    """Yield (records, embeddings, boundary) per batch; decoding runs ahead of the forward pass in a
+    thread. Records are the files (one per video frame, with ``t`` set); ``boundary`` says whether
+    committing after this batch is safe (not in the middle of a video). ``on_skip`` is called for
+    files that fail, before the batch that follows them (for a video: after its frames so far)."""
     texts = [f for f in files if f.kind == "text"]
     for chunk in batched(texts, 256):
-        yield list(chunk), encoder.embed_texts([f.text for f in chunk])
+        yield list(chunk), encoder.embed_texts([f.text for f in chunk]), True
         if on_progress:
             on_progress(len(chunk))
-    images = [f for f in files if f.kind != "text"]
-    work = lambda chunk: decode_batch(chunk, encoder, config.max_pixels)  # noqa: E731
-    for pixels, ok, bad in prefetch_map(work, batched(images, config.batch_size), depth=2):
+    visual = [f for f in files if f.kind != "text"]
+    for pixels, ok, bad, boundary in prefetch_iter(_visual_batches(visual, encoder, config), depth=2):
         for s in bad:
             if on_skip:
                 on_skip(s)
-        if pixels is not None:
-            yield ok, encoder.embed_pixels(pixels)
+        emb = encoder.embed_pixels(pixels) if pixels is not None else np.zeros((0, encoder.dim), np.float32)
+        yield ok, emb, boundary
         if on_progress:
-            on_progress(len(ok) + len(bad))
+            images = sum(1 for f in ok if f.kind != "video")
+            videos_done = (1 if boundary and ok and ok[-1].kind == "video" else 0)
+            if images + len(bad) + videos_done:
+                on_progress(images + len(bad) + videos_done)
 
 
 def _model_record(ref: ModelRef, dim: int | None = None) -> dict:
@@ -180,11 +241,13 @@ def index_folder(
     on_progress: Callable[[int, int], None] | None = None,
     on_skip: Callable[[Skipped], None] | None = None,
 ) -> IndexReport:
-    """Bring the index at ``index_path`` up to date with the images under ``root``.
+    """Bring the index at ``index_path`` up to date with the images and videos under ``root``.
 
-    ``encoder`` defaults to the model that built the index (or ``model``, or mmsearch-lite for a new
-    one). ``on_progress(done, total)`` is called as images are embedded; ``on_skip`` for each file
-    that cannot be used (the run goes on). Returns an IndexReport.
+    ``encoder`` defaults to the model that built the index (or ``model``, or the default model for a
+    new one). ``on_progress(done, total)`` counts files as they are embedded (a video once all its
+    sampled frames are); ``on_skip`` is called for each file that cannot be used (the run goes on).
+    Videos are sampled every ``config.frame_interval`` seconds, one item per frame. Returns an
+    IndexReport.
     """
     t0 = time.perf_counter()
     root = os.path.realpath(os.fspath(root))  # one folder reached by two names is one folder
@@ -332,7 +395,10 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
         if spec is None:  # keep the index settings the user chose when the index was built
             spec = spec_from_manifest(base)
         old_failures = base.get("failed", {})
-        plan = plan_update(files, items, root, [s.path for s in skipped if s.unreadable], old_failures)
+        sampling = {"frame_interval": config.frame_interval, "skip_similar": config.skip_similar}
+        resample = base.get("video_sampling", sampling) != sampling  # indexed with other settings
+        plan = plan_update(files, items, root, [s.path for s in skipped if s.unreadable], old_failures,
+                           resample_videos=resample)
         for s in plan.known_failures:
             skip(s)
         # failures outside this root, or still current below it, stay on record
@@ -340,7 +406,7 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
                     if not belongs(p, "image") or p in {s.path for s in plan.known_failures}}
         report.unchanged = plan.unchanged
         report.removed = plan.removed
-        dirty = bool(plan.removed)  # something not yet committed
+        dirty = bool(plan.removed or plan.resampled)  # something not yet committed
         # a text already in the index (a line that only moved, a caption repeated) keeps its vector
         known_text: dict[str, int] = {}
         if existing is not None and any(f.kind == "text" for f in plan.to_embed):
@@ -356,6 +422,10 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
         if encoder is not None:
             base["model"] = _model_record(ref, encoder.dim)
         dim = encoder.dim if encoder is not None else int(base["model"].get("dim") or 0)
+        if dim:  # a bad --index-factory or --memory fails now, not after hours of embedding
+            from .index import check_spec
+
+            check_spec(spec, dim)
         embeddings = (np.array(existing.embeddings, dtype=np.float32) if existing is not None and len(items)
                       else np.zeros((0, dim), np.float32))
         copied_emb = embeddings[[known_text[f.text] for f in copied]] if copied else None
@@ -368,13 +438,13 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
         def flush():
             """Fold pending additions and drops into items/embeddings."""
             nonlocal items, embeddings, row_of_id, pending_items, pending_emb, dropped_ids
-            if dropped_ids:
-                rows = np.array([r for r, i in enumerate(items.id) if int(i) not in dropped_ids], np.int64)
-                items, embeddings = items.take(rows), embeddings[rows]
             for part in pending_items:
                 items = Items.concat(items, part)
             if pending_emb:
                 embeddings = np.concatenate([embeddings] + pending_emb)
+            if dropped_ids:
+                rows = np.flatnonzero(~np.isin(items.id, np.fromiter(dropped_ids, np.int64, len(dropped_ids))))
+                items, embeddings = items.take(rows), embeddings[rows]
             row_of_id = {int(i): r for r, i in enumerate(items.id)}
             pending_items, pending_emb, dropped_ids = [], [], set()
 
@@ -392,6 +462,7 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
             dirty = False
             base["failed"] = failures
             base["index_spec"] = spec_to_manifest(spec)
+            base["video_sampling"] = sampling
             vindex = sync_index(vindex, embeddings, items.id, spec, reembedded, report.index_notes)
             reembedded.clear()
             base = commit(index_path, items, embeddings, vindex, base)
@@ -410,6 +481,13 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
             failures[s.path] = {"size": f.size, "mtime_ns": f.mtime_ns, "reason": s.reason}
             if s.path in plan.reuse_ids:  # a changed file that no longer decodes leaves the index
                 dropped_ids.add(plan.reuse_ids[s.path])
+            if s.path in video_ids:  # a video that broke part way: its frames so far go too
+                dropped_ids.update(video_ids.pop(s.path))
+                if s.path in plan.resampled:
+                    report.updated -= 1
+                else:
+                    report.added -= 1
+            if s.path in plan.reuse_ids or s.path in plan.resampled:
                 report.removed += 1
                 nonlocal dirty
                 dirty = True
@@ -418,15 +496,26 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
         def batches():
             if copied:
                 progress(len(copied))
-                yield copied, copied_emb
+                yield copied, copied_emb, True
             if to_encode:
                 yield from embed_files(to_encode, encoder, config, progress, failed)
 
         by_path = {f.path: f for f in plan.to_embed}
-        for ok, emb in batches():
+        video_ids: dict[str, list[int]] = {}  # frame ids of the videos embedded in this run
+        for ok, emb, boundary in batches():
             dirty = dirty or bool(ok)
             fresh = []
             for f, vector in zip(ok, emb):
+                if f.kind == "video":  # frames: always new items; counted per video file
+                    if f.path not in video_ids:
+                        video_ids[f.path] = []
+                        failures.pop(f.path, None)
+                        if f.path in plan.resampled:
+                            report.updated += 1
+                        else:
+                            report.added += 1
+                    fresh.append((f, vector))
+                    continue
                 failures.pop(f.path, None)
                 if f.path in plan.reuse_ids:  # re-embedded in place: same id, same row
                     r = row_of_id[plan.reuse_ids[f.path]]
@@ -439,16 +528,20 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
             if fresh:
                 ids = np.arange(base["next_id"], base["next_id"] + len(fresh), dtype=np.int64)
                 base["next_id"] += len(fresh)
-                report.added += len(fresh)
+                for (f, _), i in zip(fresh, ids.tolist()):
+                    if f.kind == "video" and f.path in video_ids:
+                        video_ids[f.path].append(i)
+                report.added += sum(1 for f, _ in fresh if f.kind != "video")
                 pending_items.append(Items(ids, [f.path for f, _ in fresh],
                                            np.asarray([f.size for f, _ in fresh], np.int64),
                                            np.asarray([f.mtime_ns for f, _ in fresh], np.int64),
-                                           [f.kind for f, _ in fresh], [f.text for f, _ in fresh]))
+                                           [f.kind for f, _ in fresh], [f.text for f, _ in fresh],
+                                           np.asarray([np.nan if f.t is None else f.t for f, _ in fresh], np.float64)))
                 pending_emb.append(np.stack([v for _, v in fresh]))
             since_commit += len(ok)
             # commit every commit_every images, and at least a quarter of the collection apart,
             # so the rewrites of a long first run add up to a bounded multiple of the data
-            if since_commit >= max(config.commit_every, len(items) // 4):
+            if boundary and since_commit >= max(config.commit_every, len(items) // 4):
                 since_commit = 0
                 save()
         if plan.to_embed:

@@ -26,8 +26,9 @@ class MediaFile:
     path: str  # absolute path as found under the root (symlinks not resolved)
     size: int  # bytes (st_size, following links)
     mtime_ns: int  # st_mtime_ns
-    kind: str  # "image" or "text" (video later)
+    kind: str  # "image", "video" or "text"
     text: str | None = None  # the text itself, for kind "text"
+    t: float | None = None  # seconds into the video, for one sampled frame of a "video"
 
 
 @dataclass(frozen=True)
@@ -46,14 +47,19 @@ def _os_reason(e: OSError) -> str:
 
 
 def scan(root, config: IndexingConfig = IndexingConfig()) -> tuple[list[MediaFile], list[Skipped]]:
-    """All image files under ``root`` (sorted by path) and the candidates skipped, with reasons.
+    """All image and video files under ``root`` (sorted by path) and the candidates skipped, with reasons.
 
     Files with other extensions are ignored silently. Folders reached through symlinks are walked
     after all real folders and never twice, so a real path always wins over a linked one, and a
     link to an ancestor folder is reported as a "symlink loop" instead of recursing.
     """
     root = os.path.abspath(os.fspath(root))
-    exts = {e.lower() for e in config.extensions}
+    videos = {e.lower() for e in config.video_extensions}
+    exts = {e.lower() for e in config.extensions} | videos
+
+    def kind_of(path: str) -> str:
+        return "video" if os.path.splitext(path)[1].lower() in videos else "image"
+
     try:
         st = os.stat(root)
     except FileNotFoundError:
@@ -64,8 +70,8 @@ def scan(root, config: IndexingConfig = IndexingConfig()) -> tuple[list[MediaFil
         if stat.S_ISREG(st.st_mode) and os.path.splitext(root)[1].lower() in exts:
             if st.st_size == 0:
                 return [], [Skipped(root, "zero-byte file")]
-            return [MediaFile(root, st.st_size, st.st_mtime_ns, "image")], []
-        raise NotADirectoryError(f"not a folder or an image file: {root}")
+            return [MediaFile(root, st.st_size, st.st_mtime_ns, kind_of(root))], []
+        raise NotADirectoryError(f"not a folder, an image or a video file: {root}")
 
     found: list[tuple[bool, str, os.stat_result]] = []  # (reached via a link, path, stat)
     skipped: list[Skipped] = []
@@ -140,7 +146,7 @@ def scan(root, config: IndexingConfig = IndexingConfig()) -> tuple[list[MediaFil
             skipped.append(Skipped(path, f"duplicate of {first_path[key]}"))
             continue
         first_path[key] = path
-        files.append(MediaFile(path, est.st_size, est.st_mtime_ns, "image"))
+        files.append(MediaFile(path, est.st_size, est.st_mtime_ns, kind_of(path)))
     files.sort(key=lambda f: f.path)
     skipped.sort(key=lambda s: s.path)
     return files, skipped

@@ -7,7 +7,7 @@ normalised float32 rows), not on torch itself, so a lighter backend can drop in 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +17,25 @@ from .errors import BadQueryError, EmptyIndexError, ModelMismatchError
 from .store import Collection
 
 EXACT_FILTER_MAX = 50_000  # a modality with at most this many items is searched exactly when filtered
+SPAN_MARGIN = 0.1  # video frames scoring within this (cosine) of a span's best frame extend the span
+
+
+def _spans(frames: list[tuple[int, float, int]], margin: float) -> list[list[tuple[int, float, int]]]:
+    """Group (frame id, score, row) of one video into spans grown from the best frame outwards."""
+    by_id = {f[0]: f for f in frames}
+    left = sorted(frames, key=lambda f: -f[1])
+    spans = []
+    for seed in left:
+        if seed[0] not in by_id:
+            continue
+        span = [by_id.pop(seed[0])]
+        for step in (-1, 1):
+            i = seed[0] + step
+            while i in by_id and by_id[i][1] >= seed[1] - margin:
+                span.append(by_id.pop(i))
+                i += step
+        spans.append(sorted(span))
+    return spans
 
 
 @dataclass(frozen=True)
@@ -24,9 +43,11 @@ class Hit:
     rank: int  # 1-based
     score: float  # cosine similarity (inner product of unit vectors)
     path: str  # absolute path of the item ("<file>#<line>" for texts)
-    kind: str  # "image" or "text"
-    id: int  # stable item id
+    kind: str  # "image", "video" or "text"
+    id: int  # stable item id (for a video span: its best frame)
     text: str | None = None  # the text, for kind "text"
+    start: float | None = None  # for kind "video": the span of matching frames, seconds
+    end: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,9 +60,12 @@ class Searcher:
     """
 
     def __init__(self, index: str | os.PathLike | Collection, encoder=None, nprobe: int | None = None,
-                 ef_search: int | None = None, rerank_factor: int | None = None, gpu: bool | None = None) -> None:
+                 ef_search: int | None = None, rerank_factor: int | None = None, gpu: bool | None = None,
+                 span_margin: float = SPAN_MARGIN) -> None:
         """``nprobe`` / ``ef_search`` / ``rerank_factor`` override the values tuned at build time for
-        every query; ``gpu`` (None: when faiss-gpu sees a CUDA device) searches the index on the GPU."""
+        every query; ``gpu`` (None: when faiss-gpu sees a CUDA device) searches the index on the GPU;
+        ``span_margin`` (cosine) decides which neighbouring video frames join a hit's time span."""
+        self.span_margin = span_margin
         self.collection = index if isinstance(index, Collection) else Collection.open(index, load_index=True)
         self.search_options = {"nprobe": nprobe, "ef_search": ef_search, "rerank_factor": rerank_factor}
         if self.collection.count == 0:
@@ -75,11 +99,13 @@ class Searcher:
         return self._encoder
 
     # ---- numpy in, numpy out -------------------------------------------------------------------
-    def search_vectors(self, queries: np.ndarray, k: int = 10, kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search_vectors(self, queries: np.ndarray, k: int = 10, kind: str | tuple[str, ...] | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
         """(q, d) normalised float32 queries -> (D, I): scores and item ids, best first.
 
-        ``kind`` ("image", "text") restricts results to items of that modality. At most
-        ``min(k, number of candidates)`` columns; never padded with -1.
+        ``kind`` ("image", "video", "text", or a tuple of them) restricts results to items of those
+        modalities. At most ``min(k, number of candidates)`` columns; never padded with -1. Video
+        frames come back one by one here; :meth:`search_texts` and friends merge them into spans.
         """
         if k < 1:
             raise BadQueryError(f"k must be at least 1, got {k}")
@@ -91,13 +117,14 @@ class Searcher:
             return self.collection.index.search(q, k, **opts)
         if len(rows) == 0:
             have = ", ".join(sorted(set(kinds)))
-            raise EmptyIndexError(f"index {self.collection.path} holds no {kind} items (it has: {have})")
+            want = " or ".join(self._kinds_of(kind))
+            raise EmptyIndexError(f"index {self.collection.path} holds no {want} items (it has: {have})")
         k = min(k, len(rows))
         if len(rows) > EXACT_FILTER_MAX:
             # a large share of a large index: over-fetch from the ANN index and keep that modality
             n = len(kinds)
             D, I = self.collection.index.search(q, min(n, k + int(np.ceil(2 * k * n / len(rows)))), **opts)
-            wanted = (self._kind_array()[self.collection.rows_of(I)] == kind).reshape(I.shape)
+            wanted = np.isin(self._kind_array()[self.collection.rows_of(I)], list(self._kinds_of(kind))).reshape(I.shape)
             if (wanted.sum(1) >= k).all():
                 cols = np.argsort(~wanted, axis=1, kind="stable")[:, :k]  # first k wanted, order kept
                 return np.take_along_axis(D, cols, 1), np.take_along_axis(I, cols, 1)
@@ -114,51 +141,92 @@ class Searcher:
             self._kinds = np.asarray(self.collection.items.kind, dtype=object)
         return self._kinds
 
-    def _rows_of_kind(self, kind: str) -> np.ndarray:
-        if kind not in self._kind_rows:
-            self._kind_rows[kind] = np.flatnonzero(self._kind_array() == kind)
-        return self._kind_rows[kind]
+    @staticmethod
+    def _kinds_of(kind: str | tuple[str, ...]) -> tuple[str, ...]:
+        return (kind,) if isinstance(kind, str) else tuple(kind)
 
-    def hits(self, D: np.ndarray, I: np.ndarray) -> list[list[Hit]]:
-        """Turn search results into Hit lists (one per query)."""
+    def _rows_of_kind(self, kind: str | tuple[str, ...]) -> np.ndarray:
+        key = self._kinds_of(kind)
+        if key not in self._kind_rows:
+            self._kind_rows[key] = np.flatnonzero(np.isin(self._kind_array(), list(key)))
+        return self._kind_rows[key]
+
+    def hits(self, D: np.ndarray, I: np.ndarray, k: int | None = None) -> list[list[Hit]]:
+        """Turn search results into Hit lists (one per query), best first, at most ``k`` each.
+
+        Video frames become spans: starting from a video's best frame, neighbouring sampled frames
+        (consecutive frame ids) that were also found and score within ``span_margin`` of it join
+        its span; the frames left over form further spans the same way. A span scores as its best
+        frame.
+        """
         items = self.collection.items
         out = []
         for scores, ids in zip(D, I):
             rows = self.collection.rows_of(ids)
-            out.append([
-                Hit(rank=r + 1, score=float(s), path=items.path[row], kind=items.kind[row], id=int(i),
-                    text=items.text[row])
-                for r, (s, i, row) in enumerate(zip(scores, ids, rows))
-            ])
+            hits: list[Hit] = []
+            frames: dict[str, list[tuple[int, float, int]]] = {}
+            for s, i, row in zip(scores, ids, rows):
+                if items.kind[row] == "video":
+                    frames.setdefault(items.path[row], []).append((int(i), float(s), int(row)))
+                else:
+                    hits.append(Hit(rank=0, score=float(s), path=items.path[row], kind=items.kind[row], id=int(i),
+                                    text=items.text[row]))
+            for path, fs in frames.items():
+                for span in _spans(fs, self.span_margin):
+                    best = max(span, key=lambda x: x[1])
+                    times = [float(items.t[r]) for _, _, r in span]
+                    hits.append(Hit(rank=0, score=best[1], path=path, kind="video", id=best[0],
+                                    start=min(times), end=max(times)))
+            hits.sort(key=lambda h: -h.score)
+            out.append([replace(h, rank=r + 1) for r, h in enumerate(hits[:k] if k else hits)])
         return out
 
+    def _search(self, q: np.ndarray, k: int, kind) -> list[list[Hit]]:
+        """Hits for query vectors; with videos in the candidates, fetch deeper until k hits remain
+        after merging frames into spans."""
+        if k < 1:
+            raise BadQueryError(f"k must be at least 1, got {k}")
+        has_video = len(self._rows_of_kind("video")) > 0 and (kind is None or "video" in self._kinds_of(kind))
+        n = len(self._rows_of_kind(kind)) if kind is not None else self.collection.count
+        fetch = max(1, min(n, 4 * k if has_video else k))  # n == 0: search_vectors says what is missing
+        while True:
+            D, I = self.search_vectors(q, fetch, kind)
+            hits = self.hits(D, I, k)
+            if not has_video or fetch >= n or all(len(h) >= k for h in hits):
+                return hits
+            fetch = min(n, 4 * fetch)
+
     # ---- queries -------------------------------------------------------------------------------
-    def _kind(self, kind: str | None, other: str) -> str | None:
-        """Resolve ``kind``: "auto" searches the other modality when the index holds any (text ->
-        images, image -> texts), else everything; "all"/None searches everything."""
+    def _kind(self, kind: str | None, query: str) -> tuple[str, ...] | None:
+        """Resolve ``kind`` for a ``query`` of "text" or "image". "auto" searches the other modality
+        when the index holds it (text -> photos and video frames, image -> texts), else everything;
+        "all"/None searches everything; "image", "video", "text" restrict to that one."""
+        present = {k for k in ("image", "video", "text") if len(self._rows_of_kind(k))}
         if kind == "auto":
-            return other if len(self._rows_of_kind(other)) else None
+            other = ("image", "video") if query == "text" else ("text",)
+            wanted = tuple(k for k in other if k in present)
+            return wanted or None
         if kind in (None, "all"):
             return None
-        if kind not in ("image", "text"):
-            raise BadQueryError(f"unknown kind {kind!r}: use image, text, all or auto")
-        return kind
+        if kind not in ("image", "video", "text"):
+            raise BadQueryError(f"unknown kind {kind!r}: use image, video, text, all or auto")
+        return (kind,)
 
     def search_text(self, text: str, k: int = 10, kind: str | None = "auto") -> list[Hit]:
         return self.search_texts([text], k, kind)[0]
 
     def search_texts(self, texts: Sequence[str], k: int = 10, kind: str | None = "auto") -> list[list[Hit]]:
-        """Text -> by default images (cross-modal; see ``_kind``), or ``kind`` "text" / "all"."""
+        """Text -> by default photos and video spans (cross-modal; see ``_kind``), or ``kind``."""
         if isinstance(texts, str):
             raise TypeError("search_texts takes a list of strings; use search_text for one")
         for t in texts:
             if not isinstance(t, str) or not t.strip():
                 raise BadQueryError("empty query: give some text to search for, or --image PATH")
-        return self.hits(*self.search_vectors(self.encoder.embed_texts(list(texts)), k, self._kind(kind, "image")))
+        return self._search(self.encoder.embed_texts(list(texts)), k, self._kind(kind, "text"))
 
     def search_image(self, image, k: int = 10, kind: str | None = "auto") -> list[Hit]:
-        """Image -> texts when the index holds texts, else images (``kind`` overrides: "image",
-        "text", "all"). ``image`` is a path or a PIL image; a bad file raises MediaError."""
+        """Image -> texts when the index holds texts, else photos and video frames (``kind``
+        overrides). ``image`` is a path or a PIL image; a bad file raises MediaError."""
         if isinstance(image, (str, Path)) and not Path(image).is_file():
             raise FileNotFoundError(f"query image not found: {image}")
-        return self.hits(*self.search_vectors(self.encoder.embed_images([image]), k, self._kind(kind, "text")))[0]
+        return self._search(self.encoder.embed_images([image]), k, self._kind(kind, "image"))[0]

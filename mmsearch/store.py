@@ -1,7 +1,7 @@
 """On-disk collection: one folder per index.
 
     <index>/manifest.json          format version, model, counts, index kind + params, current generation
-    <index>/gen-000007/items.parquet   id, path, size, mtime_ns, kind, text (one row per vector)
+    <index>/gen-000007/items.parquet   id, path, size, mtime_ns, kind, text, t (one row per vector)
     <index>/gen-000007/embeddings.npy  float32 (n, d), row i <-> items row i
     <index>/gen-000007/index.faiss     faiss index over the embeddings, searched by item id
     <index>/.lock                  flock held by the one process writing
@@ -67,16 +67,19 @@ class Items:
     path: list[str]  # absolute paths
     size: np.ndarray  # int64 bytes
     mtime_ns: np.ndarray  # int64
-    kind: list[str]  # "image" or "text"
+    kind: list[str]  # "image", "video" (one row per sampled frame) or "text"
     text: list[str | None] | None = None  # the text of "text" items; None entries for images
+    t: np.ndarray | None = None  # float64 seconds of a video frame; NaN for images and texts
 
     def __post_init__(self) -> None:
         if self.text is None:
             self.text = [None] * len(self.path)
+        if self.t is None:
+            self.t = np.full(len(self.path), np.nan)
 
     @classmethod
     def empty(cls) -> "Items":
-        return cls(np.zeros(0, np.int64), [], np.zeros(0, np.int64), np.zeros(0, np.int64), [], [])
+        return cls(np.zeros(0, np.int64), [], np.zeros(0, np.int64), np.zeros(0, np.int64), [], [], np.zeros(0))
 
     def __len__(self) -> int:
         return len(self.path)
@@ -84,12 +87,13 @@ class Items:
     def take(self, rows: np.ndarray) -> "Items":
         rows = np.asarray(rows, dtype=np.int64)
         return Items(self.id[rows], [self.path[i] for i in rows], self.size[rows], self.mtime_ns[rows],
-                     [self.kind[i] for i in rows], [self.text[i] for i in rows])
+                     [self.kind[i] for i in rows], [self.text[i] for i in rows], self.t[rows])
 
     @staticmethod
     def concat(a: "Items", b: "Items") -> "Items":
         return Items(np.concatenate([a.id, b.id]), a.path + b.path, np.concatenate([a.size, b.size]),
-                     np.concatenate([a.mtime_ns, b.mtime_ns]), a.kind + b.kind, a.text + b.text)
+                     np.concatenate([a.mtime_ns, b.mtime_ns]), a.kind + b.kind, a.text + b.text,
+                     np.concatenate([a.t, b.t]))
 
 
 def _sync_dir(path: Path) -> None:
@@ -254,6 +258,7 @@ def commit(path: str | Path, items: Items, embeddings: np.ndarray, vindex, base_
         "mtime_ns": pa.array(items.mtime_ns, pa.int64()),
         "kind": pa.array(items.kind, pa.string()),
         "text": pa.array(items.text, pa.string()),
+        "t": pa.array(items.t, pa.float64()),
     })
     pq.write_table(table, tmp / ITEMS)
     with open(tmp / EMBEDDINGS, "wb") as f:
@@ -326,6 +331,7 @@ def _read_items(path: Path) -> Items:
         t.column("mtime_ns").to_numpy().astype(np.int64),
         t.column("kind").to_pylist(),
         t.column("text").to_pylist() if "text" in t.column_names else None,
+        t.column("t").to_numpy(zero_copy_only=False).astype(np.float64) if "t" in t.column_names else None,
     )
 
 

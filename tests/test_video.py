@@ -1,0 +1,197 @@
+"""Video: frames sampled by timestamp from the real clips in ../shared/data/videos, indexed next to
+photos, answered as (video, time span); broken videos skipped; `mmsearch frame`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mmsearch.cli import app
+from mmsearch.config import IndexingConfig
+from mmsearch.errors import MediaError
+from mmsearch.indexing import index_folder
+from mmsearch.search import Searcher
+from mmsearch.store import Collection
+from mmsearch.video import duration, frame_at, sample_frames
+from tests.conftest import VIDEOS
+
+runner = CliRunner()
+CLIPS = ["airplane_then_field.mp4", "box.mp4", "chaplin.mp4", "cup.mp4", "tree.avi", "vtest.avi"]
+#: airplane_then_field.mp4 cuts from the airliner to the field between these times (seconds; found by
+#: sampling every 0.1 s: the last airplane frame and the first field frame)
+CUT = (3.4, 3.5)
+
+
+def clip(name: str) -> str:
+    path = VIDEOS / name
+    if not path.is_file():
+        pytest.fail(f"test video not found at {path}: the repo expects ../shared/data beside it")
+    return str(path)
+
+
+def test_frames_are_sampled_by_timestamp():
+    times = [f.t for f in sample_frames(clip("chaplin.mp4"), 1.0)]
+    assert times == [float(i) for i in range(10)]  # 9.64 s at 25 fps: the first frame, then one per second
+    # 25 fps: 2.5 s falls between frames, so the frame at 2.52 s is the first at or after it
+    assert [f.t for f in sample_frames(clip("chaplin.mp4"), 2.5)] == [0.0, 2.52, 5.0, 7.52]
+    # tree.avi has irregular frame times: each kept frame is the first one at or after its second
+    every = [f.t for f in sample_frames(clip("tree.avi"), 0.001)]  # all frames
+    frames = list(sample_frames(clip("tree.avi"), 1.0))
+    expected = sorted({min(t for t in every if t >= s) for s in range(int(every[-1]) + 1) if any(t >= s for t in every)})
+    assert [f.t for f in frames] == expected and frames[0].t == 0.0
+    assert frames[0].image.size == (320, 240) and frames[0].image.mode == "RGB"
+
+
+def test_skip_similar_drops_static_frames():
+    every = list(sample_frames(clip("vtest.avi"), 1.0))
+    fewer = list(sample_frames(clip("vtest.avi"), 1.0, skip_similar=1000.0))  # everything is "similar"
+    assert len(every) == 80 and [f.t for f in fewer] == [0.0]
+
+
+def test_the_cut_in_airplane_then_field_is_where_the_test_says():
+    """Ground truth for the timestamp test below, checked on pixels: the sky-only airplane shots are
+    bright at the bottom, the field shots have dark grass there."""
+    frames = list(sample_frames(clip("airplane_then_field.mp4"), 0.1))
+    bottom = [(f.t, float(np.asarray(f.image.convert("L"))[-60:].mean())) for f in frames if f.t < 6]
+    before = [v for t, v in bottom if t <= CUT[0]]
+    after = [v for t, v in bottom if t >= CUT[1]]
+    assert min(before) > max(after) + 20, (min(before), max(after))
+
+
+def test_frame_at_and_duration():
+    assert duration(clip("vtest.avi")) == pytest.approx(79.5)
+    image = frame_at(clip("vtest.avi"), 41.3)
+    assert image.size == (768, 576)
+    same = next(f for f in sample_frames(clip("vtest.avi"), 41.3) if f.t > 0)
+    assert same.t == pytest.approx(41.3) and np.array_equal(np.asarray(image), np.asarray(same.image))
+    with pytest.raises(MediaError, match="no frame at 500"):
+        frame_at(clip("vtest.avi"), 500)
+
+
+def test_truncated_video_raises_after_its_frames(tmp_path):
+    data = (VIDEOS / "box.mp4").read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 3])
+    got = []
+    with pytest.raises(MediaError, match=r"truncated video: frames stop at \d+\.\ds of 15\.2s"):
+        for f in sample_frames(str(cut)):
+            got.append(f.t)
+    assert len(got) >= 3 and got[0] == 0.0  # frames came first; the error follows them
+
+
+def test_broken_videos_are_clear_errors(tmp_path):
+    fake = tmp_path / "notes.mp4"
+    fake.write_text("not a video at all\n" * 50)
+    with pytest.raises(MediaError, match="notes.mp4"):
+        list(sample_frames(str(fake)))
+    empty = tmp_path / "empty.avi"
+    empty.write_bytes(b"")
+    with pytest.raises(MediaError, match="zero-byte"):
+        list(sample_frames(str(empty)))
+    with pytest.raises(FileNotFoundError):
+        list(sample_frames(str(tmp_path / "missing.mp4")))
+
+
+@pytest.fixture(scope="module")
+def video_index(tmp_path_factory, encoder):
+    """The six real clips and a truncated copy of one, indexed at the default 1 s interval."""
+    base = tmp_path_factory.mktemp("videos")
+    folder = base / "media"
+    folder.mkdir()
+    for name in CLIPS:
+        shutil.copy2(clip(name), folder / name)
+    data = (VIDEOS / "box.mp4").read_bytes()
+    (folder / "truncated.mp4").write_bytes(data[: len(data) // 3])  # a download cut off: decodes 1/3, then ends
+    skipped = []
+    report = index_folder(folder, base / "index", encoder=encoder, on_skip=skipped.append)
+    return folder, base / "index", report, skipped
+
+
+def test_videos_are_indexed_frame_by_frame(video_index):
+    folder, idx, report, skipped = video_index
+    assert report.added == 6 and [s.path for s in skipped] == [str(folder / "truncated.mp4")]
+    assert "truncated video: frames stop at" in skipped[0].reason  # none of its frames are kept
+    c = Collection.open(idx)
+    kinds = np.asarray(c.items.kind)
+    assert set(kinds) == {"video"}
+    per_video = {p: np.sort(c.items.t[[i for i, q in enumerate(c.items.path) if q == p]]) for p in set(c.items.path)}
+    assert len(per_video[str(folder / "vtest.avi")]) == 80
+    np.testing.assert_array_equal(per_video[str(folder / "chaplin.mp4")], np.arange(10.0))
+
+
+@pytest.mark.parametrize("query,video", [
+    ("people walking on a path", "vtest.avi"),
+    ("an old black and white film of a man in a hat", "chaplin.mp4"),
+    ("a large airplane flying in the grey sky", "airplane_then_field.mp4"),
+])
+def test_text_queries_find_the_right_video(video_index, encoder, query, video):
+    folder, idx, _, _ = video_index
+    hits = Searcher(idx, encoder=encoder).search_text(query, k=5)
+    assert hits[0].kind == "video" and hits[0].path == str(folder / video), [(h.path, h.start) for h in hits]
+    assert hits[0].start <= hits[0].end
+
+
+def test_spans_find_when_the_scene_changes(video_index, encoder):
+    """airplane_then_field.mp4: the airplane query's span ends, and the field query's span starts,
+    within one sampling interval (1 s) of the cut."""
+    folder, idx, _, _ = video_index
+    s = Searcher(idx, encoder=encoder)
+    path = str(folder / "airplane_then_field.mp4")
+    plane = next(h for h in s.search_text("an airplane flying in the sky", k=20) if h.path == path)
+    field = next(h for h in s.search_text("people sitting on a grassy field with a tree", k=20) if h.path == path)
+    assert plane.start == 0.0 and CUT[0] - 1.0 <= plane.end <= CUT[1] + 1.0, plane
+    assert CUT[0] - 1.0 <= field.start <= CUT[1] + 1.0, field
+
+
+def test_video_output_on_the_cli_and_the_frame_command(video_index, tmp_path):
+    folder, idx, _, _ = video_index
+    r = runner.invoke(app, ["query", "people walking on a path", "--index", str(idx), "-k", "3"])
+    assert r.exit_code == 0, r.output
+    score, path, span = r.stdout.splitlines()[0].split("\t")
+    start, end = map(float, span.split("-"))
+    assert path == str(folder / "vtest.avi") and 0 <= start <= end <= 79.5
+    r = runner.invoke(app, ["query", "people walking on a path", "--index", str(idx), "-k", "3", "--json"])
+    top = json.loads(r.stdout)[0]
+    assert (top["kind"], top["path"], top["start"], top["end"]) == ("video", path, start, end)
+    out = tmp_path / "hit.jpg"
+    r = runner.invoke(app, ["frame", path, "--at", str(start), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    assert Image.open(out).size == (768, 576)
+    r = runner.invoke(app, ["frame", path, "--at", "999", "-o", str(out)])
+    assert r.exit_code == 1 and "no frame at 999" in r.stderr
+    r = runner.invoke(app, ["query", "a dog", "--index", str(idx), "--kind", "image"])
+    assert r.exit_code == 1 and "holds no image items" in r.stderr
+
+
+def test_changed_and_deleted_videos(tmp_path, encoder):
+    folder = tmp_path / "media"
+    folder.mkdir()
+    for name in ("chaplin.mp4", "tree.avi"):
+        shutil.copy2(clip(name), folder / name)
+    idx = tmp_path / "index"
+    cfg = IndexingConfig(frame_interval=2.0)
+    assert index_folder(folder, idx, encoder=encoder, config=cfg).added == 2
+    first = Collection.open(idx)
+    chaplin = [i for i, p in enumerate(first.items.path) if p.endswith("chaplin.mp4")]
+    np.testing.assert_array_equal(first.items.t[chaplin], [0, 2, 4, 6, 8])
+    again = index_folder(folder, idx, encoder=encoder, config=cfg)
+    assert (again.added, again.updated, again.unchanged, again.changed) == (0, 0, 2, False)
+    st = os.stat(folder / "chaplin.mp4")
+    os.utime(folder / "chaplin.mp4", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # "edited"
+    r = index_folder(folder, idx, encoder=encoder, config=cfg)
+    assert (r.added, r.updated, r.unchanged) == (0, 1, 1)
+    c = Collection.open(idx)
+    assert c.count == first.count  # old frames replaced, not duplicated
+    (folder / "tree.avi").unlink()
+    r = index_folder(folder, idx, encoder=encoder, config=cfg)
+    assert r.removed == 1 and set(Collection.open(idx).items.path) == {str(folder / "chaplin.mp4")}
+    r = index_folder(folder, idx, encoder=encoder, config=IndexingConfig(frame_interval=5.0))  # new interval
+    assert r.updated == 1
+    np.testing.assert_array_equal(np.sort(Collection.open(idx).items.t), [0, 5])
