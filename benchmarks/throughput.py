@@ -83,7 +83,7 @@ def main() -> None:
         if p.returncode:
             raise SystemExit(p.stderr)
         summary = p.stderr.strip().splitlines()[-1]
-        embed_ips = float(summary.rsplit(",", 1)[1].split("/s")[0])  # the pipeline's own embed-stage rate
+        embed_ips = float(summary.rsplit(",", 1)[1].split()[0])  # the pipeline's own embed-stage rate (items/s)
         rerun, _ = timed_run(mmsearch + ["index", str(photos), "--index", str(index), "-q"], env)
 
         # 3. cold query: fresh process each time

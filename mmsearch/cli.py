@@ -148,7 +148,7 @@ def index(
         if bar is not None:
             bar.close()
     for what, report in reports:
-        speed = f", {report.embedded_per_second:.1f}/s" if report.embedded_per_second else ""
+        speed = f", {report.embedded_per_second:.1f} items/s" if report.embedded_per_second else ""
         typer.echo(
             f"{report.total} items in {report.index_path} ({report.index_kind or 'empty'}): {what} "
             f"{report.added} added, {report.updated} updated, {report.removed} removed, "

@@ -37,7 +37,7 @@ class IndexReport:
     index_kind: str | None = None
     index_notes: list[str] = field(default_factory=list)  # rebuilds and why, tuned search settings
     seconds: float = 0.0
-    embedded_per_second: float = 0.0
+    embedded_per_second: float = 0.0  # items (images, video frames, texts) embedded per second
 
     @property
     def changed(self) -> bool:
@@ -467,7 +467,7 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
             reembedded.clear()
             base = commit(index_path, items, embeddings, vindex, base)
 
-        done, since_commit = 0, 0
+        done, since_commit, n_embedded = 0, 0, 0
         t_embed = time.perf_counter()
 
         def progress(n):
@@ -539,13 +539,14 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
                                            np.asarray([np.nan if f.t is None else f.t for f, _ in fresh], np.float64)))
                 pending_emb.append(np.stack([v for _, v in fresh]))
             since_commit += len(ok)
+            n_embedded += len(ok)
             # commit every commit_every images, and at least a quarter of the collection apart,
             # so the rewrites of a long first run add up to a bounded multiple of the data
             if boundary and since_commit >= max(config.commit_every, len(items) // 4):
                 since_commit = 0
                 save()
         if plan.to_embed:
-            report.embedded_per_second = done / max(1e-9, time.perf_counter() - t_embed)
+            report.embedded_per_second = n_embedded / max(1e-9, time.perf_counter() - t_embed)
 
         n_final = len(items) + sum(len(p) for p in pending_items) - len(dropped_ids)
         stale = n_final and (vindex is None or vindex.needs_rebuild(n_final, spec))
