@@ -195,3 +195,48 @@ def test_changed_and_deleted_videos(tmp_path, encoder):
     r = index_folder(folder, idx, encoder=encoder, config=IndexingConfig(frame_interval=5.0))  # new interval
     assert r.updated == 1
     np.testing.assert_array_equal(np.sort(Collection.open(idx).items.t), [0, 5])
+
+
+def test_an_image_query_finds_the_video_it_came_from(video_index, encoder, tmp_path):
+    folder, idx, _, _ = video_index
+    still = tmp_path / "still.jpg"
+    frame_at(str(folder / "chaplin.mp4"), 4.0).save(still)  # a sampled frame, re-encoded as JPEG
+    hits = Searcher(idx, encoder=encoder).search_image(still, k=3)
+    assert hits[0].kind == "video" and hits[0].path == str(folder / "chaplin.mp4")
+    assert hits[0].score > 0.95 and hits[0].start <= 4.0 <= hits[0].end, hits[0]
+
+
+def _write_video(path, seconds: int, fps: int = 2) -> None:
+    """A test video (320x240, mpeg4), each second a different flat colour."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        for i in range(seconds * fps):
+            level = (i // fps) * 37 % 256
+            img = np.full((240, 320, 3), level, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def test_a_long_video_streams_in_constant_memory(tmp_path):
+    """Sampling a 40-minute video needs no more memory than a 2-minute one (frames stream through)."""
+    import subprocess
+    import sys
+
+    short, long = tmp_path / "short.mp4", tmp_path / "long.mp4"
+    _write_video(short, 120)
+    _write_video(long, 2400)
+    code = ("import resource, sys; from mmsearch.video import sample_frames\n"
+            "n = sum(1 for _ in sample_frames(sys.argv[1], 1.0))\n"
+            "print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    res = {}
+    for p in (short, long):
+        out = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True, check=True).stdout
+        res[p.name] = tuple(map(int, out.split()))
+    assert res["short.mp4"][0] == 120 and res["long.mp4"][0] == 2400
+    # peak RSS in KiB: kept in memory, the long video's 2,400 frames would add 2400 x 225 KiB = 530 MiB
+    assert res["long.mp4"][1] < res["short.mp4"][1] + 50_000, res
