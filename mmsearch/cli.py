@@ -129,8 +129,11 @@ def index(
     ref = ModelRef(model, pretrained) if model else None
     index_opts = {"index_type": index_type, "factory": factory, "memory": memory, "target_recall": target_recall,
                   "rerank_factor": rerank}
-    index_opts = {k: v for k, v in index_opts.items() if v is not None}
-    spec = IndexSpec(**index_opts) if index_opts else None
+    spec = {k: v for k, v in index_opts.items() if v is not None} or None  # changes to the index's settings
+    if factory is not None:
+        spec["index_type"] = "auto"
+    elif index_type is not None:
+        spec["factory"] = None  # choosing a kind drops a factory string given before
     config = replace(IndexingConfig(), batch_size=batch_size, commit_every=commit_every,
                      frame_interval=frame_interval, skip_similar=skip_similar)
     reports = []

@@ -37,6 +37,8 @@ _PQ_M_CHOICES = (64, 48, 32, 24, 16, 8, 4, 2, 1)
 _MIN_POINTS_PER_CENTROID = 39
 #: kinds whose search returns exact inner products (no re-ranking needed)
 _EXACT_KINDS = ("flat", "hnsw", "ivfflat")
+#: faiss GPU indexes search with k and nprobe up to this; beyond it the CPU index answers
+_GPU_MAX_K = 2048
 #: at most this many candidates beyond k are re-ranked exactly per query
 RERANK_MAX = 4096
 #: RAM faiss needs per vector besides the codes: the 8-byte id (plus list/graph bookkeeping)
@@ -160,9 +162,9 @@ def plan_index(n: int, d: int, spec: IndexSpec = IndexSpec()) -> dict[str, Any]:
     return plan
 
 
-def check_spec(spec: IndexSpec, d: int) -> None:
-    """Raise ValueError now if ``spec`` cannot give an index for vectors of dimension ``d``."""
-    plan_index(1, d, spec)
+def check_spec(spec: IndexSpec, d: int, n: int = 1) -> None:
+    """Raise ValueError now if ``spec`` cannot give an index for ``n`` vectors of dimension ``d``."""
+    plan_index(max(1, n), d, spec)
     if spec.factory:
         VectorIndex._from_factory(d, spec.factory)
 
@@ -335,7 +337,11 @@ class VectorIndex:
         cls._seed(index, spec.seed)
         t0 = time.perf_counter()
         if not index.is_trained:
-            n_train = params.setdefault("n_train", min(n, max(256 * _MIN_POINTS_PER_CENTROID, 100 * 256)))
+            if "n_train" not in params:  # a factory string: size the sample from its lists
+                lists = int(faiss.extract_index_ivf(index).nlist) if _is_ivf(index) else 1
+                params["n_train"] = min(n, max(256 * _MIN_POINTS_PER_CENTROID,
+                                               max(_MIN_POINTS_PER_CENTROID, spec.train_per_list) * lists))
+            n_train = params["n_train"]
             rng = np.random.default_rng(spec.seed)
             train = x[np.sort(rng.choice(n, size=n_train, replace=False))] if n_train < n else x
             if kind == "ivfpq" and len(train) < 2 ** plan["nbits"]:  # only tiny n: PQ needs >= 2**nbits points
@@ -451,17 +457,20 @@ class VectorIndex:
             raise ValueError(f"ids must be new and unique: {clash[:5].tolist() or 'duplicates in the batch'}")
         if (ids < 0).any():
             raise ValueError("ids must be non-negative (faiss uses -1 for 'no result')")
+        stored = self.ids()
         self._add(x, ids)
-        self._ids = np.union1d(self.ids(), ids)
+        self._ids = np.union1d(stored, ids)
         self._gpu_index = None
         if keep_vectors and self._lookup is not None and len(x):
-            self._lookup = VectorLookup(np.concatenate([np.asarray(self._lookup.vectors, np.float32), x]),
-                                        np.concatenate([self._lookup.row_ids(), ids]))
+            old_ids = self._lookup.row_ids()
+            live = np.isin(old_ids, stored)  # rows of removed items go, so a re-used id finds its new vector
+            self._lookup = VectorLookup(np.concatenate([np.asarray(self._lookup.vectors[live], np.float32), x]),
+                                        np.concatenate([old_ids[live], ids]))
 
     @property
     def can_remove(self) -> bool:
         """Whether :meth:`remove` works in place (HNSW graphs cannot drop nodes: rebuild instead)."""
-        return self.kind != "hnsw" and not (self.kind == "factory" and "HNSW" in self.params.get("factory", "").upper())
+        return _hnsw(self._index) is None
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove the items ``ids`` in place; returns how many were stored. Unknown ids are ignored."""
@@ -487,7 +496,7 @@ class VectorIndex:
         if plan["kind"] != self.kind or plan.get("factory") != self.params.get("factory"):
             return f"{n} vectors call for a {plan['kind']} index, this one is {self.kind}"
         trained = int(self.params.get("n_trained", n))
-        if self.kind in ("ivfflat", "ivfpq", "factory") and n > spec.growth_rebuild * trained:
+        if _is_ivf(self._index) and n > spec.growth_rebuild * trained:
             return (f"the collection grew from {trained} to {n} vectors since its quantizer was trained "
                     f"(more than {spec.growth_rebuild:g}x): retraining")
         if self.kind in ("ivfflat", "ivfpq") and plan.get("m") != self.params.get("m"):
@@ -523,7 +532,9 @@ class VectorIndex:
         return not exact and self._lookup is not None and self.params.get("rerank_factor", 1) > 1
 
     def _raw_search(self, q: np.ndarray, k: int, nprobe: int | None, ef: int | None):
-        index = self._gpu_index if self._gpu_index is not None else self._index
+        index = self._index
+        if self._gpu_index is not None and k <= _GPU_MAX_K and (nprobe or 0) <= _GPU_MAX_K:
+            index = self._gpu_index  # faiss GPU indexes take k and nprobe up to 2048
         params = self._search_params(nprobe, ef)
         return index.search(q, k, params=params) if params is not None else index.search(q, k)
 

@@ -73,7 +73,7 @@ def plan_update(
     root: str | Callable[[str, str], bool],
     unreadable: Sequence[str] = (),
     failures: dict | None = None,
-    resample_videos: bool = False,
+    resample_videos: bool | Callable[[str], bool] = False,
 ) -> Plan:
     """Compare scanned ``files`` under ``root`` with the index's ``items`` (size + mtime).
 
@@ -83,7 +83,8 @@ def plan_update(
 
     A video is one file but many items (its sampled frames): a changed video (or every video, with
     ``resample_videos``, after the frame interval changed) has all its frames dropped and is sampled
-    again; counts are per file.
+    again; counts are per file. ``resample_videos`` (a bool, or a predicate on the path) also
+    re-samples unchanged videos, e.g. those sampled at another frame interval.
 
     Items at or under an ``unreadable`` path (a folder that could not be listed, a file that could
     not be read) are kept as they are: a permission problem or a network hiccup is not a deletion.
@@ -92,6 +93,7 @@ def plan_update(
     """
     failures = failures or {}
     belongs = _membership(root)
+    resample = resample_videos if callable(resample_videos) else (lambda path: bool(resample_videos))
     seen = {f.path: f for f in files}
     keep, reuse, unchanged, removed = [], {}, set(), set()
     indexed, resampled = set(), set()
@@ -105,7 +107,7 @@ def plan_update(
             continue
         same = int(items.size[row]) == f.size and int(items.mtime_ns[row]) == f.mtime_ns
         if kind == "video":
-            if same and not resample_videos:
+            if same and not resample(path):
                 keep.append(row)
                 indexed.add(path)
                 unchanged.add(path)
@@ -147,7 +149,7 @@ def decode_batch(files: Sequence[MediaFile], encoder, max_pixels: int):
 
 
 def _visual_batches(files: Sequence[MediaFile], encoder, config: IndexingConfig):
-    """(pixels or None, records, skipped, boundary) per batch of images or video frames.
+    """(pixels or None, records, skipped, boundary, files done) per batch of images or video frames.
 
     Images are decoded ``batch_size`` at a time; a video streams its sampled frames (one record per
     frame, with its time), so a long video never sits in memory. ``boundary`` is False inside a
@@ -164,7 +166,7 @@ def _visual_batches(files: Sequence[MediaFile], encoder, config: IndexingConfig)
         if f is None or f.kind == "video" or len(images) == bs:
             if images:
                 pixels, ok, bad = decode_batch(images, encoder, config.max_pixels)
-                yield pixels, ok, bad, True
+                yield pixels, ok, bad, True, len(images)
                 images = []
         if f is None:
             break
@@ -177,13 +179,13 @@ def _visual_batches(files: Sequence[MediaFile], encoder, config: IndexingConfig)
                 tensors.append(encoder.preprocess(frame.image))
                 records.append(replace(f, t=frame.t))
                 if len(tensors) == bs:
-                    yield torch.stack(tensors), records, [], False
+                    yield torch.stack(tensors), records, [], False, 0
                     tensors, records = [], []
         except (MediaError, OSError) as e:  # the frames already sent are dropped by the consumer
             reason = str(e).split(": ", 1)[-1] if str(e).startswith(f.path) else str(e)
-            yield None, [], [Skipped(f.path, reason)], True
+            yield None, [], [Skipped(f.path, reason)], True, 1
             continue
-        yield (torch.stack(tensors) if tensors else None), records, [], True
+        yield (torch.stack(tensors) if tensors else None), records, [], True, 1
 
 
 def embed_files(
@@ -203,17 +205,14 @@ def embed_files(
         if on_progress:
             on_progress(len(chunk))
     visual = [f for f in files if f.kind != "text"]
-    for pixels, ok, bad, boundary in prefetch_iter(_visual_batches(visual, encoder, config), depth=2):
+    for pixels, ok, bad, boundary, files_done in prefetch_iter(_visual_batches(visual, encoder, config), depth=2):
         for s in bad:
             if on_skip:
                 on_skip(s)
         emb = encoder.embed_pixels(pixels) if pixels is not None else np.zeros((0, encoder.dim), np.float32)
         yield ok, emb, boundary
-        if on_progress:
-            images = sum(1 for f in ok if f.kind != "video")
-            videos_done = (1 if boundary and ok and ok[-1].kind == "video" else 0)
-            if images + len(bad) + videos_done:
-                on_progress(images + len(bad) + videos_done)
+        if on_progress and files_done:
+            on_progress(files_done)
 
 
 def _model_record(ref: ModelRef, dim: int | None = None) -> dict:
@@ -236,7 +235,7 @@ def index_folder(
     index_path: str | os.PathLike,
     encoder=None,
     model: ModelRef | None = None,
-    spec: IndexSpec | None = None,
+    spec: IndexSpec | dict | None = None,
     config: IndexingConfig = IndexingConfig(),
     on_progress: Callable[[int, int], None] | None = None,
     on_skip: Callable[[Skipped], None] | None = None,
@@ -246,8 +245,9 @@ def index_folder(
     ``encoder`` defaults to the model that built the index (or ``model``, or the default model for a
     new one). ``on_progress(done, total)`` counts files as they are embedded (a video once all its
     sampled frames are); ``on_skip`` is called for each file that cannot be used (the run goes on).
-    Videos are sampled every ``config.frame_interval`` seconds, one item per frame. Returns an
-    IndexReport.
+    Videos are sampled every ``config.frame_interval`` seconds, one item per frame. ``spec`` sets
+    how the faiss index is built: None keeps the index's settings, a dict changes some of them
+    (e.g. ``{"memory": "2G"}``), an IndexSpec replaces them. Returns an IndexReport.
     """
     t0 = time.perf_counter()
     root = os.path.realpath(os.fspath(root))  # one folder reached by two names is one folder
@@ -296,7 +296,7 @@ def index_texts(
     column: str | None = None,
     encoder=None,
     model: ModelRef | None = None,
-    spec: IndexSpec | None = None,
+    spec: IndexSpec | dict | None = None,
     config: IndexingConfig = IndexingConfig(),
     on_progress: Callable[[int, int], None] | None = None,
 ) -> IndexReport:
@@ -313,6 +313,14 @@ def index_texts(
                    on_progress, None, t0)
 
 
+def normalise_spec(spec: IndexSpec) -> IndexSpec:
+    """``spec`` with its memory budget in bytes, so "4G" and the default compare equal."""
+    from .config import DEFAULT_INDEX_MEMORY
+    from .index import parse_size
+
+    return replace(spec, memory=parse_size(spec.memory) or DEFAULT_INDEX_MEMORY)
+
+
 def spec_to_manifest(spec: IndexSpec) -> dict:
     """The index settings as stored in the manifest, so later updates keep them."""
     from dataclasses import asdict
@@ -326,9 +334,9 @@ def spec_from_manifest(manifest: dict) -> IndexSpec:
 
     stored = manifest.get("index_spec")
     if stored is None:
-        return IndexSpec(index_type=manifest.get("index_type", "auto"))
+        return normalise_spec(IndexSpec(index_type=manifest.get("index_type", "auto")))
     known = {f.name for f in fields(IndexSpec)}
-    return IndexSpec(**{k: v for k, v in stored.items() if k in known})
+    return normalise_spec(IndexSpec(**{k: v for k, v in stored.items() if k in known}))
 
 
 def sync_index(vindex, embeddings: np.ndarray, ids: np.ndarray, spec: IndexSpec, changed: set[int],
@@ -349,8 +357,9 @@ def sync_index(vindex, embeddings: np.ndarray, ids: np.ndarray, spec: IndexSpec,
         if len(stale) and not vindex.can_remove:
             reason = f"a {vindex.kind} index cannot remove items in place"
     if reason is not None:
+        replaced = vindex is not None
         vindex = VectorIndex.build(embeddings, ids, spec)
-        if vindex.kind != "flat" or len(notes):
+        if replaced or vindex.kind != "flat":  # a first small exact index is not news
             notes.append(f"built a {vindex.kind} index over {n} vectors ({reason})")
         return vindex
     vindex.remove(stale)
@@ -392,13 +401,17 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
             existing = Collection.open(index_path)
         items = existing.items if existing else Items.empty()
         base = dict(existing.manifest) if existing else {"model": _model_record(ref), "next_id": 0}
-        if spec is None:  # keep the index settings the user chose when the index was built
+        # keep the index settings the user chose when the index was built; a dict changes some of them
+        if spec is None:
             spec = spec_from_manifest(base)
+        elif isinstance(spec, dict):
+            spec = replace(spec_from_manifest(base), **spec)
+        spec = normalise_spec(spec)
         old_failures = base.get("failed", {})
         sampling = {"frame_interval": config.frame_interval, "skip_similar": config.skip_similar}
-        resample = base.get("video_sampling", sampling) != sampling  # indexed with other settings
+        sampled = dict(base.get("video_sampled", {}))  # video path -> the sampling its frames came from
         plan = plan_update(files, items, root, [s.path for s in skipped if s.unreadable], old_failures,
-                           resample_videos=resample)
+                           resample_videos=lambda path: sampled.get(path, sampling) != sampling)
         for s in plan.known_failures:
             skip(s)
         # failures outside this root, or still current below it, stay on record
@@ -425,7 +438,7 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
         if dim:  # a bad --index-factory or --memory fails now, not after hours of embedding
             from .index import check_spec
 
-            check_spec(spec, dim)
+            check_spec(spec, dim, len(plan.keep_rows) + len(plan.to_embed))
         embeddings = (np.array(existing.embeddings, dtype=np.float32) if existing is not None and len(items)
                       else np.zeros((0, dim), np.float32))
         copied_emb = embeddings[[known_text[f.text] for f in copied]] if copied else None
@@ -456,13 +469,16 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
                 report.index_notes.append("index settings changed: rebuilding the index")
         reembedded: set[int] = set()  # ids whose vector changed since vindex was last synced
 
+        saved = False
+
         def save():
-            nonlocal base, dirty, vindex
+            nonlocal base, dirty, vindex, saved
             flush()
-            dirty = False
+            dirty, saved = False, True
             base["failed"] = failures
             base["index_spec"] = spec_to_manifest(spec)
-            base["video_sampling"] = sampling
+            videos = {p for p, k in zip(items.path, items.kind) if k == "video"}
+            base["video_sampled"] = {p: v for p, v in sampled.items() if p in videos}
             vindex = sync_index(vindex, embeddings, items.id, spec, reembedded, report.index_notes)
             reembedded.clear()
             base = commit(index_path, items, embeddings, vindex, base)
@@ -483,6 +499,7 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
                 dropped_ids.add(plan.reuse_ids[s.path])
             if s.path in video_ids:  # a video that broke part way: its frames so far go too
                 dropped_ids.update(video_ids.pop(s.path))
+                sampled.pop(s.path, None)
                 if s.path in plan.resampled:
                     report.updated -= 1
                 else:
@@ -509,6 +526,7 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
                 if f.kind == "video":  # frames: always new items; counted per video file
                     if f.path not in video_ids:
                         video_ids[f.path] = []
+                        sampled[f.path] = sampling
                         failures.pop(f.path, None)
                         if f.path in plan.resampled:
                             report.updated += 1
@@ -550,7 +568,7 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
 
         n_final = len(items) + sum(len(p) for p in pending_items) - len(dropped_ids)
         stale = n_final and (vindex is None or vindex.needs_rebuild(n_final, spec))
-        if existing is None or dirty or stale or spec_from_manifest(base) != spec:
+        if (existing is None and not saved) or dirty or stale or spec_from_manifest(base) != spec:
             save()
         elif failures != old_failures:  # only the failure record changed: no new generation needed
             base["failed"] = failures

@@ -69,10 +69,14 @@ def _thumb(image) -> np.ndarray:
 
 
 def _header_seconds(container, stream) -> float | None:
+    """The video stream's duration from the header; the container's (which may include audio) as a
+    fallback for display only."""
+    return _stream_seconds(stream) or (container.duration / 1_000_000 if container.duration is not None else None)
+
+
+def _stream_seconds(stream) -> float | None:
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
-    if container.duration is not None:
-        return container.duration / 1_000_000
     return None
 
 
@@ -81,16 +85,17 @@ def sample_frames(path: str, interval: float = 1.0, skip_similar: float | None =
 
     ``skip_similar`` (e.g. 3.0) drops a sampled frame whose 16x16 grey thumbnail differs from the
     last kept one by less than that many grey levels on average (static shots). A file that cannot
-    be opened, a stream that breaks part way, or a video whose frames stop more than a second
-    before its header's duration (truncated) raises MediaError, possibly after some frames: the
-    caller drops what it got, as for a corrupt image.
+    be opened, a stream that breaks part way, or a video whose last frame ends more than a second
+    before its video stream's duration in the header (truncated) raises MediaError, possibly after
+    some frames: the caller drops what it got, as for a corrupt image.
     """
     if not interval > 0:
         raise ValueError(f"frame interval must be positive seconds, got {interval}")
     container, stream = _open(path)
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-    next_t, last_thumb, kept, last_t = 0.0, None, 0, 0.0
+    next_t, last_thumb, kept, last_t, gap = 0.0, None, 0, 0.0, 0.0
     fps = float(stream.average_rate) if stream.average_rate else 25.0
+    decoded = 0
     try:
         frames = container.decode(stream)
         while True:
@@ -102,8 +107,10 @@ def sample_frames(path: str, interval: float = 1.0, skip_similar: float | None =
                 raise MediaError(f"{path}: cannot decode video after {last_t:.1f}s ({_reason(e)})") from None
             t = _seconds(frame, stream, start)
             if t is None:  # no timestamp: count frames at the nominal rate
-                t = last_t + (1.0 / fps if kept else 0.0)
-            last_t = t
+                t = last_t + (1.0 / fps if decoded else 0.0)
+            if decoded:
+                gap = max(gap, t - last_t)  # the longest a frame stays on screen
+            last_t, decoded = t, decoded + 1
             if t + 1e-6 < next_t:
                 continue
             next_t = (np.floor(t / interval + 1e-9) + 1) * interval
@@ -117,8 +124,8 @@ def sample_frames(path: str, interval: float = 1.0, skip_similar: float | None =
             yield Frame(max(0.0, round(t, 3)), image)
         if kept == 0:
             raise MediaError(f"{path}: no decodable video frames")
-        total = _header_seconds(container, stream)
-        if total is not None and last_t < total - 1.0:
+        total = _stream_seconds(stream)  # the video stream's own length (a container's may include audio)
+        if total is not None and last_t + max(gap, 1.0 / fps) < total - 1.0:
             raise MediaError(f"{path}: truncated video: frames stop at {last_t:.1f}s of {total:.1f}s")
     finally:
         container.close()

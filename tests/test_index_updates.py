@@ -186,3 +186,42 @@ def test_cli_batch_queries_and_index_options(tmp_path):
     assert [[h.id for h in hs] for hs in batch] == [[h.id for h in hs] for hs in single]
     info = json.loads(run("info", "--json", "--index", idx).stdout)
     assert info["index_type"] == "flat" and info["index_params"]["reason"].startswith("300 <= flat_max")
+
+
+def test_cli_style_overrides_keep_the_other_settings(tmp_path):
+    """A dict of changes (what the CLI passes) keeps the rest of the index's settings; "4G" is the default."""
+    enc, src, idx = HashEncoder(), tmp_path / "texts.txt", tmp_path / "idx"
+    write(src, lines(1200))
+    index_texts(src, idx, encoder=enc, spec=IndexSpec(factory="IVF8,Flat", memory="1G"))
+    r = index_texts(src, idx, encoder=enc, spec={"target_recall": 0.9})
+    m = Collection.open(idx).manifest
+    assert m["index_spec"]["factory"] == "IVF8,Flat" and m["index_spec"]["memory"] == 2**30
+    assert m["index_spec"]["target_recall"] == 0.9 and r.index_kind == "factory"
+    write(src, lines(1200))
+    r = index_texts(src, idx, encoder=enc, spec={"memory": "1024M"})  # the same budget, spelt differently
+    assert r.index_notes == [] and not r.changed
+
+
+def test_shrinking_back_to_flat_says_so(tmp_path):
+    enc, src, idx = HashEncoder(), tmp_path / "texts.txt", tmp_path / "idx"
+    write(src, lines(3000))
+    index_texts(src, idx, encoder=enc, spec=IndexSpec(flat_max=2000))
+    assert Collection.open(idx).manifest["index"]["kind"] == "ivfflat"
+    write(src, lines(500))
+    r = index_texts(src, idx, encoder=enc)
+    assert r.index_kind == "flat" and any("built a flat index over 500" in n for n in r.index_notes), r.index_notes
+
+
+def test_removed_then_re_added_id_is_re_ranked_with_its_new_vector():
+    from mmsearch.index import VectorIndex
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3000, D)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = VectorIndex.build(x, np.arange(3000), IndexSpec(index_type="ivfpq", pq_m=8, nprobe=64))
+    new = rng.standard_normal((1, D)).astype(np.float32)
+    new /= np.linalg.norm(new)
+    index.remove(np.array([105]))
+    index.add(new, np.array([105]))
+    D_, I = index.search(new, 3)
+    assert I[0, 0] == 105 and D_[0, 0] == pytest.approx(1.0, abs=1e-5)

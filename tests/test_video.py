@@ -206,15 +206,18 @@ def test_an_image_query_finds_the_video_it_came_from(video_index, encoder, tmp_p
     assert hits[0].score > 0.95 and hits[0].start <= 4.0 <= hits[0].end, hits[0]
 
 
-def _write_video(path, seconds: int, fps: int = 2) -> None:
-    """A test video (320x240, mpeg4), each second a different flat colour."""
+def _write_video(path, seconds: int, fps=2) -> None:
+    """A test video (320x240, mpeg4), each second a different flat colour; ``fps`` may be a Fraction."""
+    from fractions import Fraction
+
     import av
 
+    fps = Fraction(fps)
     with av.open(str(path), "w") as out:
         stream = out.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
-        for i in range(seconds * fps):
-            level = (i // fps) * 37 % 256
+        for i in range(int(seconds * fps)):
+            level = int(i / fps) * 37 % 256
             img = np.full((240, 320, 3), level, np.uint8)
             for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 out.mux(packet)
@@ -240,3 +243,29 @@ def test_a_long_video_streams_in_constant_memory(tmp_path):
     assert res["short.mp4"][0] == 120 and res["long.mp4"][0] == 2400
     # peak RSS in KiB: kept in memory, the long video's 2,400 frames would add 2400 x 225 KiB = 530 MiB
     assert res["long.mp4"][1] < res["short.mp4"][1] + 50_000, res
+
+
+def test_a_slow_frame_rate_is_not_mistaken_for_truncation(tmp_path):
+    """One frame every 2 s: the last frame starts at 8 s of a 10 s video and lasts to its end."""
+    from fractions import Fraction
+
+    slow = tmp_path / "slow.mp4"
+    _write_video(slow, 10, fps=Fraction(1, 2))
+    assert [f.t for f in sample_frames(str(slow), 1.0)] == [0.0, 2.0, 4.0, 6.0, 8.0]
+
+
+def test_indexing_texts_does_not_reset_how_videos_were_sampled(tmp_path, encoder):
+    from mmsearch.indexing import index_texts
+
+    folder = tmp_path / "media"
+    folder.mkdir()
+    shutil.copy2(clip("chaplin.mp4"), folder / "chaplin.mp4")
+    idx = tmp_path / "index"
+    cfg = IndexingConfig(frame_interval=3.0)
+    index_folder(folder, idx, encoder=encoder, config=cfg)
+    (tmp_path / "captions.txt").write_text("a man in a hat\n")
+    index_texts(tmp_path / "captions.txt", idx, encoder=encoder)  # default config: 1 s interval
+    r = index_folder(folder, idx, encoder=encoder, config=cfg)
+    assert (r.unchanged, r.updated, r.changed) == (1, 0, False)
+    assert Collection.open(idx).manifest["video_sampled"] == {
+        str(folder / "chaplin.mp4"): {"frame_interval": 3.0, "skip_similar": None}}
