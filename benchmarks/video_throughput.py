@@ -28,14 +28,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mmsearch.config import DEFAULT_MODEL, IndexingConfig  # noqa: E402
+from mmsearch.config import DEFAULT_FRAME_INTERVAL, DEFAULT_MODEL, IndexingConfig  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--videos", default=str(ROOT.parent / "shared" / "data" / "videos"))
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--interval", type=float, default=IndexingConfig.frame_interval)
+    ap.add_argument("--interval", type=float, default=DEFAULT_FRAME_INTERVAL)
     args = ap.parse_args()
 
     import torch

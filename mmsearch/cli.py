@@ -82,10 +82,12 @@ def index(
         None, "--target-recall", min=0.01, max=1.0, help="Tune nprobe/efSearch to this recall@10 against exact search [default: 0.95]."),
     rerank: Optional[int] = typer.Option(
         None, "--rerank", min=1, help="IVF-PQ: re-rank k x this many candidates with the exact vectors [default: 4, deeper if tuning needs it]."),
-    frame_interval: float = typer.Option(
-        1.0, "--frame-interval", min=0.01, help="Seconds between sampled video frames (plus the first frame)."),
+    frame_interval: Optional[float] = typer.Option(
+        None, "--frame-interval", min=0.01,
+        help="Seconds between sampled video frames (plus the first frame) [default: the index's, else 1]."),
     skip_similar: Optional[float] = typer.Option(
-        None, "--skip-similar", min=0.0, help="Drop video frames this close to the last kept one (mean grey levels, e.g. 3)."),
+        None, "--skip-similar", min=0.0,
+        help="Drop video frames this close to the last kept one (mean grey levels, e.g. 3; 0 = off) [default: the index's, else off]."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     commit_every: int = typer.Option(2048, "--commit-every", min=1, help="Save progress to disk every N images."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),

@@ -21,6 +21,9 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 #: file extensions (lower case) treated as videos (decoded with PyAV)
 VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".avi", ".mov", ".mkv", ".m4v"})
 
+#: video sampling of an index that was never told otherwise
+DEFAULT_FRAME_INTERVAL = 1.0
+
 #: images with more pixels than this are skipped (decompression-bomb guard)
 MAX_IMAGE_PIXELS = 100_000_000
 
@@ -84,8 +87,9 @@ class IndexingConfig:
     follow_symlinks: bool = True  # follow links to files and folders (loops are detected and skipped)
     extensions: frozenset[str] = field(default=IMAGE_EXTENSIONS)  # what counts as an image
     video_extensions: frozenset[str] = field(default=VIDEO_EXTENSIONS)  # what counts as a video
-    frame_interval: float = 1.0  # seconds between sampled video frames (plus the first frame)
-    skip_similar: float | None = None  # drop sampled frames this close (mean grey levels, 16x16) to the last kept one
+    frame_interval: float | None = None  # seconds between sampled video frames; None: the index's last setting, else 1
+    skip_similar: float | None = None  # drop frames this close (mean grey levels, 16x16) to the last kept one; 0 = off;
+    # None: the index's last setting, else off
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ._util import batched, prefetch_iter
-from .config import DEFAULT_MODEL, IndexingConfig, IndexSpec, ModelRef
+from .config import DEFAULT_FRAME_INTERVAL, DEFAULT_MODEL, IndexingConfig, IndexSpec, ModelRef
 from .errors import MediaError, ModelMismatchError
 from .media import MediaFile, Skipped, load_image, scan
 from .store import Collection, Items, check_index_folder, commit, write_lock, write_manifest
@@ -408,7 +408,13 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
             spec = replace(spec_from_manifest(base), **spec)
         spec = normalise_spec(spec)
         old_failures = base.get("failed", {})
-        sampling = {"frame_interval": config.frame_interval, "skip_similar": config.skip_similar}
+        # video sampling: what the caller says, else what this index used last, else the defaults
+        last = base.get("video_sampling") or {}
+        sampling = {"frame_interval": float(config.frame_interval if config.frame_interval is not None
+                                            else last.get("frame_interval") or DEFAULT_FRAME_INTERVAL),
+                    "skip_similar": float(config.skip_similar if config.skip_similar is not None
+                                          else last.get("skip_similar") or 0.0)}
+        config = replace(config, **sampling)
         sampled = dict(base.get("video_sampled", {}))  # video path -> the sampling its frames came from
         plan = plan_update(files, items, root, [s.path for s in skipped if s.unreadable], old_failures,
                            resample_videos=lambda path: sampled.get(path, sampling) != sampling)
@@ -479,6 +485,7 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
             base["index_spec"] = spec_to_manifest(spec)
             videos = {p for p, k in zip(items.path, items.kind) if k == "video"}
             base["video_sampled"] = {p: v for p, v in sampled.items() if p in videos}
+            base["video_sampling"] = sampling
             vindex = sync_index(vindex, embeddings, items.id, spec, reembedded, report.index_notes)
             reembedded.clear()
             base = commit(index_path, items, embeddings, vindex, base)

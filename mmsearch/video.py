@@ -115,7 +115,7 @@ def sample_frames(path: str, interval: float = 1.0, skip_similar: float | None =
                 continue
             next_t = (np.floor(t / interval + 1e-9) + 1) * interval
             image = frame.to_image()
-            if skip_similar is not None:
+            if skip_similar:
                 thumb = _thumb(image)
                 if last_thumb is not None and float(np.abs(thumb - last_thumb).mean()) < skip_similar:
                     continue

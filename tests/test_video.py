@@ -268,4 +268,7 @@ def test_indexing_texts_does_not_reset_how_videos_were_sampled(tmp_path, encoder
     r = index_folder(folder, idx, encoder=encoder, config=cfg)
     assert (r.unchanged, r.updated, r.changed) == (1, 0, False)
     assert Collection.open(idx).manifest["video_sampled"] == {
-        str(folder / "chaplin.mp4"): {"frame_interval": 3.0, "skip_similar": None}}
+        str(folder / "chaplin.mp4"): {"frame_interval": 3.0, "skip_similar": 0.0}}
+    # a later run that does not mention the interval keeps the index's (no re-sampling at 1 s)
+    r = index_folder(folder, idx, encoder=encoder)
+    assert (r.unchanged, r.updated) == (1, 0)
