@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Iterable, Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
-R = TypeVar("R")
 
 
 def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -17,26 +15,13 @@ def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
         yield items[start : start + size]
 
 
-def prefetch_map(fn: Callable[[T], R], items: Iterable[T], depth: int = 2, workers: int = 1) -> Iterator[R]:
-    """``map(fn, items)`` in order, running ``fn`` on up to ``depth`` items ahead in threads.
-
-    Used to decode the next batch of images while the model embeds the current one; memory stays
-    bounded by ``depth`` results, however long ``items`` is. One worker by default: the forward pass
-    is the bottleneck on CPU, and image decoding silences Pillow warnings with ``catch_warnings``,
-    which is not thread-safe across several decoding threads.
-    """
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = []
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) > depth:
-                yield pending.pop(0).result()
-        for fut in pending:
-            yield fut.result()
-
-
 def prefetch_iter(items: Iterable[T], depth: int = 2) -> Iterator[T]:
     """``items`` (an iterator) run ahead in a background thread, at most ``depth`` items buffered.
+
+    Used to decode the next batches while the model embeds the current one (``prefetch_iter(map(
+    decode, batches))``); memory stays bounded by ``depth``, however long ``items`` is. One thread:
+    the forward pass is the bottleneck on CPU, and image decoding silences Pillow warnings with
+    ``catch_warnings``, which is not thread-safe across several decoding threads.
 
     Exceptions raised by the producer surface in the consumer; a consumer that stops early stops
     the producer at its next item.

@@ -83,20 +83,13 @@ def _nlist_for(n: int, spec: IndexSpec) -> int:
 
 def ram_per_vector(kind: str, d: int, m: int = 0, hnsw_m: int = 32) -> int:
     """Bytes of RAM one vector costs in an index of ``kind`` (codes + id + structure), for budgeting."""
-    if kind == "flat":
-        return 4 * d + _ID_BYTES
-    if kind == "ivfflat":
+    if kind in ("flat", "ivfflat"):
         return 4 * d + _ID_BYTES
     if kind == "hnsw":
         return 4 * d + _ID_BYTES + 2 * hnsw_m * 4 + 8  # vectors, id map, links on level 0 (2M ints) and levels
     if kind == "ivfpq":
         return m + _ID_BYTES
     raise ValueError(f"no memory model for index kind {kind!r}")
-
-
-def choose_kind(n: int, spec: IndexSpec, d: int = 256) -> str:
-    """The index kind for ``n`` vectors of dimension ``d`` (see :func:`plan_index`)."""
-    return plan_index(n, d, spec)["kind"]
 
 
 def plan_index(n: int, d: int, spec: IndexSpec = IndexSpec()) -> dict[str, Any]:

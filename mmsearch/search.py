@@ -87,7 +87,8 @@ class Searcher:
             if gpu_count():
                 self.on_gpu = self.collection.index.to_gpu()
         self._kinds: np.ndarray | None = None  # items' kinds as an array, built on first filtered query
-        self._kind_rows: dict[str, np.ndarray] = {}
+        self._kind_rows: dict[tuple[str, ...], np.ndarray] = {}
+        self._kind_lookups: dict = {}  # exact search over one modality (<= EXACT_FILTER_MAX items)
 
     @property
     def encoder(self):
@@ -131,8 +132,11 @@ class Searcher:
         # exact search over that modality's vectors: a filter never returns fewer than asked
         from .index import VectorLookup, exact_topk
 
-        lookup = VectorLookup(self.collection.embeddings[rows], self.collection.items.id[rows])
-        I = exact_topk(q, lookup, k)
+        key = self._kinds_of(kind)
+        if key not in self._kind_lookups:  # the modality's vectors, gathered once per Searcher
+            self._kind_lookups[key] = VectorLookup(np.asarray(self.collection.embeddings[rows]),
+                                                   self.collection.items.id[rows])
+        I = exact_topk(q, self._kind_lookups[key], k)
         D = np.einsum("qkd,qd->qk", self.collection.lookup.get(I), q)
         return D.astype(np.float32), I
 

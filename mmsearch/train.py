@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ._util import batched, prefetch_map
+from ._util import batched, prefetch_iter
 from .config import TrainConfig
 from .metrics import recall_at_k
 
@@ -88,7 +88,7 @@ def image_tower_features(model, preprocess, paths: Sequence[str], batch_size: in
     device = next(trunk.parameters()).device
     out = []
     with torch.inference_mode():
-        for pixels, bad, n in prefetch_map(load_batch, batched(list(paths), batch_size)):
+        for pixels, bad, n in prefetch_iter(map(load_batch, batched(list(paths), batch_size))):
             if pixels is not None and flip:
                 pixels = torch.flip(pixels, dims=[3])
             feats = (trunk(pixels.to(device).contiguous(memory_format=torch.channels_last)).float().cpu().numpy()

@@ -12,7 +12,7 @@ import pytest
 
 from mmsearch.config import IndexSpec
 from mmsearch.errors import EmptyIndexError, IndexFormatError, IndexNotFoundError
-from mmsearch.index import VectorIndex, choose_kind, parse_size, plan_index
+from mmsearch.index import VectorIndex, parse_size, plan_index
 
 FLAT = IndexSpec(index_type="flat")
 IVFPQ = IndexSpec(index_type="ivfpq")
@@ -237,6 +237,10 @@ def test_bad_search_input():
     q[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         index.search(q, 3)
+
+
+def choose_kind(n: int, spec: IndexSpec) -> str:
+    return plan_index(n, 256, spec)["kind"]
 
 
 def test_choose_kind():
