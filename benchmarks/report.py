@@ -62,7 +62,9 @@ def main() -> None:
                 text += f", from {c['start_from']}"
             name = c["candidate"]
             other = ", ".join(f"{k}={v}" for k, v in extra.items()) or "–"
-            print(f"| {name} | {c['towers']['image'].split(' (')[0]} | {text} | {', '.join(views)} | "
+            image = c["towers"]["image"]
+            image = image.split(" (")[0] + ("; " + image.split(", ")[-1].rstrip(")") if "trained" in image else "")
+            print(f"| {name} | {image} | {text} | {', '.join(views)} | "
                   f"{cfg.get('captions_per_step', 1)} | {cfg['batch_size']} | {fmt(d['t2i'])} | {fmt(d['i2t'])} | "
                   f"{c['dev_rsum']:.3f} | {c['best_epoch']} | {c['train_seconds_heads_only']:.0f} s | {other} | "
                   f"{tp['forward_only_images_per_s'] if tp else '–'} |")

@@ -32,8 +32,9 @@ sys.path.insert(0, str(ROOT))
 from mmsearch import models  # noqa: E402
 from mmsearch.config import DEFAULT_MODEL, TrainConfig  # noqa: E402
 from mmsearch.data import load_flickr8k  # noqa: E402
-from mmsearch.train import (TextTail, cached_features, image_tower_features, text_hidden_states,  # noqa: E402
-                            _text_layers, text_tower_features, train_heads, train_views)
+from mmsearch.train import (ImageTail, TextTail, cached_features, image_tower_features,  # noqa: E402
+                            image_trunk_maps, text_hidden_states, _text_layers, text_tower_features, train_heads,
+                            train_views)
 
 
 def main() -> None:
@@ -44,6 +45,9 @@ def main() -> None:
     ap.add_argument("--captions-per-step", type=int, default=TrainConfig.captions_per_step)
     ap.add_argument("--unlock-text", type=int, default=0,
                     help="also train the text tower's last N layers (on cached hidden states)")
+    ap.add_argument("--unlock-image", type=int, default=0,
+                    help="also train the image trunk's last N layer groups (open_clip's count: blocks, the last with the "
+                         "head convolution), on cached feature maps")
     ap.add_argument("--start-from", metavar="CANDIDATE",
                     help="start from the trained weights of an earlier candidate run (default: fresh heads)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -53,20 +57,35 @@ def main() -> None:
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "features"))
     ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     ap.add_argument("--dry-run", action="store_true", help="train and record, but do not overwrite the shipped heads")
+    ap.add_argument("--ship", metavar="CANDIDATE",
+                    help="train nothing: make the weights of an earlier (e.g. --dry-run) candidate run the shipped ones")
     args = ap.parse_args()
 
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     t0 = time.time()
     b = models.builtin(args.model)
+    weights = ROOT / ".cache" / "candidates"  # trained weights of every run, for --start-from and --ship
+    results = ROOT / "benchmarks" / "results"
+    if args.ship:
+        found = weights / f"{args.ship}.safetensors", results / "model_candidates" / f"{args.ship}.json"
+        for path in found:
+            if not path.is_file():
+                ap.error(f"--ship {args.ship}: {path} not found; run that candidate first")
+        record = json.loads(found[1].read_text())
+        if record["model"] != args.model:
+            ap.error(f"--ship {args.ship}: it is a candidate for {record['model']}, not {args.model}")
+        ship(b, record, load_file(str(found[0])), results)
+        return
     tower = b.trunk.replace("efficientnet_", "")  # lite0, lite2
     name = args.name or "-".join([tower] + (["flip"] if args.flip else []) + (["zoom"] if args.zoom else [])
                                  + ([f"caps{args.captions_per_step}"] if args.captions_per_step > 1 else [])
                                  + ([f"text{args.unlock_text}"] if args.unlock_text else [])
+                                 + ([f"image{args.unlock_image}"] if args.unlock_image else [])
                                  + ([f"from-{args.start_from}"] if args.start_from else [])
                                  + [x.replace("=", "") for x in args.set])
-    weights = ROOT / ".cache" / "candidates"  # trained weights of every run, for --start-from
+    changed = []  # what the --start-from run trained
     if args.start_from:
         from safetensors import safe_open
 
@@ -74,35 +93,60 @@ def main() -> None:
         if not start.is_file():
             ap.error(f"--start-from {args.start_from}: no weights at {start}; run that candidate first")
         with safe_open(str(start), "pt") as f:
-            if any(k.startswith("text.transformer.") for k in f.keys()):
-                # the cached text features below are those of the stock MiniLM
-                ap.error(f"--start-from {args.start_from}: it changed text layers; start from a heads-only candidate")
+            changed = list(f.keys())
     model = models.build(heads=weights / f"{args.start_from}.safetensors" if args.start_from else None,
                          name=args.model)
+    n_layers = len(_text_layers(model.text.transformer))  # all-MiniLM-L6-v2: 6
+    first_block = ImageTail.first_block(model, args.unlock_image) if args.unlock_image else None
+    blocks = [f"visual.trunk.blocks.{i}.{j}." for i, stage in enumerate(model.visual.trunk.blocks)
+              for j in range(len(stage))]  # in order across stages, as ImageTail counts them
+    trainable = (tuple(f"text.transformer.encoder.layer.{i}." for i in range(n_layers - args.unlock_text, n_layers))
+                 + (tuple(blocks[first_block:]) + ("visual.trunk.conv_head.", "visual.trunk.bn2.")
+                    if args.unlock_image else ()))
+    # text layers an earlier run tuned and this one keeps: applied to the stock MiniLM's cached hidden states
+    text_kept = sorted({int(k.split(".layer.")[1].split(".")[0]) for k in changed if k.startswith(
+        "text.transformer.encoder.layer.")}) if args.start_from and not args.unlock_text else []
+    if args.start_from:
+        # the cached features below come from the stock towers: the earlier run may only have changed
+        # layers that this run trains as well, or (text) keeps as they are
+        frozen = [k for k in changed if k not in models.head_state_dict(model) and not k.startswith(trainable)
+                  and not (text_kept and k.startswith("text.transformer.encoder.layer."))]
+        if frozen:
+            ap.error(f"--start-from {args.start_from}: it changed {frozen[0]}, which this run keeps locked; "
+                     "unlock at least as many layers as it did")
     preprocess, tok = models.preprocess(args.model), models.tokenizer()
     cache = Path(args.cache)
-    n_layers = len(_text_layers(model.text.transformer))  # all-MiniLM-L6-v2: 6
     feats = {}
     for split in ("train", "dev"):
         pairs = load_flickr8k(args.data, split)
         texts, owner = pairs.flat()
-        img = cached_features(cache / f"{tower}_img_{split}.npy",
-                              lambda: image_tower_features(model, preprocess, pairs.images))
         views = train_views(replace(TrainConfig(), flip_views=args.flip, zoom_views=args.zoom))[1:]
-        if views and split == "train":
+        if args.unlock_image:  # the feature maps entering the unlocked blocks
+            maps = []
+            for view in ["orig", *(views if split == "train" else ())]:
+                path = cache / f"{tower}_mapb{first_block}_{split}{'' if view == 'orig' else '_' + view}.npy"
+                maps.append(cached_features(path, lambda: image_trunk_maps(model, preprocess, pairs.images,
+                                                                            [first_block], view=view)[0]))
+            img = ImageTail(model, np.stack(maps), args.unlock_image)
+        else:
+            img = cached_features(cache / f"{tower}_img_{split}.npy",
+                                  lambda: image_tower_features(model, preprocess, pairs.images))
+        if views and split == "train" and not args.unlock_image:
             img = np.stack([img] + [cached_features(cache / f"{tower}_img_{split}_{view}.npy",
                                                     lambda: image_tower_features(model, preprocess, pairs.images, view=view))
                                     for view in views])
-        if args.unlock_text:
-            start = n_layers - args.unlock_text
+        if args.unlock_text or text_kept:
+            n_tail = args.unlock_text or n_layers - text_kept[0]
+            start = n_layers - n_tail
             hidden = cache / f"minilm_h{start}_{split}.npy"
             if not hidden.is_file():
                 h, m = text_hidden_states(model, tok, texts, start)
                 cached_features(cache / f"minilm_mask_{split}.npy", lambda: m)
                 cached_features(hidden, lambda: h)
                 del h
-            txt = TextTail(model, np.load(hidden, mmap_mode="r"), np.load(cache / f"minilm_mask_{split}.npy"),
-                           args.unlock_text)
+            txt = TextTail(model, np.load(hidden, mmap_mode="r"), np.load(cache / f"minilm_mask_{split}.npy"), n_tail)
+            if not args.unlock_text:  # the earlier run's layers, fixed: their pooled output is the feature
+                txt = txt.features()
         else:
             txt = cached_features(cache / f"minilm_txt_{split}.npy", lambda: text_tower_features(model, tok, texts))
         feats[split] = (img, txt, owner)
@@ -119,9 +163,9 @@ def main() -> None:
                   captions_per_step=args.captions_per_step,
                   **overrides)
     t1 = time.time()
-    if args.unlock_text:
-        for layer in feats["train"][1].layers:
-            for p in layer.parameters():
+    for tail in feats["train"][:2]:
+        if isinstance(tail, (TextTail, ImageTail)):
+            for p in tail.parameters():
                 p.requires_grad_(True)
     history = train_heads(model, *feats["train"], *feats["dev"], cfg=cfg, reset=not args.start_from,
                           on_epoch=lambda r: print(
@@ -136,6 +180,7 @@ def main() -> None:
          " --zoom" if args.zoom else "",
          f" --captions-per-step {args.captions_per_step}" if args.captions_per_step > 1 else "",
          f" --unlock-text {args.unlock_text}" if args.unlock_text else "",
+         f" --unlock-image {args.unlock_image}" if args.unlock_image else "",
          f" --start-from {args.start_from}" if args.start_from else "",
          "".join(f" --set {x}" for x in args.set), f" --name {args.name}" if args.name else "",
          " --dry-run" if args.dry_run else ""])
@@ -144,13 +189,15 @@ def main() -> None:
         "candidate": name,
         "model": args.model,
         "command": command,
-        "towers": {"image": f"{b.trunk} at {b.image_size} px (ImageNet, locked)",
+        "towers": {"image": f"{b.trunk} at {b.image_size} px (ImageNet, "
+                            + (f"last {args.unlock_image} layer groups trained)" if args.unlock_image else "locked)"),
                    "text": "all-MiniLM-L6-v2 (" + (f"last {args.unlock_text} layers trained" if args.unlock_text
-                                                   else "locked") + ", mean pool)"},
+                                                   else f"last {n_layers - text_kept[0]} layers as tuned before, kept"
+                                                   if text_kept else "locked") + ", mean pool)"},
         "start_from": args.start_from,
         "heads": {"vision": models.VISION_PROJ, "text": models.TEXT_PROJ, "embed_dim": models.EMBED_DIM},
         "train_config": asdict(cfg),
-        "n_train_images": int(feats["train"][0].shape[-2]),
+        "n_train_images": len(feats["train"][0]) if args.unlock_image else int(feats["train"][0].shape[-2]),
         "n_train_captions": int(len(feats["train"][1])),
         "best_epoch": best["epoch"],
         "epochs_run": len(history),
@@ -160,23 +207,28 @@ def main() -> None:
         "history": history,
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
-    trained = {k: v.detach().contiguous() for k, v in model.state_dict().items()
-               if k in models.head_state_dict(model) or any(
-                   k.startswith(f"text.transformer.encoder.layer.{i}.") for i in range(n_layers - args.unlock_text, n_layers))}
+    trained = {k: v.detach().contiguous() for k, v in model.state_dict().items()  # with layers kept from --start-from
+               if k in models.head_state_dict(model) or k.startswith(trainable) or (text_kept and k in changed)}
     weights.mkdir(parents=True, exist_ok=True)
     save_file(trained, str(weights / f"{name}.safetensors"))
-    results = ROOT / "benchmarks" / "results"
     (results / "model_candidates").mkdir(parents=True, exist_ok=True)
     (results / "model_candidates" / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     if not args.dry_run:
-        suffix = "" if args.model == "mmsearch-lite" else "_" + args.model.replace("mmsearch-", "")
-        (results / f"train_default_model{suffix}.json").write_text(json.dumps(record, indent=2) + "\n")
-        tmp = b.heads_file.with_suffix(".tmp")
-        save_file(trained, str(tmp), metadata={"recipe": record["what"], "command": command,
-                                             "best_epoch": str(best["epoch"])})
-        tmp.replace(b.heads_file)
-        print(f"wrote {b.heads_file}")
+        ship(b, record, trained, results)
     print(f"{name}: best epoch {best['epoch']}: dev {json.dumps(best['val'])}")
+
+
+def ship(b, record: dict, trained: dict, results: Path) -> None:
+    """Write a candidate's weights as the built-in model's heads file, and its record beside the results."""
+    from safetensors.torch import save_file
+
+    suffix = "" if b.name == "mmsearch-lite" else "_" + b.name.replace("mmsearch-", "")
+    (results / f"train_default_model{suffix}.json").write_text(json.dumps(record, indent=2) + "\n")
+    tmp = b.heads_file.with_suffix(".tmp")
+    save_file(trained, str(tmp), metadata={"recipe": record["what"], "command": record["command"],
+                                         "best_epoch": str(record["best_epoch"])})
+    tmp.replace(b.heads_file)
+    print(f"wrote {b.heads_file} ({record['candidate']})")
 
 
 if __name__ == "__main__":

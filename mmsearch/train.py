@@ -2,8 +2,10 @@
 
 With the image tower locked (the LiT recipe), its pooled features are computed once and cached, for
 the images and any augmented views; the text tower's pooled features too when it is locked, or its
-hidden states below the unlocked layers (``TextTail``). Training then runs only the small heads and
-those layers: seconds to minutes on a CPU. Unlocked image layers train end to end on decoded images.
+hidden states below the unlocked layers (``TextTail``). Unlocked layers of an EfficientNet-style image
+trunk train on its cached feature maps entering them (``ImageTail``). Training then runs only the small
+heads and those layers: seconds to minutes on a CPU. Other unlocked towers train end to end on decoded
+images.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .metrics import recall_at_k
 
 # ---- tower features (what is cached) ----------------------------------------------------------
 VIEWS = ("orig", "flip", "zoom", "zoomflip")  # augmented views of an image whose features can be cached
+MAX_CACHED_MAPS_BYTES = 4 << 30  # unlocked image layers train end to end when their input maps need more
 ZOOM = 1.125  # the "zoom" views crop the central 1/ZOOM of the image (resize to ZOOM x size, centre crop)
 
 
@@ -98,6 +101,72 @@ def image_tower_features(model, preprocess, paths: Sequence[str], batch_size: in
             if progress:
                 progress(n)
     return np.concatenate(out) if out else np.zeros((0, trunk.num_features), np.float32)
+
+
+def _flat_blocks(trunk) -> list:
+    """An EfficientNet-style trunk's blocks in order, across its stages."""
+    return [block for stage in trunk.blocks for block in stage]
+
+
+def image_trunk_maps(model, preprocess, paths: Sequence[str], starts: Sequence[int], batch_size: int = 64,
+                     progress: Callable[[int], None] | None = None, view: str = "orig") -> list[np.ndarray]:
+    """Feature maps (n, C, H, W) as float16 entering each block index in ``starts`` (counted over all
+    stages of an EfficientNet-style timm trunk), what ``ImageTail`` trains on. ``view``: as for
+    ``image_tower_features``. Images that cannot be decoded give NaN maps."""
+    import torch
+
+    from .errors import MediaError
+    from .media import load_image
+
+    if view not in VIEWS:
+        raise ValueError(f"unknown image view {view!r}: use one of {', '.join(VIEWS)}")
+    size = _pair(model.visual.image_size)
+    if view.startswith("zoom"):
+        preprocess = _zoomed(preprocess, size[0])
+    trunk = model.visual.trunk.eval()
+    device = next(trunk.parameters()).device
+
+    def load_batch(chunk):
+        out, bad = [], []
+        for j, p in enumerate(chunk):
+            try:
+                out.append(preprocess(load_image(p)))
+            except (MediaError, OSError):
+                bad.append(j)
+                out.append(None)
+        fill = next((x for x in out if x is not None), None)
+        if fill is None:
+            return torch.zeros(len(chunk), 3, *size), bad, len(chunk)
+        return torch.stack([fill if x is None else x for x in out]), bad, len(chunk)
+
+    outs: dict[int, list] = {s: [] for s in starts}
+    with torch.inference_mode():
+        for pixels, bad, n in prefetch_iter(map(load_batch, batched(list(paths), batch_size))):
+            if view.endswith("flip"):
+                pixels = torch.flip(pixels, dims=[3])
+            for i, m in _maps(trunk, pixels.to(device), starts).items():
+                m = m.half().cpu().numpy()
+                m[bad] = np.nan
+                outs[i].append(m)
+            if progress:
+                progress(n)
+    return [np.concatenate(outs[s]) if outs[s] else np.zeros((0, 0, 0, 0), np.float16) for s in starts]
+
+
+def _maps(trunk, pixels, starts: Sequence[int]) -> dict:
+    """{start: the trunk's feature map entering block ``start``} for a batch of pixels."""
+    blocks, out = _flat_blocks(trunk), {}
+    x = trunk.bn1(trunk.conv_stem(pixels))
+    for i in range(max(starts) + 1):
+        if i in starts:
+            out[i] = x
+        if i < len(blocks):
+            x = blocks[i](x)
+    return out
+
+
+def _pair(size) -> tuple[int, int]:
+    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
 
 def usable_images(pairs, check: Callable[[str], None] | None = None,
@@ -246,19 +315,89 @@ class TextTail:
         except ImportError:  # older transformers
             return self.text.transformer.get_extended_attention_mask(m, m.shape)
 
-    def embed(self, proj, batch: int = 512) -> np.ndarray:
-        """Normalised projected embeddings of all captions (no grad), for validation."""
+    def features(self, proj=None, batch: int = 512) -> np.ndarray:
+        """Pooled features of all captions (no grad), or their projections by ``proj``."""
         import torch
 
         order = np.argsort(self.mask.sum(1), kind="stable")
         out = None
         with torch.no_grad():
             for s in range(0, len(order), batch):
-                e = proj(self(order[s:s + batch])).float()
+                e = self(order[s:s + batch])
+                e = (proj(e) if proj is not None else e).float()
                 if out is None:
                     out = torch.zeros(len(order), e.shape[1])
                 out[torch.from_numpy(order[s:s + batch])] = e.cpu()
-        return torch.nn.functional.normalize(out, dim=-1).numpy()
+        return out.numpy()
+
+    def embed(self, proj, batch: int = 512) -> np.ndarray:
+        """Normalised projected embeddings of all captions (no grad), for validation."""
+        import torch
+
+        return torch.nn.functional.normalize(torch.from_numpy(self.features(proj, batch)), dim=-1).numpy()
+
+
+class ImageTail:
+    """The last ``n`` layer groups of an EfficientNet-style timm trunk (as open_clip's
+    ``lock_image_tower(unlocked_groups=n)`` counts them: the last n blocks, the last one with the head
+    convolution) and its pooling, run on cached feature maps entering them (``image_trunk_maps`` at
+    ``ImageTail.first_block(model, n)``), so those layers can train without re-running the locked ones
+    below. Batch norms keep their ImageNet statistics. ``maps`` is (n_images, C, H, W) or
+    (views, n_images, C, H, W); called with view and image indices, returns pooled features (before
+    the projection)."""
+
+    def __init__(self, model, maps: np.ndarray, n: int):
+        trunk = model.visual.trunk
+        self.trunk = trunk
+        self.modules = _flat_blocks(trunk)[self.first_block(model, n):] + [trunk.conv_head, trunk.bn2]
+        self.maps = maps if maps.ndim == 5 else maps[None]
+        self.device = next(trunk.parameters()).device
+
+    @staticmethod
+    def first_block(model, n: int) -> int:
+        """Index (over all stages) of the first block the last ``n`` layer groups train."""
+        blocks = len(_flat_blocks(model.visual.trunk))
+        if not 0 < n <= blocks:
+            raise ValueError(f"cannot unlock {n} image layer groups: the trunk has {blocks}")
+        return blocks - n
+
+    @property
+    def views(self) -> int:
+        return self.maps.shape[0]
+
+    def parameters(self):
+        return [p for m in self.modules for p in m.parameters()]
+
+    def train(self, mode: bool = True) -> None:
+        for m in self.modules:
+            m.eval()  # batch-norm statistics stay those of ImageNet; there is no dropout in these layers
+
+    def state_dict(self) -> list:
+        return [copy.deepcopy(m.state_dict()) for m in self.modules]
+
+    def load_state_dict(self, states: list) -> None:
+        for m, state in zip(self.modules, states):
+            m.load_state_dict(state)
+
+    def __len__(self) -> int:
+        return self.maps.shape[1]
+
+    def __call__(self, view, idx):
+        import torch
+
+        x = torch.from_numpy(np.asarray(self.maps[view, idx], dtype=np.float32)).to(self.device)
+        for m in self.modules:
+            x = m(x)
+        return self.trunk.global_pool(x)
+
+    def embed(self, head, batch: int = 256, view: int = 0) -> np.ndarray:
+        """Normalised projected embeddings of all images in one view (no grad), for validation."""
+        import torch
+
+        with torch.no_grad():
+            out = [head(self(view, np.arange(s, min(s + batch, len(self))))).float().cpu()
+                   for s in range(0, len(self), batch)]
+        return torch.nn.functional.normalize(torch.cat(out), dim=-1).numpy()
 
 
 # ---- head training ---------------------------------------------------------------------------
@@ -345,17 +484,20 @@ def train_heads(
     groups = [{"params": decay, "weight_decay": cfg.weight_decay, "scale": 1.0},
               {"params": no_decay, "weight_decay": 0.0, "scale": 1.0}]
     tail = train_txt if isinstance(train_txt, TextTail) else None
-    if tail is not None:  # unlocked text layers: small steps for pretrained weights
-        groups.append({"params": [p for p in tail.parameters() if p.ndim >= 2], "weight_decay": cfg.weight_decay,
-                       "scale": cfg.tower_lr_scale})
-        groups.append({"params": [p for p in tail.parameters() if p.ndim < 2], "weight_decay": 0.0,
-                       "scale": cfg.tower_lr_scale})
+    itail = train_img if isinstance(train_img, ImageTail) else None
+    for t in (tail, itail):  # unlocked tower layers: small steps for pretrained weights
+        if t is not None:
+            groups.append({"params": [p for p in t.parameters() if p.ndim >= 2], "weight_decay": cfg.weight_decay,
+                           "scale": cfg.tower_lr_scale})
+            groups.append({"params": [p for p in t.parameters() if p.ndim < 2], "weight_decay": 0.0,
+                           "scale": cfg.tower_lr_scale})
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
     loss_fn = ClipLoss()
 
-    views = train_img if train_img.ndim == 3 else train_img[None]
+    views = None if itail is not None else (train_img if train_img.ndim == 3 else train_img[None])
+    n_views = itail.views if itail is not None else len(views)
     owner = np.asarray(train_owner)
-    n_img = views.shape[1]
+    n_img = len(itail) if itail is not None else views.shape[1]
     caps_of = [[] for _ in range(n_img)]
     for t, i in enumerate(owner):
         caps_of[i].append(t)
@@ -369,14 +511,15 @@ def train_heads(
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)))
 
     device = model.logit_scale.device  # the heads train where the model is (CUDA when there is one)
-    img_t = torch.from_numpy(np.ascontiguousarray(views, dtype=np.float32)).to(device)
+    img_t = itail if itail is not None else torch.from_numpy(np.ascontiguousarray(views, dtype=np.float32)).to(device)
     txt_t = (tail if tail is not None
              else torch.from_numpy(np.ascontiguousarray(train_txt, dtype=np.float32)).to(device))
     history, best, best_state, bad_epochs, step = [], -1.0, None, 0, 0
     for epoch in range(cfg.epochs):
         vhead.train(), tproj.train()
-        if tail is not None:
-            tail.train()
+        for t in (tail, itail):
+            if t is not None:
+                t.train()
         perm = rng.permutation(n_img)
         losses = []
         for b in range(steps_per_epoch):
@@ -387,11 +530,12 @@ def train_heads(
                 caps = np.array([[caps_of[i][rng.integers(len(caps_of[i]))] for i in imgs]])
             else:  # (k, batch): k distinct captions of each image (repeats only if it has fewer)
                 caps = np.array([rng.choice(caps_of[i], size=k, replace=len(caps_of[i]) < k) for i in imgs]).T
-            view = rng.integers(len(views), size=len(imgs)) if len(views) > 1 else np.zeros(len(imgs), np.int64)
+            view = rng.integers(n_views, size=len(imgs)) if n_views > 1 else np.zeros(len(imgs), np.int64)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step) * group["scale"]
             drop = lambda x: torch.nn.functional.dropout(x, cfg.feature_dropout)  # noqa: E731
-            fi = torch.nn.functional.normalize(vhead(drop(img_t[view, imgs])), dim=-1)
+            fi = torch.nn.functional.normalize(vhead(drop(img_t(view, imgs) if itail is not None
+                                                          else img_t[view, imgs])), dim=-1)
             flat = caps.reshape(-1)
             pooled = txt_t(flat) if tail is not None else txt_t[flat]
             ft = torch.nn.functional.normalize(tproj(drop(pooled)), dim=-1).view(k, len(imgs), -1)
@@ -400,9 +544,10 @@ def train_heads(
             losses.append(_step(opt, loss, model))
             step += 1
         vhead.eval(), tproj.eval()
-        if tail is not None:
-            tail.train(False)
-        r = recall_at_k(_embed(vhead, val_img),
+        for t in (tail, itail):
+            if t is not None:
+                t.train(False)
+        r = recall_at_k(val_img.embed(vhead) if isinstance(val_img, ImageTail) else _embed(vhead, val_img),
                         val_txt.embed(tproj) if isinstance(val_txt, TextTail) else _embed(tproj, val_txt), val_owner)
         score = validation_score(r)
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "val": r, "val_rsum": score,
@@ -416,6 +561,8 @@ def train_heads(
                                         "s": model.logit_scale.detach().clone()})
             if tail is not None:
                 best_state["layers"] = tail.state_dict()
+            if itail is not None:
+                best_state["image_layers"] = itail.state_dict()
         else:
             bad_epochs += 1
             if bad_epochs >= cfg.patience:
@@ -427,6 +574,8 @@ def train_heads(
             model.logit_scale.copy_(best_state["s"])
         if tail is not None:
             tail.load_state_dict(best_state["layers"])
+        if itail is not None:
+            itail.load_state_dict(best_state["image_layers"])
     return history
 
 
@@ -481,6 +630,31 @@ def _tail_works(model, tokenizer, n: int) -> bool:
         return bool(np.abs(got - want).max() <= 2e-2 * max(1.0, float(np.abs(want).max())))
     except Exception:  # any architecture TextTail cannot drive: train end to end instead
         return False
+
+
+def _image_tail_shape(model, n: int) -> tuple[int, ...] | None:
+    """The shape (C, H, W) of the maps ``ImageTail`` needs to train this image trunk's last ``n``
+    layer groups, or None when it cannot: not an EfficientNet-style trunk, not the same parameters
+    as open_clip unlocks (call after ``_lock_towers``), or not the trunk's own output on a test input."""
+    import torch
+
+    try:
+        trunk = model.visual.trunk
+        tail = ImageTail(model, np.zeros((1, 1, 1, 1), np.float16), n)
+        if {id(p) for p in tail.parameters()} != {id(p) for p in trunk.parameters() if p.requires_grad}:
+            return None
+        device = next(trunk.parameters()).device
+        x = torch.randn(2, 3, *_pair(model.visual.image_size), generator=torch.Generator().manual_seed(0))
+        start = ImageTail.first_block(model, n)
+        with torch.inference_mode():
+            want = trunk.eval()(x.to(device)).float().cpu().numpy()
+            maps = _maps(trunk, x.to(device), [start])[start].half().cpu().numpy()
+            got = ImageTail(model, maps, n)(0, np.arange(2)).float().cpu().numpy()
+        if np.abs(got - want).max() > 2e-2 * max(1.0, float(np.abs(want).max())):
+            return None
+        return tuple(maps.shape[1:])
+    except Exception:  # any trunk ImageTail cannot drive: train end to end instead
+        return None
 
 
 def _cacheable(model) -> bool:
@@ -687,10 +861,12 @@ def train_model(
     InfoNCE and write the best epoch (by validation rsum) to ``out_dir`` as an open_clip checkpoint
     folder that ``Encoder(out_dir)`` and ``mmsearch index --model out_dir`` load. Returns the record.
 
-    A timm + HF model with ``unlock_image == 0``: image features (and ``cfg``'s augmented views) are
-    computed once and cached under ``cache_dir``; so are the text features, or with ``unlock_text``
-    the hidden states below those layers, which then train on them (``TextTail``). Otherwise the
-    last ``unlock_image`` layer groups / ``unlock_text`` layers train end to end on decoded images.
+    A timm + HF model: image features (and ``cfg``'s augmented views) are computed once and cached
+    under ``cache_dir``, or with ``unlock_image`` the trunk's feature maps entering those layer
+    groups (EfficientNet-style trunks, maps up to MAX_CACHED_MAPS_BYTES), which then train on them
+    (``ImageTail``); so are the text features, or with ``unlock_text`` the hidden states below those
+    layers (``TextTail``). Otherwise the last ``unlock_image`` layer groups / ``unlock_text`` layers
+    train end to end on decoded images.
     Images that cannot be decoded are left out with their captions (``on_skip(path, reason)``).
     ``device``: "cpu", "cuda", ...; None picks CUDA when available (end to end: bf16 autocast there).
     """
@@ -710,30 +886,44 @@ def train_model(
         model, preprocess, tokenizer, model_config, pp_cfg = _load_for_training(model_name, pretrained)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
-    cached = unlock_image == 0 and _cacheable(model)
+    cached = _cacheable(model)
     if cached:
         n_layers = len(_text_layers(model.text.transformer))
         unlock_text = min(unlock_text, n_layers)
         cached = unlock_text == 0 or _tail_works(model, tokenizer, unlock_text)
     _lock_towers(model, unlock_image, unlock_text)
+    if cached and unlock_image:  # unlocked image layers train on cached maps when they fit in memory
+        shape = _image_tail_shape(model, unlock_image)
+        views = len(train_views(cfg))
+        cached = shape is not None and (
+            2 * math.prod(shape) * (len(train_pairs) * views + len(val_pairs)) <= MAX_CACHED_MAPS_BYTES)
     if cached:
         cache = Path(cache_dir or Path.home() / ".cache" / "mmsearch" / "features")
         feats, used = [], []
         model_key = _model_identity(model_name, pretrained)
         for name, pairs in (("train", train_pairs), ("val", val_pairs)):
             stamp = [(p, *_stat(p)) for p in pairs.images]
-            img = cached_features(cache / f"img-{_cache_key(model_key, stamp)}.npy", lambda: image_tower_features(
-                model, preprocess, pairs.images, progress=_counter(on_progress, name, len(pairs.images))))
+            first = ImageTail.first_block(model, unlock_image) if unlock_image else None
+            kind = f"img-b{first}" if unlock_image else "img"  # maps entering the unlocked blocks, or pooled
+
+            def features(paths, view="orig", label=name):
+                count = _counter(on_progress, label, len(paths))
+                if unlock_image:
+                    return image_trunk_maps(model, preprocess, paths, [first], view=view, progress=count)[0]
+                return image_tower_features(model, preprocess, paths, view=view, progress=count)
+
+            img = cached_features(cache / f"{kind}-{_cache_key(model_key, stamp)}.npy", lambda: features(pairs.images))
             pairs_all = pairs
-            pairs, keep = usable_images(pairs, on_skip=on_skip, bad=np.flatnonzero(np.isnan(img).any(1)))
+            bad = np.isnan(img.reshape(len(img), -1)).any(1)
+            pairs, keep = usable_images(pairs, on_skip=on_skip, bad=np.flatnonzero(bad))
             img = img[keep]
             extra = train_views(cfg)[1:] if name == "train" else ()  # validation sees the images as they are
             if extra:
                 img = np.stack([img] + [cached_features(
-                    cache / f"img-{view}-{_cache_key(model_key, stamp)}.npy",
-                    lambda: image_tower_features(model, preprocess, pairs_all.images, view=view,
-                                                 progress=_counter(on_progress, f"train, {view}", len(pairs_all.images)))
-                )[keep] for view in extra])
+                    cache / f"{kind}-{view}-{_cache_key(model_key, stamp)}.npy",
+                    lambda: features(pairs_all.images, view, f"train, {view}"))[keep] for view in extra])
+            if unlock_image:
+                img = ImageTail(model, img, unlock_image)
             texts, owner = pairs.flat()
             if unlock_text:  # hidden states below the unlocked layers, cached; those layers train
                 start = n_layers - unlock_text
@@ -767,7 +957,9 @@ def train_model(
                                  preprocess_cfg=pp_cfg or None)
     record = {
         "base_model": model_name, "pretrained": pretrained,
-        "mode": ("cached towers" if not unlock_text else "cached image tower, text layers on cached states")
+        "mode": ", ".join(["image layers on cached maps" if unlock_image else "cached image tower",
+                           "text layers on cached states" if unlock_text else "cached text tower"]
+                          ).replace("cached image tower, cached text tower", "cached towers")
                 if cached else "end to end",
         "unlock_image": unlock_image, "unlock_text": unlock_text,
         "n_train_images": len(train_pairs), "n_val_images": len(val_pairs), "device": str(device),

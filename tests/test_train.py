@@ -71,10 +71,13 @@ def test_cli_train_then_index_with_the_checkpoint(tables, tmp_path, photo_dir):
 
 
 @pytest.mark.slow
-def test_end_to_end_training_with_unlocked_layers(tables, tmp_path):
+def test_end_to_end_training_with_unlocked_layers(tables, tmp_path, monkeypatch):
+    from mmsearch import train as train_module
     from mmsearch.data import load_table
     from mmsearch.encoder import Encoder
     from mmsearch.train import train_model
+
+    monkeypatch.setattr(train_module, "MAX_CACHED_MAPS_BYTES", 0)  # as if the image maps were too large to cache
 
     train = load_table(tables / "train.csv").subset(16)
     cfg = replace(TrainConfig(), epochs=2, batch_size=8, lr=2e-4)  # small steps: the start is already trained
@@ -212,3 +215,66 @@ def test_augmented_views_of_the_image_tower(pairs, tmp_path):
     assert cos(zoom, orig[0]) < 0.97 and cos(flip, orig[0]) < 0.99  # real augmentations, not copies
     with pytest.raises(ValueError, match="unknown image view"):
         image_tower_features(model, pre, [photo], view="rotate")
+
+
+def test_image_tail_reproduces_the_trunk(tmp_path, pairs):
+    """ImageTail, the trunk's last layer groups run on cached feature maps, gives the trunk's own
+    pooled features (naive reference: the whole trunk on the decoded image); undecodable files give
+    NaN maps; it trains exactly the parameters open_clip unlocks."""
+    import torch
+
+    from mmsearch import models
+    from mmsearch.train import ImageTail, _image_tail_shape, _lock_towers, image_tower_features, image_trunk_maps
+
+    model, pre = models.build(heads=None), models.preprocess()
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    photos = pairs.images[:3] + [str(tmp_path / "bad.jpg")]
+    starts = [ImageTail.first_block(model, n) for n in (1, 6)]
+    maps1, maps6 = image_trunk_maps(model, pre, photos, starts)
+    assert maps1.dtype == np.float16 and np.isnan(maps1[3]).all() and np.isfinite(maps1[:3]).all()
+    ref = image_tower_features(model, pre, photos[:3])
+    for n, maps in ((1, maps1), (6, maps6)):
+        with torch.no_grad():
+            got = ImageTail(model, maps, n)(0, np.arange(3)).numpy()
+        assert np.allclose(got, ref, atol=2e-3, rtol=1e-2), n
+    mirrored = image_trunk_maps(model, pre, photos[:1], starts[:1], view="flip")[0]
+    with torch.no_grad():
+        assert np.allclose(ImageTail(model, mirrored, 1)(0, [0]).numpy(),
+                           image_tower_features(model, pre, photos[:1], view="flip"), atol=2e-3, rtol=1e-2)
+    _lock_towers(model, 2, 0)
+    entering = image_trunk_maps(model, pre, photos[:1], [ImageTail.first_block(model, 2)])[0]
+    assert _image_tail_shape(model, 2) == entering.shape[1:]
+    assert _image_tail_shape(model, 3) is None  # not the parameters open_clip unlocked
+    with pytest.raises(ValueError, match="cannot unlock 99 image layer groups"):
+        ImageTail.first_block(model, 99)
+
+
+def test_unlocked_image_layers_train_on_cached_maps(tables, tmp_path):
+    """--unlock-image with the built-in model: the maps entering the unlocked blocks are cached; only
+    those layers change, and the checkpoint reproduces the validation recall training measured."""
+    from safetensors.numpy import load_file
+
+    from mmsearch import models
+    from mmsearch.config import DEFAULT_MODEL
+    from mmsearch.data import load_table
+    from mmsearch.encoder import Encoder
+    from mmsearch.evaluate import evaluate
+    from mmsearch.train import train_model
+
+    cfg = replace(TrainConfig(), epochs=4, patience=4, batch_size=16, tower_lr_scale=0.1, flip_views=True)
+    rec = train_model(load_table(tables / "train.csv"), load_table(tables / "val.csv"), tmp_path / "o", cfg=cfg,
+                      unlock_image=1, cache_dir=tmp_path / "cache")
+    assert rec["mode"] == "image layers on cached maps, cached text tower"
+    losses = [h["loss"] for h in rec["history"]]
+    assert losses[-1] < losses[0] * 0.9, losses
+    assert len(list((tmp_path / "cache").glob("img-b*-flip-*.npy"))) == 1  # mirrored train maps
+    assert len(list((tmp_path / "cache").glob("img-b*.npy"))) == 3  # train, train mirrored, validation
+    saved = load_file(str(tmp_path / "o" / "open_clip_model.safetensors"))
+    base = {k: v.detach().numpy() for k, v in models.build(name=DEFAULT_MODEL).state_dict().items()}
+    changed = {".".join(k.split(".")[2:4]) if ".blocks." in k else k.split(".")[2]
+               for k in saved if k.startswith("visual.trunk.") and not np.array_equal(saved[k], base[k])}
+    last = f"blocks.{len(models.build(heads=None).visual.trunk.blocks) - 1}"
+    assert changed == {last, "conv_head", "bn2"}, changed
+    r = evaluate(Encoder(str(tmp_path / "o")), load_table(tables / "val.csv"))
+    best = rec["best_val"]
+    assert r["t2i"] == pytest.approx(best["t2i"], abs=0.02) and r["i2t"] == pytest.approx(best["i2t"], abs=0.02)
