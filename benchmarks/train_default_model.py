@@ -7,7 +7,12 @@ Every run, shipped or not, is also recorded as ``benchmarks/results/model_candid
 (the comparison table in the README is ``python benchmarks/report.py``).
 
     python benchmarks/train_default_model.py [--model mmsearch-lite2] [--flip] [--captions-per-step 5]
+        [--unlock-text N] [--unlock-image N] [--start-from CANDIDATE] [--set FIELD=VALUE]
         [--name NAME] [--dry-run] [--data ../shared/data/flickr8k]
+    python benchmarks/train_default_model.py --model mmsearch-lite2 --ship CANDIDATE
+
+Shipping (without --dry-run, or --ship) also rebuilds the model's query bank for the new weights
+(``benchmarks/build_query_bank.py``).
 
 Tower features are cached under ``.cache/features`` (git-ignored): the first run of a model computes
 them (EfficientNet-Lite0: ~6 min on a 2-core CPU, Lite2 at 260 px: ~12 min; --flip doubles the
@@ -229,6 +234,10 @@ def ship(b, record: dict, trained: dict, results: Path) -> None:
                                          "best_epoch": str(record["best_epoch"])})
     tmp.replace(b.heads_file)
     print(f"wrote {b.heads_file} ({record['candidate']})")
+    from build_query_bank import build  # the bank belongs to the heads: rebuild it with them
+
+    bank = build(b.name, str(ROOT.parent / "shared" / "data" / "flickr8k"))
+    print(f"wrote {b.bank_file}: {json.dumps(bank['settings'])}")
 
 
 if __name__ == "__main__":

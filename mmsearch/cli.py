@@ -196,6 +196,7 @@ def query(
     nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="IVF lists to visit [default: tuned at build]."),
     ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1, help="HNSW search breadth [default: tuned at build]."),
     rerank: Optional[int] = typer.Option(None, "--rerank", min=1, help="IVF-PQ: re-rank k x this many candidates [default: the index's]."),
+    plain: bool = typer.Option(False, "--plain", help="Rank by plain cosine, without the model's hubness correction."),
     index: Optional[Path] = IndexOpt,
 ) -> None:
     """Print the best matches, best first: `score<TAB>path` for images, `score<TAB>path<TAB>start-end`
@@ -215,7 +216,7 @@ def query(
             _fail(f"no queries in {batch}: it has no non-blank lines")
         if kind not in KINDS:
             _fail(f"unknown --kind {kind!r}: use image, video, text, all or auto")
-        searcher = Searcher(_index_dir(index), nprobe=nprobe, ef_search=ef_search, rerank_factor=rerank)
+        searcher = Searcher(_index_dir(index), nprobe=nprobe, ef_search=ef_search, rerank_factor=rerank, hubness=not plain)
         for start in range(0, len(queries), 1024):
             chunk = queries[start:start + 1024]
             for q, hits in zip(chunk, searcher.search_texts(chunk, k, kind)):
@@ -231,7 +232,7 @@ def query(
         _fail(f"query image not found: {image}")
     if kind not in KINDS:
         _fail(f"unknown --kind {kind!r}: use image, video, text, all or auto")
-    searcher = Searcher(_index_dir(index), nprobe=nprobe, ef_search=ef_search, rerank_factor=rerank)
+    searcher = Searcher(_index_dir(index), nprobe=nprobe, ef_search=ef_search, rerank_factor=rerank, hubness=not plain)
     hits = searcher.search_image(image, k, kind) if image is not None else searcher.search_text(text, k, kind)
     if as_json:
         typer.echo(json.dumps([_hit_json(h) for h in hits]))
@@ -259,6 +260,7 @@ def info(
         "dim": m["dim"],
         "index_type": m["index"]["kind"],
         "index_params": m["index"]["params"],
+        "hubness": m.get("hubness"),
         "disk_bytes": c.disk_bytes(),
         "format_version": m["format_version"],
         "created": m["created"],
@@ -316,9 +318,11 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print the recalls as JSON."),
     via_index: bool = typer.Option(False, "--via-index", help="Also answer text->image through a faiss index; report its ANN recall."),
     index_type: str = typer.Option("ivfpq", "--index-type", help="Index kind for --via-index: auto, flat or ivfpq."),
+    plain: bool = typer.Option(False, "--plain", help="Rank by plain cosine only, without the model's hubness correction."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Recall@1/5/10 text->image and image->text on image-caption pairs."""
+    """Recall@1/5/10 text->image and image->text on image-caption pairs, ranked as `mmsearch query`
+    ranks (with the model's hubness correction, and by plain cosine beside it)."""
     from tqdm import tqdm
 
     from .encoder import get_encoder
@@ -329,7 +333,7 @@ def eval_(
     bar = None if quiet else tqdm(total=len(pairs), unit="img", desc="embedding", file=sys.stderr, dynamic_ncols=True)
     try:
         r = evaluate(enc, pairs, via_index=IndexSpec(index_type=index_type) if via_index else None,
-                     on_progress=(lambda done, total: bar.update(done - bar.n)) if bar else None)
+                     on_progress=(lambda done, total: bar.update(done - bar.n)) if bar else None, hubness=not plain)
     finally:
         if bar is not None:
             bar.close()
@@ -338,7 +342,10 @@ def eval_(
         return
     typer.echo(f"{r['model']} on {r['n_images']} images, {r['n_texts']} captions")
     for key, name in (("t2i", "text->image"), ("i2t", "image->text")):
-        typer.echo(f"{name:12s} " + "  ".join(f"R@{k} {v:.3f}" for k, v in r[key].items()))
+        line = f"{name:12s} " + "  ".join(f"R@{k} {v:.3f}" for k, v in r[key].items())
+        if "plain" in r:
+            line += "   (plain cosine: " + "  ".join(f"R@{k} {v:.3f}" for k, v in r["plain"][key].items()) + ")"
+        typer.echo(line)
     if via_index:
         v = r["via_index"]
         typer.echo(f"{'via ' + v['index']['kind']:12s} " + "  ".join(f"R@{k} {x:.3f}" for k, x in v["t2i"].items())
@@ -370,6 +377,8 @@ def train(
                               help="Also train on mirrored images (locked towers; caches their features too)."),
     zoom: bool = typer.Option(TrainConfig.zoom_views, "--zoom/--no-zoom",
                               help="Also train on the images' centres, zoomed in (locked towers)."),
+    query_bank: int = typer.Option(TrainConfig.query_bank, "--query-bank", min=0,
+                                   help="Training images (one caption each) kept as the model's query bank for the hubness correction; 0: none."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Feature cache folder [default: ~/.cache/mmsearch/features]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -389,7 +398,8 @@ def train(
             _fail("a pairs table needs --val VALIDATION_TABLE (pairs kept out of training)")
         train_pairs, val_pairs = _load_pairs_or_fail(data, None), _load_pairs_or_fail(val, val_split if val.is_dir() else None)
     cfg = replace(TrainConfig(), epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
-                  captions_per_step=captions_per_step, flip_views=flip, zoom_views=zoom, tower_lr_scale=tower_lr_scale)
+                  captions_per_step=captions_per_step, flip_views=flip, zoom_views=zoom, tower_lr_scale=tower_lr_scale,
+                  query_bank=query_bank)
     bars: dict = {}
 
     def progress(name: str, done: int, total: int) -> None:

@@ -109,3 +109,4 @@ class TrainConfig:
     flip_views: bool = False  # also cache mirrored images' features; each step picks a view (cached-tower training)
     zoom_views: bool = False  # also cache features of the images' central 1/1.125 (and mirrored, with flip_views)
     seed: int = 0  # shuffling, caption sampling and head initialisation
+    query_bank: int = 2000  # training images (one caption each) saved as the model's hubness query bank; 0 = none

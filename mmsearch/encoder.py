@@ -160,11 +160,24 @@ class Encoder:
         self.image_size = min(size) if isinstance(size, (tuple, list)) else size
         with torch.inference_mode():
             self.dim = int(self.embed_texts(["probe"]).shape[1])
+        #: fingerprint of the weights loaded (recorded in index manifests; None for registry tags)
+        self.weights = models.fingerprint(self.ref.name, pretrained)
+        self._query_bank = False  # not looked up yet
 
     @property
     def name(self) -> str:
         """The model reference recorded in index manifests."""
         return self.ref.key()
+
+    @property
+    def query_bank(self):
+        """The model's ``mmsearch.hubness.QueryBank`` (shipped with the built-in models, written by
+        `mmsearch train`), or None: cross-modal search then ranks by plain cosine."""
+        if self._query_bank is False:
+            from .hubness import load_query_bank
+
+            self._query_bank = load_query_bank(self.ref)
+        return self._query_bank
 
     # ---- preprocessing (no forward pass) -------------------------------------------------------
     def preprocess(self, image: "Image.Image"):

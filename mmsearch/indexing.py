@@ -217,17 +217,24 @@ def embed_files(
 
 def _model_record(ref: ModelRef, dim: int | None = None) -> dict:
     """What the manifest says about the model (dim stays None until the model has been loaded)."""
+    from .models import fingerprint
+
     name = os.path.abspath(ref.name) if os.path.isdir(ref.name) else ref.name  # usable from any cwd
-    return {"name": name, "pretrained": ref.pretrained, "key": ref.key(), "dim": dim}
+    return {"name": name, "pretrained": ref.pretrained, "key": ref.key(), "dim": dim,
+            "weights": fingerprint(ref.name, ref.pretrained)}
 
 
-def check_model(manifest: dict, model_key: str, path) -> None:
+def check_model(manifest: dict, ref: ModelRef, path) -> None:
+    """The index was built with this model and these weights, else ModelMismatchError."""
+    from .models import check_weights, fingerprint
+
     built = manifest["model"]["key"]
-    if built != model_key:
+    if built != ref.key():
         raise ModelMismatchError(
-            f"index {path} was built with model {built!r}, not {model_key!r}: use --model "
+            f"index {path} was built with model {built!r}, not {ref.key()!r}: use --model "
             f"{manifest['model']['name']} or another --index folder"
         )
+    check_weights(manifest["model"], fingerprint(ref.name, ref.pretrained), path)
 
 
 def index_folder(
@@ -394,7 +401,7 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
     else:
         ref = model or ModelRef(DEFAULT_MODEL)
     if existing is not None:
-        check_model(existing.manifest, ref.key(), index_path)  # before spending seconds loading it
+        check_model(existing.manifest, ref, index_path)  # before spending seconds loading it
 
     with write_lock(index_path):
         if Collection.exists(index_path):  # re-read under the lock: another writer may have committed
@@ -467,6 +474,13 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
             row_of_id = {int(i): r for r, i in enumerate(items.id)}
             pending_items, pending_emb, dropped_ids = [], [], set()
 
+        from .hubness import load_query_bank
+
+        # hubness of items: the encoder's query bank (an encoder without one has none), loaded without the model
+        bank = getattr(encoder, "query_bank", None) if encoder is not None else load_query_bank(ref)
+        digests = lambda h: {m: v.get("digest") for m, v in (h or {}).items()}  # noqa: E731
+        if bank is not None and base.get("hubness") and digests(base["hubness"]) != digests(bank.settings()):
+            items.hub[:] = np.nan  # measured with another bank: measure again at the commit
         vindex = None  # the faiss index, updated in place between commits (rebuilt only when needed)
         if existing is not None and len(existing.items) and existing.manifest["index"].get("kind"):
             if spec_from_manifest(existing.manifest) == spec:
@@ -486,9 +500,20 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
             videos = {p for p, k in zip(items.path, items.kind) if k == "video"}
             base["video_sampled"] = {p: v for p, v in sampled.items() if p in videos}
             base["video_sampling"] = sampling
+            measure_hubs()
             vindex = sync_index(vindex, embeddings, items.id, spec, reembedded, report.index_notes)
             reembedded.clear()
             base = commit(index_path, items, embeddings, vindex, base)
+
+        def unmeasured() -> np.ndarray:
+            return np.flatnonzero(np.isnan(items.hub)) if bank is not None else np.zeros(0, np.int64)
+
+        def measure_hubs():
+            """Hub values of the rows that have none yet (new, re-embedded, or an index built before)."""
+            rows = unmeasured()
+            if len(rows):
+                items.hub[rows] = bank.hubs(embeddings[rows], [items.kind[r] for r in rows])
+            base["hubness"] = bank.settings() if bank is not None else None
 
         done, since_commit, n_embedded = 0, 0, 0
         t_embed = time.perf_counter()
@@ -545,6 +570,7 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
                 if f.path in plan.reuse_ids:  # re-embedded in place: same id, same row
                     r = row_of_id[plan.reuse_ids[f.path]]
                     embeddings[r] = vector
+                    items.hub[r] = np.nan  # measured again at the next commit
                     reembedded.add(plan.reuse_ids[f.path])
                     items.size[r], items.mtime_ns[r], items.text[r] = f.size, f.mtime_ns, f.text
                     report.updated += 1
@@ -575,7 +601,9 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
 
         n_final = len(items) + sum(len(p) for p in pending_items) - len(dropped_ids)
         stale = n_final and (vindex is None or vindex.needs_rebuild(n_final, spec))
-        if (existing is None and not saved) or dirty or stale or spec_from_manifest(base) != spec:
+        flush()
+        hubs_due = len(unmeasured()) > 0 or (bank is None) != (base.get("hubness") is None)
+        if (existing is None and not saved) or dirty or stale or hubs_due or spec_from_manifest(base) != spec:
             save()
         elif failures != old_failures:  # only the failure record changed: no new generation needed
             base["failed"] = failures

@@ -41,7 +41,7 @@ def _spans(frames: list[tuple[int, float, int]], margin: float) -> list[list[tup
 @dataclass(frozen=True)
 class Hit:
     rank: int  # 1-based
-    score: float  # cosine similarity (inner product of unit vectors)
+    score: float  # cosine similarity; for a cross-modal query minus the item's hubness correction (mmsearch.hubness)
     path: str  # absolute path of the item ("<file>#<line>" for texts)
     kind: str  # "image", "video" or "text"
     id: int  # stable item id (for a video span: its best frame)
@@ -61,11 +61,14 @@ class Searcher:
 
     def __init__(self, index: str | os.PathLike | Collection, encoder=None, nprobe: int | None = None,
                  ef_search: int | None = None, rerank_factor: int | None = None, gpu: bool | None = None,
-                 span_margin: float = SPAN_MARGIN) -> None:
+                 span_margin: float = SPAN_MARGIN, hubness: bool = True) -> None:
         """``nprobe`` / ``ef_search`` / ``rerank_factor`` override the values tuned at build time for
         every query; ``gpu`` (None: when faiss-gpu sees a CUDA device) searches the index on the GPU;
-        ``span_margin`` (cosine) decides which neighbouring video frames join a hit's time span."""
+        ``span_margin`` (cosine) decides which neighbouring video frames join a hit's time span;
+        ``hubness`` False ranks cross-modal queries by plain cosine, without the correction the
+        model's query bank calibrated (see mmsearch.hubness; models without a bank have none)."""
         self.span_margin = span_margin
+        self.hubness = hubness
         self.collection = index if isinstance(index, Collection) else Collection.open(index, load_index=True)
         self.search_options = {"nprobe": nprobe, "ef_search": ef_search, "rerank_factor": rerank_factor}
         if self.collection.count == 0:
@@ -79,6 +82,7 @@ class Searcher:
                     f"index {self.collection.path} was built with model {key!r}, the encoder is "
                     f"{encoder.name!r}: load the index's model or rebuild the index"
                 )
+            self._check_weights(encoder)
         self._encoder = encoder
         self.on_gpu = False
         if gpu or (gpu is None and self.collection.count > EXACT_FILTER_MAX):
@@ -89,6 +93,7 @@ class Searcher:
         self._kinds: np.ndarray | None = None  # items' kinds as an array, built on first filtered query
         self._kind_rows: dict[tuple[str, ...], np.ndarray] = {}
         self._kind_lookups: dict = {}  # exact search over one modality (<= EXACT_FILTER_MAX items)
+        self._corrections: dict[str, np.ndarray | None] = {}  # query modality -> per-row hubness correction
 
     @property
     def encoder(self):
@@ -96,21 +101,55 @@ class Searcher:
             from .encoder import get_encoder
 
             m = self.collection.model
-            self._encoder = get_encoder(m["name"], pretrained=m["pretrained"])
+            encoder = get_encoder(m["name"], pretrained=m["pretrained"])
+            self._check_weights(encoder)
+            self._encoder = encoder
         return self._encoder
 
+    def _check_weights(self, encoder) -> None:
+        from .models import check_weights
+
+        check_weights(self.collection.model, getattr(encoder, "weights", None), self.collection.path)
+
+    def _correction(self, query: str | None) -> np.ndarray | None:
+        """Per-row score corrections for a query of this modality, None when there are none."""
+        if query is None or not self.hubness:
+            return None
+        if query not in self._corrections:
+            from .hubness import corrections
+
+            items = self.collection.items
+            self._corrections[query] = corrections(items.hub, items.kind, query, self.collection.manifest.get("hubness"))
+        return self._corrections[query]
+
     # ---- numpy in, numpy out -------------------------------------------------------------------
-    def search_vectors(self, queries: np.ndarray, k: int = 10, kind: str | tuple[str, ...] | None = None
-                       ) -> tuple[np.ndarray, np.ndarray]:
+    def search_vectors(self, queries: np.ndarray, k: int = 10, kind: str | tuple[str, ...] | None = None,
+                       query: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(q, d) normalised float32 queries -> (D, I): scores and item ids, best first.
 
         ``kind`` ("image", "video", "text", or a tuple of them) restricts results to items of those
-        modalities. At most ``min(k, number of candidates)`` columns; never padded with -1. Video
-        frames come back one by one here; :meth:`search_texts` and friends merge them into spans.
+        modalities. ``query`` ("text" or "image": what the vectors embed) applies the hubness
+        correction to the items of the other modality (see mmsearch.hubness), exactly: candidates
+        are fetched by plain cosine until no other item can rank among the k best. At most
+        ``min(k, number of candidates)`` columns; never padded with -1. Video frames come back one by
+        one here; :meth:`search_texts` and friends merge them into spans.
         """
         if k < 1:
             raise BadQueryError(f"k must be at least 1, got {k}")
+        if query not in (None, "text", "image"):
+            raise BadQueryError(f"unknown query modality {query!r}: use 'text', 'image' or None")
         q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        corr = self._correction(query)
+        n = len(self._rows_of_kind(kind)) if kind is not None else self.collection.count
+        if corr is None or n == 0:  # n == 0: _search_plain says what is missing
+            return self._search_plain(q, k, kind)
+        from .hubness import rerank
+
+        return rerank(lambda qq, depth: self._search_plain(qq, depth, kind), q, min(k, n), n,
+                      lambda ids: corr[self.collection.rows_of(ids)], 0.0)  # corrections never raise a score
+
+    def _search_plain(self, q: np.ndarray, k: int, kind) -> tuple[np.ndarray, np.ndarray]:
+        """search_vectors by plain cosine."""
         kinds = self.collection.items.kind
         rows = self._rows_of_kind(kind) if kind is not None else None
         opts = {key: v for key, v in self.search_options.items() if v is not None}
@@ -185,7 +224,7 @@ class Searcher:
             out.append([replace(h, rank=r + 1) for r, h in enumerate(hits[:k] if k else hits)])
         return out
 
-    def _search(self, q: np.ndarray, k: int, kind) -> list[list[Hit]]:
+    def _search(self, q: np.ndarray, k: int, kind, query: str | None = None) -> list[list[Hit]]:
         """Hits for query vectors; with videos in the candidates, fetch deeper until k hits remain
         after merging frames into spans."""
         if k < 1:
@@ -194,7 +233,7 @@ class Searcher:
         n = len(self._rows_of_kind(kind)) if kind is not None else self.collection.count
         fetch = max(1, min(n, 4 * k if has_video else k))  # n == 0: search_vectors says what is missing
         while True:
-            D, I = self.search_vectors(q, fetch, kind)
+            D, I = self.search_vectors(q, fetch, kind, query)
             hits = self.hits(D, I, k)
             if not has_video or fetch >= n or all(len(h) >= k for h in hits):
                 return hits
@@ -226,11 +265,11 @@ class Searcher:
         for t in texts:
             if not isinstance(t, str) or not t.strip():
                 raise BadQueryError("empty query: give some text to search for, or --image PATH")
-        return self._search(self.encoder.embed_texts(list(texts)), k, self._kind(kind, "text"))
+        return self._search(self.encoder.embed_texts(list(texts)), k, self._kind(kind, "text"), "text")
 
     def search_image(self, image, k: int = 10, kind: str | None = "auto") -> list[Hit]:
         """Image -> texts when the index holds texts, else photos and video frames (``kind``
         overrides). ``image`` is a path or a PIL image; a bad file raises MediaError."""
         if isinstance(image, (str, Path)) and not Path(image).is_file():
             raise FileNotFoundError(f"query image not found: {image}")
-        return self._search(self.encoder.embed_images([image]), k, self._kind(kind, "image"))[0]
+        return self._search(self.encoder.embed_images([image]), k, self._kind(kind, "image"), "image")[0]

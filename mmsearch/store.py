@@ -1,7 +1,7 @@
 """On-disk collection: one folder per index.
 
     <index>/manifest.json          format version, model, counts, index kind + params, current generation
-    <index>/gen-000007/items.parquet   id, path, size, mtime_ns, kind, text, t (one row per vector)
+    <index>/gen-000007/items.parquet   id, path, size, mtime_ns, kind, text, t, hub (one row per vector)
     <index>/gen-000007/embeddings.npy  float32 (n, d), row i <-> items row i
     <index>/gen-000007/index.faiss     faiss index over the embeddings, searched by item id
     <index>/.lock                  flock held by the one process writing
@@ -34,7 +34,7 @@ FORMAT_VERSION = 2  # 2: IVF indexes hold ids themselves, re-ranked from embeddi
 READABLE_VERSIONS = (1, 2)  # version 1 indexes are searched as they are and rebuilt on their next update
 MANIFEST = "manifest.json"
 ITEMS, EMBEDDINGS, FAISS = "items.parquet", "embeddings.npy", "index.faiss"
-COLUMNS = ("id", "path", "size", "mtime_ns", "kind")  # required; "text" is optional (None for images)
+COLUMNS = ("id", "path", "size", "mtime_ns", "kind")  # required; "text", "t" and "hub" are optional
 GEN_RE = re.compile(r"^gen-\d{6}$")  # committed generation folders
 PARTIAL_RE = re.compile(r"^\.gen-\d{6}\.partial$")  # generations being written
 MANIFEST_TMP_RE = re.compile(r"^\.manifest\.json\..*\.tmp$")
@@ -70,16 +70,20 @@ class Items:
     kind: list[str]  # "image", "video" (one row per sampled frame) or "text"
     text: list[str | None] | None = None  # the text of "text" items; None entries for images
     t: np.ndarray | None = None  # float64 seconds of a video frame; NaN for images and texts
+    hub: np.ndarray | None = None  # float32 hubness of the item's vector (mmsearch.hubness); NaN: not measured
 
     def __post_init__(self) -> None:
         if self.text is None:
             self.text = [None] * len(self.path)
         if self.t is None:
             self.t = np.full(len(self.path), np.nan)
+        if self.hub is None:
+            self.hub = np.full(len(self.path), np.nan, np.float32)
 
     @classmethod
     def empty(cls) -> "Items":
-        return cls(np.zeros(0, np.int64), [], np.zeros(0, np.int64), np.zeros(0, np.int64), [], [], np.zeros(0))
+        return cls(np.zeros(0, np.int64), [], np.zeros(0, np.int64), np.zeros(0, np.int64), [], [], np.zeros(0),
+                   np.zeros(0, np.float32))
 
     def __len__(self) -> int:
         return len(self.path)
@@ -87,13 +91,13 @@ class Items:
     def take(self, rows: np.ndarray) -> "Items":
         rows = np.asarray(rows, dtype=np.int64)
         return Items(self.id[rows], [self.path[i] for i in rows], self.size[rows], self.mtime_ns[rows],
-                     [self.kind[i] for i in rows], [self.text[i] for i in rows], self.t[rows])
+                     [self.kind[i] for i in rows], [self.text[i] for i in rows], self.t[rows], self.hub[rows])
 
     @staticmethod
     def concat(a: "Items", b: "Items") -> "Items":
         return Items(np.concatenate([a.id, b.id]), a.path + b.path, np.concatenate([a.size, b.size]),
                      np.concatenate([a.mtime_ns, b.mtime_ns]), a.kind + b.kind, a.text + b.text,
-                     np.concatenate([a.t, b.t]))
+                     np.concatenate([a.t, b.t]), np.concatenate([a.hub, b.hub]))
 
 
 def _sync_dir(path: Path) -> None:
@@ -259,6 +263,7 @@ def commit(path: str | Path, items: Items, embeddings: np.ndarray, vindex, base_
         "kind": pa.array(items.kind, pa.string()),
         "text": pa.array(items.text, pa.string()),
         "t": pa.array(items.t, pa.float64()),
+        "hub": pa.array(items.hub, pa.float32()),
     })
     pq.write_table(table, tmp / ITEMS)
     with open(tmp / EMBEDDINGS, "wb") as f:
@@ -332,6 +337,7 @@ def _read_items(path: Path) -> Items:
         t.column("kind").to_pylist(),
         t.column("text").to_pylist() if "text" in t.column_names else None,
         t.column("t").to_numpy(zero_copy_only=False).astype(np.float64) if "t" in t.column_names else None,
+        t.column("hub").to_numpy(zero_copy_only=False).astype(np.float32) if "hub" in t.column_names else None,
     )
 
 

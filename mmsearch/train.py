@@ -20,6 +20,7 @@ import numpy as np
 
 from ._util import batched, prefetch_iter
 from .config import TrainConfig
+from .hubness import BANK_FILE, build_query_bank
 from .metrics import recall_at_k
 
 
@@ -730,30 +731,14 @@ def _stat(path: str) -> tuple[int, int]:
 
 
 def _model_identity(model_name: str, pretrained: str | None):
-    """What the cached tower features depend on: the model's name, or for a checkpoint folder or
-    weights file its absolute path and the size and mtime of every file in it (retrained = new key)."""
+    """What the cached tower features depend on: the model reference (absolute paths for a
+    checkpoint folder or weights file) and the fingerprint of its weights (retrained = new key)."""
     import os
-
-    def files(p):
-        p = Path(p)
-        if p.is_dir():
-            return [(f.name, *_stat(str(f))) for f in sorted(p.iterdir()) if f.is_file()]
-        return [(p.name, *_stat(str(p)))] if p.is_file() else []
 
     from . import models
 
-    parts = []
-    if model_name in models.BUILTINS and pretrained is None:  # shipped weights may change between versions
-        import hashlib
-
-        heads = models.builtin(model_name).heads_file
-        parts.append(hashlib.sha1(heads.read_bytes()).hexdigest() if heads.is_file() else None)
-    for x in (model_name, pretrained):
-        if x and os.path.exists(x):
-            parts.append((os.path.abspath(x), files(x)))
-        else:
-            parts.append(x)
-    return tuple(parts)
+    paths = tuple(os.path.abspath(x) if x and os.path.exists(x) else x for x in (model_name, pretrained))
+    return (*paths, models.fingerprint(model_name, pretrained))
 
 
 def _cache_key(*parts) -> str:
@@ -967,5 +952,15 @@ def train_model(
         "best_epoch": best["epoch"], "best_val": best["val"], "history": history,
         "seconds": round(time.time() - t0, 1),
     }
+    bank_file = out_dir / BANK_FILE
+    bank_file.unlink(missing_ok=True)  # an earlier run's bank belongs to other weights
+    if cfg.query_bank:  # the trained model's own query bank, for the hubness correction of its searches
+        from .encoder import Encoder
+
+        t1 = time.time()
+        bank = build_query_bank(Encoder(str(out_dir), device=str(device)), train_pairs, val_pairs,
+                                max_items=cfg.query_bank, seed=cfg.seed, weights=models.fingerprint(str(out_dir)))
+        bank.save(bank_file)
+        record["query_bank"] = dict(bank.settings(), seconds=round(time.time() - t1, 1))
     (out_dir / "mmsearch_train.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     return record

@@ -6,19 +6,21 @@ import pytest
 from mmsearch.metrics import recall_at_k
 
 
-def naive_recall(img, txt, owner, ks=(1, 5, 10)):
+def naive_recall(img, txt, owner, ks=(1, 5, 10), image_bias=None, text_bias=None):
     sim = txt @ img.T
+    ib = np.zeros(len(img)) if image_bias is None else image_bias
+    tb = np.zeros(len(txt)) if text_bias is None else text_bias
     t2i = {k: 0 for k in ks}
     for t in range(len(txt)):
-        true = sim[t, owner[t]]
-        rank = sum(1 for i in range(len(img)) if i != owner[t] and sim[t, i] >= true)
+        true = sim[t, owner[t]] + ib[owner[t]]
+        rank = sum(1 for i in range(len(img)) if i != owner[t] and sim[t, i] + ib[i] >= true)
         for k in ks:
             t2i[k] += rank < k
     i2t = {k: 0 for k in ks}
     for i in range(len(img)):
         mine = [t for t in range(len(txt)) if owner[t] == i]
-        best = max(sim[t, i] for t in mine)
-        rank = sum(1 for t in range(len(txt)) if owner[t] != i and sim[t, i] >= best)
+        best = max(sim[t, i] + tb[t] for t in mine)
+        rank = sum(1 for t in range(len(txt)) if owner[t] != i and sim[t, i] + tb[t] >= best)
         for k in ks:
             i2t[k] += rank < k
     return ({k: v / len(txt) for k, v in t2i.items()}, {k: v / len(img) for k, v in i2t.items()})
@@ -40,6 +42,26 @@ def test_matches_naive_reference_with_several_captions_per_image(seed, chunk, mo
     assert got["i2t"] == pytest.approx(i2t)
     assert got["n_images"] == n_img and got["n_texts"] == len(owner)
     assert 0 < got["t2i"][10] < 1  # a non-degenerate case
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_per_item_biases_match_the_naive_reference(seed, monkeypatch):
+    """Hubness corrections: a bias per image (text->image) and per text (image->text) moves their ranks."""
+    from mmsearch import metrics
+
+    monkeypatch.setattr(metrics, "CHUNK", 7)
+    rng = np.random.default_rng(seed)
+    img = rng.normal(size=(30, 8)).astype(np.float32)
+    owner = np.repeat(np.arange(30), rng.integers(1, 6, 30))
+    txt = (img[owner] + rng.normal(scale=1.5, size=(len(owner), 8))).astype(np.float32)
+    ib = rng.normal(scale=2.0, size=30).astype(np.float32)
+    tb = rng.normal(scale=2.0, size=len(owner)).astype(np.float32)
+    got = recall_at_k(img, txt, owner, image_bias=ib, text_bias=tb)
+    t2i, i2t = naive_recall(img, txt, owner, image_bias=ib, text_bias=tb)
+    assert got["t2i"] == pytest.approx(t2i) and got["i2t"] == pytest.approx(i2t)
+    assert got["t2i"] != recall_at_k(img, txt, owner)["t2i"]  # the biases changed something
+    with pytest.raises(ValueError, match="image_bias must be 30 finite values"):
+        recall_at_k(img, txt, owner, image_bias=ib[:5])
 
 
 def test_ties_count_against_the_query():

