@@ -58,13 +58,9 @@ def _zoomed(preprocess, size: int):
     return crop_then
 
 
-def image_tower_features(model, preprocess, paths: Sequence[str], batch_size: int = 64,
-                         progress: Callable[[int], None] | None = None, view: str = "orig") -> np.ndarray:
-    """Pooled image-trunk features (n, C) of a timm image tower, before its projection head.
-
-    ``view`` (one of VIEWS): features of the images as they are, or of an augmented view, mirrored
-    and/or zoomed. Rows of images that cannot be decoded (missing, corrupt, zero-byte...) are NaN.
-    """
+def _view_batches(model, preprocess, paths: Sequence[str], view: str, batch_size: int):
+    """Per batch of ``paths``: (pixels (n, C, H, W) of the images in ``view``, or None when none of
+    them decodes; the rows that failed to decode; n), decoded in a background thread."""
     import torch
 
     from .errors import MediaError
@@ -72,10 +68,8 @@ def image_tower_features(model, preprocess, paths: Sequence[str], batch_size: in
 
     if view not in VIEWS:
         raise ValueError(f"unknown image view {view!r}: use one of {', '.join(VIEWS)}")
-    flip = view.endswith("flip")
     if view.startswith("zoom"):
-        size = model.visual.image_size
-        preprocess = _zoomed(preprocess, size[0] if isinstance(size, (tuple, list)) else size)
+        preprocess = _zoomed(preprocess, _pair(model.visual.image_size)[0])
 
     def load_batch(chunk):
         out, bad = [], []
@@ -88,13 +82,26 @@ def image_tower_features(model, preprocess, paths: Sequence[str], batch_size: in
         fill = next((x for x in out if x is not None), None)
         return (torch.stack([fill if x is None else x for x in out]) if fill is not None else None), bad, len(chunk)
 
+    for pixels, bad, n in prefetch_iter(map(load_batch, batched(list(paths), batch_size))):
+        if pixels is not None and view.endswith("flip"):
+            pixels = torch.flip(pixels, dims=[3])
+        yield pixels, bad, n
+
+
+def image_tower_features(model, preprocess, paths: Sequence[str], batch_size: int = 64,
+                         progress: Callable[[int], None] | None = None, view: str = "orig") -> np.ndarray:
+    """Pooled image-trunk features (n, C) of a timm image tower, before its projection head.
+
+    ``view`` (one of VIEWS): features of the images as they are, or of an augmented view, mirrored
+    and/or zoomed. Rows of images that cannot be decoded (missing, corrupt, zero-byte...) are NaN.
+    """
+    import torch
+
     trunk = model.visual.trunk.eval().to(memory_format=torch.channels_last)
     device = next(trunk.parameters()).device
     out = []
     with torch.inference_mode():
-        for pixels, bad, n in prefetch_iter(map(load_batch, batched(list(paths), batch_size))):
-            if pixels is not None and flip:
-                pixels = torch.flip(pixels, dims=[3])
+        for pixels, bad, n in _view_batches(model, preprocess, paths, view, batch_size):
             feats = (trunk(pixels.to(device).contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
                      if pixels is not None else np.zeros((n, trunk.num_features), np.float32))
             feats[bad] = np.nan
@@ -116,35 +123,14 @@ def image_trunk_maps(model, preprocess, paths: Sequence[str], starts: Sequence[i
     ``image_tower_features``. Images that cannot be decoded give NaN maps."""
     import torch
 
-    from .errors import MediaError
-    from .media import load_image
-
-    if view not in VIEWS:
-        raise ValueError(f"unknown image view {view!r}: use one of {', '.join(VIEWS)}")
     size = _pair(model.visual.image_size)
-    if view.startswith("zoom"):
-        preprocess = _zoomed(preprocess, size[0])
     trunk = model.visual.trunk.eval()
     device = next(trunk.parameters()).device
-
-    def load_batch(chunk):
-        out, bad = [], []
-        for j, p in enumerate(chunk):
-            try:
-                out.append(preprocess(load_image(p)))
-            except (MediaError, OSError):
-                bad.append(j)
-                out.append(None)
-        fill = next((x for x in out if x is not None), None)
-        if fill is None:
-            return torch.zeros(len(chunk), 3, *size), bad, len(chunk)
-        return torch.stack([fill if x is None else x for x in out]), bad, len(chunk)
-
     outs: dict[int, list] = {s: [] for s in starts}
     with torch.inference_mode():
-        for pixels, bad, n in prefetch_iter(map(load_batch, batched(list(paths), batch_size))):
-            if view.endswith("flip"):
-                pixels = torch.flip(pixels, dims=[3])
+        for pixels, bad, n in _view_batches(model, preprocess, paths, view, batch_size):
+            if pixels is None:  # no image of the batch decodes: NaN maps of the right shape
+                pixels = torch.zeros(n, 3, *size)
             for i, m in _maps(trunk, pixels.to(device), starts).items():
                 m = m.half().cpu().numpy()
                 m[bad] = np.nan
