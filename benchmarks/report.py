@@ -1,6 +1,7 @@
 """Print the README's benchmark tables from the JSON files in benchmarks/results/.
 
-    python benchmarks/report.py
+    python benchmarks/report.py            # print them
+    python benchmarks/report.py --readme   # also replace those tables in README.md (matched by header row)
 
 Every figure comes from a result file written by a script here; each row names the command.
 """
@@ -23,17 +24,25 @@ def fmt(r: dict) -> str:
 
 
 def main() -> None:
-    print("| model | split | text→image R@1 / 5 / 10 | image→text R@1 / 5 / 10 | command |")
-    print("|---|---|---|---|---|")
+    print("| model | split | text→image R@1 / 5 / 10 | image→text R@1 / 5 / 10 | plain cosine: text→image | "
+          "plain cosine: image→text | command |")
+    print("|---|---|---|---|---|---|---|")
     for path in sorted(RESULTS.glob("recall_flickr8k_*.json")):
         r = json.loads(path.read_text())
         split = "test (1k images, 5k captions)" if path.stem.endswith("_test") else "dev"
-        print(f"| {r['model']} | {split} | {fmt(r['t2i'])} | {fmt(r['i2t'])} | `{r['command']}` |")
+        plain = r.get("plain") or {"t2i": r["t2i"], "i2t": r["i2t"]}  # no query bank: plain is all there is
+        print(f"| {r['model']} | {split} | {fmt(r['t2i'])} | {fmt(r['i2t'])} | {fmt(plain['t2i'])} | "
+              f"{fmt(plain['i2t'])} | `{r['command']}` |")
+    for path in sorted(RESULTS.glob("query_bank_*.json")):
+        q = json.loads(path.read_text())
+        print(f"| {q['model']} (query bank: {q['settings']['text']['bank']} train photos + captions) | "
+              f"dev (bank calibration) | {fmt(q['dev_hubness']['t2i'])} | {fmt(q['dev_hubness']['i2t'])} | "
+              f"{fmt(q['dev_plain']['t2i'])} | {fmt(q['dev_plain']['i2t'])} | `{q['command']}` |")
     for path in sorted(RESULTS.glob("train_default_model*.json")):
         t = json.loads(path.read_text())
         model = t.get("model", "mmsearch-lite")
         print(f"| {model} ({t.get('candidate', 'heads only')}, best epoch {t['best_epoch']}) | dev (model selection) | "
-              f"{fmt({k: t['dev_recall']['t2i'][k] for k in ('1', '5', '10')})} | "
+              f"– | – | {fmt({k: t['dev_recall']['t2i'][k] for k in ('1', '5', '10')})} | "
               f"{fmt({k: t['dev_recall']['i2t'][k] for k in ('1', '5', '10')})} | `{t['command']}` |")
 
     throughput = {}
@@ -150,5 +159,47 @@ def _default(field: str):
     return getattr(TrainConfig, field)
 
 
+def update_readme(tables_text: str, readme: Path) -> int:
+    """Replace each table of ``readme`` whose header row is one of ``tables_text``'s by that table;
+    returns how many were replaced."""
+    def blocks(lines):
+        out, cur = [], []
+        for line in lines + [""]:
+            if line.startswith("|"):
+                cur.append(line)
+            elif cur:
+                out.append(cur)
+                cur = []
+        return out
+
+    new = {b[0]: b for b in blocks(tables_text.splitlines())}
+    lines, out, i, done = readme.read_text().splitlines(), [], 0, 0
+    while i < len(lines):
+        if lines[i].startswith("|") and (i == 0 or not lines[i - 1].startswith("|")) and lines[i] in new:
+            j = i
+            while j < len(lines) and lines[j].startswith("|"):
+                j += 1
+            out += new[lines[i]]
+            done += 1
+            i = j
+        else:
+            out.append(lines[i])
+            i += 1
+    readme.write_text("\n".join(out) + "\n")
+    return done
+
+
 if __name__ == "__main__":
-    main()
+    import contextlib
+    import io
+    import sys
+
+    if "--readme" in sys.argv[1:]:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            main()
+        print(buf.getvalue(), end="")
+        n = update_readme(buf.getvalue(), RESULTS.parents[1] / "README.md")
+        print(f"README.md: {n} tables replaced", file=sys.stderr)
+    else:
+        main()
