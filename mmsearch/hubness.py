@@ -40,6 +40,7 @@ KS = (5, 10, 20, 50)  # bank neighbours tried by calibrate
 BETAS = tuple(round(0.1 * i, 1) for i in range(11))  # correction weights tried by calibrate (0 = off)
 PERCENTILES = (25, 50, 75)  # thresholds tried by calibrate: these percentiles of the calibration items' hub values
 CALIBRATION_IMAGES = 1000  # calibrate scores at most this many validation images (and their captions)
+MIN_CALIBRATION_IMAGES = 100  # with fewer validation images the settings would fit noise: the correction stays off
 CHUNK = 4096  # items per block when scoring against a bank: memory stays O(CHUNK * bank size)
 
 
@@ -185,9 +186,11 @@ def calibrate(val_img: np.ndarray, val_txt: np.ndarray, owner: Sequence[int], ba
     """Choose ``k``, ``beta`` and ``threshold`` of each side on validation pairs (text -> image recall
     for the text bank, image -> text recall for the image bank; sum of recall@1/5/10), the banks
     being other images and captions (training pairs, never the validation ones). At most
-    CALIBRATION_IMAGES validation images (the first ones) and their captions are used."""
+    CALIBRATION_IMAGES validation images (the first ones) and their captions are used; with fewer
+    than MIN_CALIBRATION_IMAGES the correction stays off (beta 0)."""
     owner = np.asarray(owner, np.int64)
     n = min(len(val_img), CALIBRATION_IMAGES)
+    tried = ks if n >= MIN_CALIBRATION_IMAGES else ()  # none tried: every side keeps beta 0
     keep = owner < n
     val_img, val_txt, owner = val_img[:n], val_txt[keep], owner[keep]
     sides = {}
@@ -196,7 +199,7 @@ def calibrate(val_img: np.ndarray, val_txt: np.ndarray, owner: Sequence[int], ba
             ("image", bank_img, val_img, val_txt, np.arange(n)[:, None] == owner[None, :])):
         sim = queries @ items.T
         best = (_recall_sum(sim, own), Side(k=int(ks[0]), beta=0.0, threshold=0.0))  # off, unless it helps
-        for k in ks:
+        for k in tried:
             hub = mean_topk(bank, items, k)
             for pct in percentiles:
                 threshold = float(np.percentile(hub, pct))

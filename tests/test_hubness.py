@@ -95,6 +95,14 @@ def test_calibrate_turns_the_correction_off_when_it_does_not_help():
     assert qb.sides["text"].beta == 0 and qb.sides["image"].beta == 0
 
 
+def test_too_few_validation_pairs_leave_the_correction_off():
+    img, txt, owner, _ = planted_hub_data()
+    keep = owner < 60
+    bank_img, bank_txt, _, _ = planted_hub_data(seed=1)
+    qb = calibrate(img[:60], txt[keep], owner[keep], bank_img, bank_txt)
+    assert qb.sides["text"].beta == 0 and qb.sides["image"].beta == 0
+
+
 def test_bank_round_trip_and_bad_files(tmp_path):
     from mmsearch.errors import ModelLoadError
 
