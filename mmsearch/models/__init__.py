@@ -80,40 +80,50 @@ def builtin(name: str = DEFAULT_MODEL) -> Builtin:
         raise ModelLoadError(f"unknown built-in model {name!r}: use one of {', '.join(BUILTINS)}") from None
 
 
-_HEADS_HASHES: dict[tuple, str] = {}
+_FILE_HASHES: dict[tuple, str] = {}  # (path, size, mtime) -> content hash, so each file is read once per process
+
+
+def _file_hash(path: Path) -> str:
+    import hashlib
+
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        h = hashlib.sha1()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        _FILE_HASHES[key] = h.hexdigest()
+    return _FILE_HASHES[key]
 
 
 def fingerprint(name: str, pretrained: str | None = None) -> str | None:
-    """A short string that changes when the weights behind a model reference change: the hash of a
-    built-in model's shipped heads (they change between mmsearch versions), or the names, sizes and
-    mtimes of the files of a checkpoint folder / weights file (retrained in place). None for names
-    whose weights a tag fixes (open_clip registry, hf-hub)."""
+    """A short string that changes when the weights behind a model reference change: a hash of the
+    contents of a built-in model's shipped heads (they change between mmsearch versions), or of the
+    weight files and open_clip config of a checkpoint folder / weights file (retrained in place; a
+    copy of the folder keeps it). None for names whose weights a tag fixes (open_clip registry, hf-hub)."""
     import hashlib
 
     from ..hubness import BANK_FILE
 
-    if name in BUILTINS and pretrained is None:
-        heads = builtin(name).heads_file
-        if not heads.is_file():
-            return None
-        st = heads.stat()
-        key = (str(heads), st.st_size, st.st_mtime_ns)
-        if key not in _HEADS_HASHES:  # hashed once per process (35 MB: ~0.1 s)
-            _HEADS_HASHES[key] = hashlib.sha1(heads.read_bytes()).hexdigest()[:16]
-        return _HEADS_HASHES[key]
     files = []
-    for x in (name, pretrained):
-        p = Path(x) if x else None
-        if p is not None and p.is_dir():
-            # weights and architecture; not the query bank (derived from them) or training records
-            files += [f for f in sorted(p.iterdir()) if f.is_file() and f.name != BANK_FILE and (
-                f.suffix in (".safetensors", ".bin", ".pt", ".pth") or f.name == "open_clip_config.json")]
-        elif p is not None and p.is_file():
-            files.append(p)
+    if name in BUILTINS and pretrained is None:
+        files = [builtin(name).heads_file]
+    else:
+        for x in (name, pretrained):
+            p = Path(x) if x else None
+            if p is not None and p.is_dir():
+                # weights and architecture; not the query bank (derived from them) or training records
+                files += [f for f in sorted(p.iterdir()) if f.is_file() and f.name != BANK_FILE and (
+                    f.suffix in (".safetensors", ".bin", ".pt", ".pth") or f.name == "open_clip_config.json")]
+            elif p is not None and p.is_file():
+                files.append(p)
+    files = [f for f in files if f.is_file()]
     if not files:
         return None
-    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    return hashlib.sha1(repr(stats).encode()).hexdigest()[:16]
+    if len(files) == 1 and name in BUILTINS and pretrained is None:
+        return _file_hash(files[0])[:16]
+    return hashlib.sha1(repr([(f.name, _file_hash(f)) for f in files]).encode()).hexdigest()[:16]
 
 
 def check_weights(record: dict, now: str | None, index_path) -> None:
