@@ -474,13 +474,14 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
             row_of_id = {int(i): r for r, i in enumerate(items.id)}
             pending_items, pending_emb, dropped_ids = [], [], set()
 
-        from .hubness import load_query_bank
+        from .hubness import QUERY_OF, load_query_bank
 
         # hubness of items: the encoder's query bank (an encoder without one has none), loaded without the model
         bank = getattr(encoder, "query_bank", None) if encoder is not None else load_query_bank(ref)
+        hubness = bank.settings() if bank is not None else None  # what the manifest must say after this run
         digests = lambda h: {m: v.get("digest") for m, v in (h or {}).items()}  # noqa: E731
-        if bank is not None and base.get("hubness") and digests(base["hubness"]) != digests(bank.settings()):
-            items.hub[:] = np.nan  # measured with another bank: measure again at the commit
+        if digests(base.get("hubness")) != digests(hubness):
+            items.hub[:] = np.nan  # measured with another bank, or none: measure again (if any) at the commit
         vindex = None  # the faiss index, updated in place between commits (rebuilt only when needed)
         if existing is not None and len(existing.items) and existing.manifest["index"].get("kind"):
             if spec_from_manifest(existing.manifest) == spec:
@@ -506,14 +507,18 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
             base = commit(index_path, items, embeddings, vindex, base)
 
         def unmeasured() -> np.ndarray:
-            return np.flatnonzero(np.isnan(items.hub)) if bank is not None else np.zeros(0, np.int64)
+            """Rows without a hub value that the bank can measure (it has the modality that searches them)."""
+            if bank is None:
+                return np.zeros(0, np.int64)
+            measurable = np.array([QUERY_OF.get(k) in bank.sides for k in items.kind], dtype=bool)
+            return np.flatnonzero(np.isnan(items.hub) & measurable)
 
         def measure_hubs():
             """Hub values of the rows that have none yet (new, re-embedded, or an index built before)."""
             rows = unmeasured()
             if len(rows):
                 items.hub[rows] = bank.hubs(embeddings[rows], [items.kind[r] for r in rows])
-            base["hubness"] = bank.settings() if bank is not None else None
+            base["hubness"] = hubness
 
         done, since_commit, n_embedded = 0, 0, 0
         t_embed = time.perf_counter()
@@ -602,7 +607,7 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
         n_final = len(items) + sum(len(p) for p in pending_items) - len(dropped_ids)
         stale = n_final and (vindex is None or vindex.needs_rebuild(n_final, spec))
         flush()
-        hubs_due = len(unmeasured()) > 0 or (bank is None) != (base.get("hubness") is None)
+        hubs_due = len(unmeasured()) > 0 or base.get("hubness") != hubness  # values, or settings recalibrated
         if (existing is None and not saved) or dirty or stale or hubs_due or spec_from_manifest(base) != spec:
             save()
         elif failures != old_failures:  # only the failure record changed: no new generation needed

@@ -93,7 +93,7 @@ class Searcher:
         self._kinds: np.ndarray | None = None  # items' kinds as an array, built on first filtered query
         self._kind_rows: dict[tuple[str, ...], np.ndarray] = {}
         self._kind_lookups: dict = {}  # exact search over one modality (<= EXACT_FILTER_MAX items)
-        self._corrections: dict[str, np.ndarray | None] = {}  # query modality -> per-row hubness correction
+        self._corrections: dict[tuple, np.ndarray | None] = {}  # (query modality, kinds) -> per-row correction
 
     @property
     def encoder(self):
@@ -111,16 +111,20 @@ class Searcher:
 
         check_weights(self.collection.model, getattr(encoder, "weights", None), self.collection.path)
 
-    def _correction(self, query: str | None) -> np.ndarray | None:
-        """Per-row score corrections for a query of this modality, None when there are none."""
+    def _correction(self, query: str | None, kind=None) -> np.ndarray | None:
+        """Per-row score corrections for a query of this modality over items of ``kind``, None when
+        none of those items has one (e.g. a same-modality search): then plain search is exact."""
         if query is None or not self.hubness:
             return None
-        if query not in self._corrections:
+        key = (query, self._kinds_of(kind) if kind is not None else None)
+        if key not in self._corrections:
             from .hubness import corrections
 
             items = self.collection.items
-            self._corrections[query] = corrections(items.hub, items.kind, query, self.collection.manifest.get("hubness"))
-        return self._corrections[query]
+            corr = corrections(items.hub, items.kind, query, self.collection.manifest.get("hubness"))
+            rows = self._rows_of_kind(kind) if kind is not None else slice(None)
+            self._corrections[key] = corr if corr is not None and corr[rows].any() else None
+        return self._corrections[key]
 
     # ---- numpy in, numpy out -------------------------------------------------------------------
     def search_vectors(self, queries: np.ndarray, k: int = 10, kind: str | tuple[str, ...] | None = None,
@@ -139,7 +143,7 @@ class Searcher:
         if query not in (None, "text", "image"):
             raise BadQueryError(f"unknown query modality {query!r}: use 'text', 'image' or None")
         q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        corr = self._correction(query)
+        corr = self._correction(query, kind)
         n = len(self._rows_of_kind(kind)) if kind is not None else self.collection.count
         if corr is None or n == 0:  # n == 0: _search_plain says what is missing
             return self._search_plain(q, k, kind)

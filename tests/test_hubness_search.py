@@ -169,3 +169,81 @@ def test_indexes_without_a_weights_record_are_judged_per_built_in_model():
         check_weights(dict(record, weights=fingerprint(name)), fingerprint(name), "idx")  # recorded and equal
     folder = {"name": "/models/mine", "key": "/models/mine", "pretrained": None}
     check_weights(folder, "abc", "idx")  # a checkpoint folder's old index: nothing to judge by
+
+
+class TextsOnly:
+    """A fast stand-in encoder for thousands of texts (seeded vectors), with a settable query bank."""
+
+    from mmsearch.config import ModelRef
+
+    ref = ModelRef("texts-only-encoder-for-tests")
+    name = ref.key()
+    dim = 16
+
+    def __init__(self, bank=None):
+        self.query_bank = bank
+
+    def embed_texts(self, texts, batch_size=None):
+        import hashlib
+
+        out = [np.random.default_rng(int.from_bytes(hashlib.sha1(t.encode()).digest()[:8], "little")).normal(size=16)
+               for t in texts]
+        out = np.asarray(out, np.float32)
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def image_bank(seed, beta=0.5):
+    from mmsearch.hubness import QueryBank, Side
+
+    rng = np.random.default_rng(seed)
+    v = rng.normal(size=(300, 16)).astype(np.float32)
+    v[:100] += 2.0 * rng.normal(size=16).astype(np.float32)  # a crowded direction: texts near it are hubs
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return QueryBank({"image": v}, {"image": Side(k=10, beta=beta, threshold=0.3)})
+
+
+def test_deep_over_fetching_stays_exact_on_thousands_of_items(tmp_path):
+    """3,000 texts searched by image vectors: the re-ranking has to fetch beyond its first depth."""
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"text number {i}" for i in range(3000)) + "\n")
+    enc = TextsOnly(image_bank(0, beta=2.0))
+    index_texts(texts, tmp_path / "idx", encoder=enc)
+    s = Searcher(tmp_path / "idx", encoder=enc)
+    calls = []
+    plain = s._search_plain
+    s._search_plain = lambda q, k, kind: calls.append(k) or plain(q, k, kind)
+    q = image_bank(1).vectors["image"][:40]
+    for k in (1, 10, 100):
+        calls.clear()
+        D, I = s.search_vectors(q, k, query="image")
+        want_d, want_i = naive_top(s, q, "image", k)
+        assert (I == want_i).all() and np.allclose(D, want_d, atol=1e-5)
+        assert len(calls) > 1 and calls[-1] < 3000  # it deepened, and stopped before fetching everything
+    calls.clear()
+    s.search_vectors(enc.embed_texts(["a text query"]), 10, query="text")  # text -> texts: nothing to correct
+    assert calls == [10]
+
+
+def test_hub_values_follow_the_bank_a_model_has_now(tmp_path):
+    from mmsearch.hubness import Side
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"text number {i}" for i in range(200)) + "\n")
+    idx = tmp_path / "idx"
+    a, b = image_bank(0), image_bank(1)
+    index_texts(texts, idx, encoder=TextsOnly(a))
+    c = Collection.open(idx)
+    assert np.allclose(c.items.hub, a.hubs(np.asarray(c.embeddings), c.items.kind))
+    index_texts(texts, idx, encoder=TextsOnly(None))  # the bank went away (being rebuilt, say)
+    c = Collection.open(idx)
+    assert c.manifest["hubness"] is None and np.isnan(c.items.hub).all()
+    index_texts(texts, idx, encoder=TextsOnly(b))  # a new bank: measured with it, not the old values
+    c = Collection.open(idx)
+    assert np.allclose(c.items.hub, b.hubs(np.asarray(c.embeddings), c.items.kind))
+    assert c.manifest["hubness"] == b.settings()
+    b.sides["image"] = Side(k=10, beta=0.0, threshold=0.3)  # recalibrated: same vectors, correction off
+    index_texts(texts, idx, encoder=TextsOnly(b))
+    assert Collection.open(idx).manifest["hubness"]["image"]["beta"] == 0.0
+    gen = Collection.open(idx).manifest["generation"]
+    index_texts(texts, idx, encoder=TextsOnly(b))  # nothing due: no new generation
+    assert Collection.open(idx).manifest["generation"] == gen
