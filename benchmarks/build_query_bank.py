@@ -37,8 +37,7 @@ def build(model: str, data: str, bank_size: int = TrainConfig.query_bank) -> dic
 
     t0 = time.time()
     b = models.builtin(model)
-    b.bank_file.unlink(missing_ok=True)  # built for other heads, perhaps: the encoder must not load it
-    enc = Encoder(model)
+    enc = Encoder(model)  # its (perhaps stale) bank is never loaded here; the new one replaces it atomically
     train, dev = load_flickr8k(data, "train"), load_flickr8k(data, "dev")
     img, txt, owner = val = embed_pairs(enc, dev)
     bank = build_query_bank(enc, train, dev, max_items=bank_size, seed=0, weights=models.fingerprint(model),
