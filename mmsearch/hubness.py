@@ -171,15 +171,6 @@ def rerank(search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], q
 
 
 # ---- calibration ---------------------------------------------------------------------------------
-def _recall_sum(sim: np.ndarray, own: np.ndarray) -> float:
-    """Mean over queries (rows) of recall@1 + @5 + @10, a hit being an item with ``own`` True."""
-    from .metrics import DEFAULT_KS
-
-    best_own = np.where(own, sim, -np.inf).max(1)
-    rank = ((sim >= best_own[:, None]) & ~own).sum(1)  # ties count against the query
-    return sum(float(np.mean(rank < k)) for k in DEFAULT_KS)
-
-
 def calibrate(val_img: np.ndarray, val_txt: np.ndarray, owner: Sequence[int], bank_img: np.ndarray,
               bank_txt: np.ndarray, weights: str | None = None, ks: Sequence[int] = KS,
               betas: Sequence[float] = BETAS, percentiles: Sequence[float] = PERCENTILES) -> QueryBank:
@@ -188,17 +179,21 @@ def calibrate(val_img: np.ndarray, val_txt: np.ndarray, owner: Sequence[int], ba
     being other images and captions (training pairs, never the validation ones). At most
     CALIBRATION_IMAGES validation images (the first ones) and their captions are used; with fewer
     than MIN_CALIBRATION_IMAGES the correction stays off (beta 0)."""
+    from .metrics import recall_at_k
+
     owner = np.asarray(owner, np.int64)
     n = min(len(val_img), CALIBRATION_IMAGES)
     tried = ks if n >= MIN_CALIBRATION_IMAGES else ()  # none tried: every side keeps beta 0
     keep = owner < n
     val_img, val_txt, owner = val_img[:n], val_txt[keep], owner[keep]
     sides = {}
-    for modality, bank, queries, items, own in (
-            ("text", bank_txt, val_txt, val_img, owner[:, None] == np.arange(n)[None, :]),
-            ("image", bank_img, val_img, val_txt, np.arange(n)[:, None] == owner[None, :])):
-        sim = queries @ items.T
-        best = (_recall_sum(sim, own), Side(k=int(ks[0]), beta=0.0, threshold=0.0))  # off, unless it helps
+    # the text bank damps images (text -> image recall), the image bank texts (image -> text recall)
+    for modality, bank, items, direction, bias in (("text", bank_txt, val_img, "t2i", "image_bias"),
+                                                   ("image", bank_img, val_txt, "i2t", "text_bias")):
+        def score(damp=None):
+            return sum(recall_at_k(val_img, val_txt, owner, **{bias: damp})[direction].values())
+
+        best = (score(), Side(k=int(ks[0]), beta=0.0, threshold=0.0))  # off, unless it helps
         for k in tried:
             hub = mean_topk(bank, items, k)
             for pct in percentiles:
@@ -206,9 +201,9 @@ def calibrate(val_img: np.ndarray, val_txt: np.ndarray, owner: Sequence[int], ba
                 for beta in betas:
                     if beta == 0:
                         continue
-                    score = _recall_sum(sim + damping(hub, beta, threshold)[None, :], own)
-                    if score > best[0] + 1e-9:
-                        best = (score, Side(k=int(k), beta=float(beta), threshold=threshold))
+                    s = score(damping(hub, beta, threshold))
+                    if s > best[0] + 1e-9:
+                        best = (s, Side(k=int(k), beta=float(beta), threshold=threshold))
         sides[modality] = best[1]
     return QueryBank({"text": bank_txt, "image": bank_img}, sides, weights)
 

@@ -606,7 +606,6 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
 
         n_final = len(items) + sum(len(p) for p in pending_items) - len(dropped_ids)
         stale = n_final and (vindex is None or vindex.needs_rebuild(n_final, spec))
-        flush()
         hubs_due = len(unmeasured()) > 0 or base.get("hubness") != hubness  # values, or settings recalibrated
         if (existing is None and not saved) or dirty or stale or hubs_due or spec_from_manifest(base) != spec:
             save()

@@ -106,23 +106,20 @@ def fingerprint(name: str, pretrained: str | None = None) -> str | None:
 
     from ..hubness import BANK_FILE
 
-    files = []
     if name in BUILTINS and pretrained is None:
-        files = [builtin(name).heads_file]
-    else:
-        for x in (name, pretrained):
-            p = Path(x) if x else None
-            if p is not None and p.is_dir():
-                # weights and architecture; not the query bank (derived from them) or training records
-                files += [f for f in sorted(p.iterdir()) if f.is_file() and f.name != BANK_FILE and (
-                    f.suffix in (".safetensors", ".bin", ".pt", ".pth") or f.name == "open_clip_config.json")]
-            elif p is not None and p.is_file():
-                files.append(p)
-    files = [f for f in files if f.is_file()]
+        heads = builtin(name).heads_file
+        return _file_hash(heads)[:16] if heads.is_file() else None
+    files = []
+    for x in (name, pretrained):
+        p = Path(x) if x else None
+        if p is not None and p.is_dir():
+            # weights and architecture; not the query bank (derived from them) or training records
+            files += [f for f in sorted(p.iterdir()) if f.is_file() and f.name != BANK_FILE and (
+                f.suffix in (".safetensors", ".bin", ".pt", ".pth") or f.name == "open_clip_config.json")]
+        elif p is not None and p.is_file():
+            files.append(p)
     if not files:
         return None
-    if len(files) == 1 and name in BUILTINS and pretrained is None:
-        return _file_hash(files[0])[:16]
     return hashlib.sha1(repr([(f.name, _file_hash(f)) for f in files]).encode()).hexdigest()[:16]
 
 
