@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -68,8 +69,53 @@ def prefetch_iter(items: Iterable[T], depth: int = 2) -> Iterator[T]:
             thread.join(timeout=0.05)
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None, ahead: int = 8) -> Iterator[R]:
+    """``map(fn, items)`` run in ``workers`` threads (default: one per core), results in input order,
+    at most ``ahead`` items in flight. For work that releases the GIL (Pillow decoding and resizing,
+    numpy, ONNX Runtime). An exception raised by ``fn`` surfaces when its item's turn comes; a
+    consumer that stops early cancels what has not started."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = workers or available_cores()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmsearch-decode")
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make renames and new entries in ``folder`` durable (where the platform can fsync a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never a partial one."""
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never a partial one:
+    a temp file in the same folder, fsync, rename, fsync the folder."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -81,3 +127,4 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)

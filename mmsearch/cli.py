@@ -88,6 +88,10 @@ def index(
     skip_similar: Optional[float] = typer.Option(
         None, "--skip-similar", min=0.0,
         help="Drop video frames this close to the last kept one (mean grey levels, e.g. 3; 0 = off) [default: the index's, else off]."),
+    backend: str = typer.Option(
+        "auto", "--backend", help="auto (ONNX Runtime when the model has an export; built-in models are exported on first use), onnx or torch."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="fp32 or int8 (ONNX, from `mmsearch export --precision int8`) [default: the index's, else fp32]."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     commit_every: int = typer.Option(2048, "--commit-every", min=1, help="Save progress to disk every N images."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -108,6 +112,7 @@ def index(
         _fail("give either --index-type or --index-factory, not both")
     if memory is not None:
         parse_size(memory)  # a bad size fails here, before any work
+    _check_backend(backend, precision)
     if folder is None and texts is None:
         _fail("nothing to index: give a FOLDER of images and/or --texts FILE")
     if folder is not None and not folder.exists():
@@ -137,7 +142,7 @@ def index(
     elif index_type is not None:
         spec["factory"] = None  # choosing a kind drops a factory string given before
     config = replace(IndexingConfig(), batch_size=batch_size, commit_every=commit_every,
-                     frame_interval=frame_interval, skip_similar=skip_similar)
+                     frame_interval=frame_interval, skip_similar=skip_similar, backend=backend, precision=precision)
     reports = []
     try:
         if folder is not None:
@@ -167,6 +172,16 @@ def index(
 KINDS = ("auto", "all", "image", "video", "text")
 
 
+def _check_backend(backend: str, precision: Optional[str]) -> None:
+    from .encoder import BACKENDS
+    from .exported import PRECISIONS
+
+    if backend not in BACKENDS:
+        _fail(f"unknown --backend {backend!r}: use {', '.join(BACKENDS)}")
+    if precision is not None and precision not in PRECISIONS:
+        _fail(f"unknown --precision {precision!r}: use {', '.join(PRECISIONS)}")
+
+
 def _hit_json(h) -> dict:
     return {"rank": h.rank, "score": round(h.score, 6), "path": h.path, "kind": h.kind,
             **({"text": h.text} if h.kind == "text" else {}),
@@ -180,6 +195,27 @@ def _hit_line(h) -> str:
     if h.kind == "video":
         return f"{h.score:.4f}\t{h.path}\t{h.start:g}-{h.end:g}"
     return f"{h.score:.4f}\t{h.path}"
+
+
+def _searcher(index: Optional[Path], model: Optional[Path], backend: str, **options):
+    """A Searcher over the index, with the exported folder ``model`` as its encoder when given."""
+    from .search import Searcher
+
+    _check_backend(backend, None)
+    encoder = None
+    if model is not None:
+        from .exported import is_export
+
+        if not is_export(model):
+            _fail(f"--model {model} is not an exported model folder (no mmsearch_export.json): make one with "
+                  "`mmsearch export MODEL --out DIR`; without --model the index's own model is used")
+        from .encoder import Encoder
+        from .store import Collection
+
+        collection = Collection.open(_index_dir(index), load_index=True)  # for the index's precision
+        encoder = Encoder(str(model), precision=collection.model.get("precision") or "fp32")
+        return Searcher(collection, encoder=encoder, backend=backend, **options)
+    return Searcher(_index_dir(index), backend=backend, **options)
 
 
 @app.command()
@@ -197,12 +233,13 @@ def query(
     ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1, help="HNSW search breadth [default: tuned at build]."),
     rerank: Optional[int] = typer.Option(None, "--rerank", min=1, help="IVF-PQ: re-rank k x this many candidates [default: the index's]."),
     plain: bool = typer.Option(False, "--plain", help="Rank by plain cosine, without the model's hubness correction."),
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="An exported model folder (`mmsearch export`) of the index's model [default: the index's model]."),
+    backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime when the model has an export), onnx or torch."),
     index: Optional[Path] = IndexOpt,
 ) -> None:
     """Print the best matches, best first: `score<TAB>path` for images, `score<TAB>path<TAB>start-end`
     for videos (seconds), `score<TAB>text` for texts."""
-    from .search import Searcher
-
     given = sum(x is not None for x in (text, image, batch))
     if given > 1:
         _fail("give one of: a text query, --image PATH or --batch FILE")
@@ -216,7 +253,8 @@ def query(
             _fail(f"no queries in {batch}: it has no non-blank lines")
         if kind not in KINDS:
             _fail(f"unknown --kind {kind!r}: use image, video, text, all or auto")
-        searcher = Searcher(_index_dir(index), nprobe=nprobe, ef_search=ef_search, rerank_factor=rerank, hubness=not plain)
+        searcher = _searcher(index, model, backend, nprobe=nprobe, ef_search=ef_search, rerank_factor=rerank,
+                             hubness=not plain)
         for start in range(0, len(queries), 1024):
             chunk = queries[start:start + 1024]
             for q, hits in zip(chunk, searcher.search_texts(chunk, k, kind)):
@@ -232,7 +270,8 @@ def query(
         _fail(f"query image not found: {image}")
     if kind not in KINDS:
         _fail(f"unknown --kind {kind!r}: use image, video, text, all or auto")
-    searcher = Searcher(_index_dir(index), nprobe=nprobe, ef_search=ef_search, rerank_factor=rerank, hubness=not plain)
+    searcher = _searcher(index, model, backend, nprobe=nprobe, ef_search=ef_search, rerank_factor=rerank,
+                         hubness=not plain)
     hits = searcher.search_image(image, k, kind) if image is not None else searcher.search_text(text, k, kind)
     if as_json:
         typer.echo(json.dumps([_hit_json(h) for h in hits]))
@@ -255,6 +294,7 @@ def info(
     facts = {
         "index": str(c.path.resolve()),
         "model": m["model"]["key"],
+        "precision": m["model"].get("precision") or "fp32",
         "count": m["count"],
         "counts_by_kind": m.get("counts_by_kind", {}),
         "dim": m["dim"],
@@ -319,6 +359,8 @@ def eval_(
     via_index: bool = typer.Option(False, "--via-index", help="Also answer text->image through a faiss index; report its ANN recall."),
     index_type: str = typer.Option("ivfpq", "--index-type", help="Index kind for --via-index: auto, flat or ivfpq."),
     plain: bool = typer.Option(False, "--plain", help="Rank by plain cosine only, without the model's hubness correction."),
+    backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime when the model has an export), onnx or torch."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or int8 (ONNX, from `mmsearch export --precision int8`)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Recall@1/5/10 text->image and image->text on image-caption pairs, ranked as `mmsearch query`
@@ -328,8 +370,9 @@ def eval_(
     from .encoder import get_encoder
     from .evaluate import evaluate
 
+    _check_backend(backend, precision)
     pairs = _load_pairs_or_fail(data, split)
-    enc = get_encoder(model, pretrained=pretrained)
+    enc = get_encoder(model, pretrained=pretrained, backend=backend, precision=precision)
     bar = None if quiet else tqdm(total=len(pairs), unit="img", desc="embedding", file=sys.stderr, dynamic_ncols=True)
     try:
         r = evaluate(enc, pairs, via_index=IndexSpec(index_type=index_type) if via_index else None,
@@ -434,6 +477,50 @@ def train(
                f"validation text->image R@1/5/10 {v['t2i'][1]:.3f}/{v['t2i'][5]:.3f}/{v['t2i'][10]:.3f}, "
                f"image->text {v['i2t'][1]:.3f}/{v['i2t'][5]:.3f}/{v['i2t'][10]:.3f} in {record['seconds']}s", err=True)
     typer.echo(f"use it: mmsearch index FOLDER --model {out}", err=True)
+
+
+@app.command()
+@handle_errors
+def export(
+    model: str = typer.Argument(DEFAULT_MODEL, help="Model to export: built-in name, open_clip name, hf-hub: id or checkpoint folder."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag or weights file."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Folder to write [default: the cache, ~/.cache/mmsearch/onnx/<fingerprint>, or $MMSEARCH_CACHE/onnx/...]."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or int8 to add int8 graphs (needs --calibrate)."),
+    calibrate: Optional[Path] = typer.Option(
+        None, "--calibrate", help="int8: image-caption pairs to calibrate on (a Flickr8k-style folder, its train split; or a table)."),
+    calibrate_images: int = typer.Option(256, "--calibrate-images", min=8, help="int8: photos sampled to calibrate on."),
+) -> None:
+    """Export a model's two towers to ONNX (with its tokenizer, preprocessing and query bank), so
+    indexing and queries run on ONNX Runtime without torch. Needs the torch extra."""
+    from .config import ModelRef
+    from .encoder import model_record, torch_installed
+    from .exported import PRECISIONS, cache_folder, holds_export_of
+
+    if precision not in PRECISIONS:
+        _fail(f"unknown --precision {precision!r}: use {', '.join(PRECISIONS)}")
+    if precision == "int8" and calibrate is None:
+        _fail("--precision int8 needs --calibrate PAIRS: photos and captions to measure activation ranges on")
+    if calibrate is not None and not calibrate.exists():
+        _fail(f"calibration pairs not found: {calibrate}")
+    if not torch_installed():
+        _fail("exporting needs torch and open_clip: pip install 'mmsearch[torch]'")
+    from .export import add_int8, export_model
+
+    ref = ModelRef(model, pretrained)
+    record = model_record(ref)
+    folder = out if out is not None else cache_folder(record)
+    if not holds_export_of(folder, record):
+        folder = export_model(ref, out=folder, record=record)
+        typer.echo(f"exported {record.key} (fp32) to {folder}", err=True)
+    else:
+        typer.echo(f"{record.key} is already exported at {folder}", err=True)
+    if precision == "int8":
+        pairs = _load_pairs_or_fail(calibrate, "train" if calibrate.is_dir() else None)
+        add_int8(folder, pairs, source=str(calibrate.resolve()), n_images=calibrate_images)
+        typer.echo(f"added int8 graphs to {folder} (calibrated on {min(calibrate_images, len(pairs))} photos of {calibrate})",
+                   err=True)
+    typer.echo(str(folder))
 
 
 def _version(value: bool) -> None:

@@ -2,28 +2,34 @@
 
 Any open_clip model works: a registry name plus pretrained tag (downloaded and cached on machines
 that can), an ``hf-hub:org/repo`` id, a local open_clip checkpoint folder (``open_clip_config.json``
-+ weights), or the built-in offline default ``mmsearch-lite``.
++ weights), an exported model folder (``mmsearch export``), or a built-in offline model.
 
-Preprocessing (decode, resize, tokenise) is kept apart from the forward pass so the search layer can
-later run on a torch-free backend; torch and open_clip are imported only when a model is loaded.
+Two backends run a model (mmsearch.backends): ONNX Runtime over an exported folder, without torch,
+and open_clip in torch. ``backend="auto"`` takes ONNX Runtime whenever the model has an export: an
+exported folder given as the model, or the user's cache (``~/.cache/mmsearch/onnx/<fingerprint>``).
+A built-in model is exported into the cache the first time it is used (that one time needs torch);
+other open_clip models run in torch until ``mmsearch export`` has exported them.
 """
 
 from __future__ import annotations
 
-import contextlib
+import importlib.util
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence, Union
 
 import numpy as np
 
+from ._util import ordered_map
 from .config import DEFAULT_MODEL, ModelRef
 from .errors import ModelLoadError
+from .exported import PRECISIONS, ExportManifest, ModelRecord, cache_folder, cached_export, is_export
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 ImageLike = Union[str, Path, "Image.Image"]
+BACKENDS = ("auto", "onnx", "torch")
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -32,94 +38,45 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
-def _resolves(url: str) -> bool:
-    import socket
-    from urllib.parse import urlparse
-
-    try:
-        socket.getaddrinfo(urlparse(url).hostname or url, 443)
-        return True
-    except OSError:
-        return False
+def torch_installed() -> bool:
+    """Whether the torch extra (torch + open_clip) is installed, without importing it."""
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "open_clip"))
 
 
-@contextlib.contextmanager
-def _quiet_hub():
-    """Load quietly, and offline (cache only) when the hub's host does not even resolve.
+def model_record(ref: ModelRef) -> ModelRecord:
+    """What an index manifest and an export record about a model reference."""
+    from .models import fingerprint
 
-    Without this, a machine with no network waits a minute of download retries before failing, and
-    huggingface_hub / open_clip log warnings to stderr (the library never prints). Yields whether
-    the hub was unreachable.
-    """
-    import logging
-
-    import huggingface_hub.constants as hub
-
-    before = hub.HF_HUB_OFFLINE
-    unreachable = not before and not _resolves(hub.ENDPOINT)
-    if unreachable:
-        hub.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub.is_offline_mode()
-    # silence only the loaders' own records: hub retries on its loggers, open_clip on the root logger
-    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "open_clip", "timm", "transformers")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL + 1)
-    drop = lambda r: not any(f"{os.sep}{m}{os.sep}" in r.pathname for m in ("open_clip", "timm"))  # noqa: E731
-    root = logging.getLogger()
-    root.addFilter(drop)
-    try:
-        yield unreachable or before
-    finally:
-        hub.HF_HUB_OFFLINE = before
-        root.removeFilter(drop)
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    name = os.path.abspath(ref.name) if os.path.isdir(ref.name) else ref.name  # usable from any cwd
+    return ModelRecord(name=name, pretrained=ref.pretrained, key=ref.key(),
+                       weights=fingerprint(ref.name, ref.pretrained))
 
 
-def _load_open_clip(ref: ModelRef, cache_dir: str | None):
-    """(model, preprocess, tokenizer) for any open_clip reference; errors become ModelLoadError."""
-    import open_clip
+def _onnx_folder(ref: ModelRef, record: ModelRecord, backend: str, cache_dir: str | None) -> Path | None:
+    """The export to run ``ref`` from: cached, or made now for a built-in model (or with backend
+    "onnx"); None when the model runs in torch (backend "auto", not built-in, not exported yet)."""
+    from . import models
 
-    name = ref.name
-    if not os.path.exists(name) and (os.sep in name or name.startswith(".")) and not name.startswith("hf-hub:"):
-        raise ModelLoadError(f"model folder not found: {name}: pass an existing checkpoint folder or a model name")
-    if os.path.isdir(name):
-        if not os.path.isfile(os.path.join(name, "open_clip_config.json")):
-            raise ModelLoadError(
-                f"model folder {name} has no open_clip_config.json: pass an open_clip checkpoint "
-                "folder (open_clip_config.json + weights) or a model name"
-            )
-        name = "local-dir:" + os.path.abspath(name)
-    elif ref.pretrained is None and not name.startswith("hf-hub:") and name in open_clip.list_models():
+    if backend == "torch":
+        return None
+    folder = cached_export(record)
+    if folder is not None or (backend == "auto" and ref.name not in models.BUILTINS):
+        return folder
+    if not torch_installed():
         raise ModelLoadError(
-            f"model {name!r} needs pretrained weights: pass pretrained=TAG (one of "
-            f"{', '.join(t for m, t in open_clip.list_pretrained() if m == name)[:200]})"
+            f"{ref.key()} has no ONNX export in {cache_folder(record)} and torch is not "
+            f"installed to make one: run `mmsearch export {ref.key()} --out DIR` where mmsearch[torch] is "
+            "installed, then pass --model DIR (or copy DIR to that cache folder)"
         )
-    from .models import quiet_transformers
+    from .export import export_model
 
-    offline = False
-    try:
-        with _quiet_hub() as offline, quiet_transformers():
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=ref.pretrained, cache_dir=cache_dir
-            )
-            tokenizer = open_clip.get_tokenizer(name)
-    except ModelLoadError:
-        raise
-    except Exception as e:  # open_clip raises RuntimeError, OSError, HF and network errors
-        what = f"{ref.name!r}" + (f" (pretrained {ref.pretrained!r})" if ref.pretrained else "")
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = ("no network and the weights are not in the local cache: download them on a machine "
-                "with internet or pass a local checkpoint folder" if offline else
-                "use a name from open_clip.list_pretrained(), an hf-hub: id, or a local checkpoint folder")
-        raise ModelLoadError(f"cannot load model {what}: {reason[:200]} ({hint})") from e
-    return model, preprocess, tokenizer
+    return export_model(ref, record=record, cache_dir=cache_dir)
 
 
 class Encoder:
     """Embeds images and texts with one model.
 
-    >>> enc = Encoder()                       # built-in offline model
+    >>> enc = Encoder()                       # built-in offline model, on ONNX Runtime
     >>> enc.embed_texts(["a dog"]).shape      # (1, 256), float32, unit rows
     """
 
@@ -130,38 +87,49 @@ class Encoder:
         device: str | None = None,
         batch_size: int = 32,
         cache_dir: str | None = None,
+        backend: str = "auto",
+        precision: str = "fp32",
     ) -> None:
-        import torch
-
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        """``backend``: "auto" (ONNX Runtime when the model has an export, see the module docstring),
+        "onnx" (export now if need be) or "torch"; ``precision``: "fp32" or "int8" (ONNX only: the
+        int8 graphs ``mmsearch export --precision int8`` makes); ``cache_dir``: where open_clip keeps
+        downloaded weights."""
+        if backend not in BACKENDS:
+            raise ModelLoadError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
+        if precision not in PRECISIONS:
+            raise ModelLoadError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
         if pretrained and os.path.isfile(pretrained):
             pretrained = os.path.abspath(pretrained)  # recorded in manifests: must work from any cwd
-        self.ref = ModelRef(name=str(model), pretrained=pretrained, device=device)
         self.batch_size = batch_size
-        self.device = torch.device(device)
-        from . import models
-
-        if self.ref.name in models.BUILTINS and pretrained is None:
-            self.model = models.build(name=self.ref.name)
-            self._preprocess = models.preprocess(self.ref.name)
-            self._tokenizer = models.tokenizer()
+        self.export_folder: Path | None = None
+        if is_export(str(model)):
+            record = ExportManifest.load(model).model  # an exported folder stands for the model it came from
+            self.export_folder = Path(model).resolve()
+            if backend == "torch":
+                raise ModelLoadError(f"{model} is an exported model: it runs on ONNX Runtime, not --backend torch")
         else:
-            self.model, self._preprocess, self._tokenizer = _load_open_clip(self.ref, cache_dir)
-        self.model.eval().to(self.device)
-        if self.device.type == "cpu":
-            # convnets run about twice as fast on CPU in channels-last layout
-            self.model.visual.to(memory_format=torch.channels_last)
-        from open_clip.hf_model import HFTextEncoder
+            record = model_record(ModelRef(str(model), pretrained))
+            if precision != "fp32" and backend == "torch":
+                raise ModelLoadError(f"precision {precision} runs on ONNX Runtime only: drop --backend torch")
+            self.export_folder = _onnx_folder(ModelRef(str(model), pretrained), record, backend, cache_dir)
+        self.ref = ModelRef(name=record.name, pretrained=record.pretrained, device=device)
+        #: fingerprint of the weights (recorded in index manifests; None for registry tags)
+        self.weights = record.weights
+        if self.export_folder is not None:
+            from .backends.onnx_backend import OnnxBackend
 
-        self._masks_padding = isinstance(getattr(self.model, "text", None), HFTextEncoder)
-        size = getattr(self.model.visual, "image_size", None)
+            self.backend = OnnxBackend(self.export_folder, precision=precision, device=device)
+        else:
+            if precision != "fp32":
+                raise ModelLoadError(f"{self.ref.key()} has no export: make its {precision} graphs with "
+                                     f"`mmsearch export {self.ref.key()} --precision {precision} --calibrate PAIRS`")
+            from .backends.torch_backend import TorchBackend
+
+            self.backend = TorchBackend(ModelRef(str(model), pretrained), device=device, cache_dir=cache_dir)
+        self.precision = self.backend.precision
+        self.dim = self.backend.dim
         #: shortest input side the model sees; lets decoders downscale large JPEGs early
-        self.image_size = min(size) if isinstance(size, (tuple, list)) else size
-        with torch.inference_mode():
-            self.dim = int(self.embed_texts(["probe"]).shape[1])
-        #: fingerprint of the weights loaded (recorded in index manifests; None for registry tags)
-        self.weights = models.fingerprint(self.ref.name, pretrained)
+        self.image_size = self.backend.image_size
         self._query_bank = False  # not looked up yet
 
     @property
@@ -170,79 +138,67 @@ class Encoder:
         return self.ref.key()
 
     @property
-    def query_bank(self):
-        """The model's ``mmsearch.hubness.QueryBank`` (shipped with the built-in models, written by
-        `mmsearch train`), or None: cross-modal search then ranks by plain cosine."""
-        if self._query_bank is False:
-            from .hubness import load_query_bank
+    def model(self):
+        """The open_clip model (torch backend only)."""
+        try:
+            return self.backend.model
+        except AttributeError:
+            raise AttributeError("this encoder runs on ONNX Runtime: Encoder(..., backend='torch') has a torch model") from None
 
-            self._query_bank = load_query_bank(self.ref)
+    @property
+    def query_bank(self):
+        """The model's ``mmsearch.hubness.QueryBank`` (shipped with the built-in models and their
+        exports, written by `mmsearch train`), or None: cross-modal search then ranks by plain cosine."""
+        if self._query_bank is False:
+            from .hubness import BANK_FILE, load_query_bank
+
+            exported = self.export_folder / BANK_FILE if self.export_folder is not None else None
+            self._query_bank = load_query_bank(self.ref, path=exported, weights=self.weights)
         return self._query_bank
 
+    def warm(self, *towers: str) -> None:
+        """Load what embedding with these towers ("text", "image") needs now rather than on first use."""
+        warm = getattr(self.backend, "warm", None)
+        if warm is not None:
+            warm(*towers)
+
     # ---- preprocessing (no forward pass) -------------------------------------------------------
-    def preprocess(self, image: "Image.Image"):
-        """Decoded RGB PIL image -> the model's input tensor (C, H, W)."""
-        return self._preprocess(image)
+    def preprocess(self, image: "Image.Image") -> np.ndarray:
+        """Decoded RGB PIL image -> the model's input, float32 (C, H, W)."""
+        return self.backend.preprocess(image)
 
     def tokenize(self, texts: Sequence[str]):
-        """Texts -> token id tensor (n, L), trailing padding columns trimmed for HF text towers."""
-        tokens = self._tokenizer(list(texts))
-        pad_id = self.model.text.config.pad_token_id if self._masks_padding else None
-        if pad_id is not None and tokens.shape[0] > 0:
-            # HF text towers mask padding themselves, so the shared all-pad tail is wasted work;
-            # other towers (CLIP, SigLIP) see every position, so their tokens are left as they are
-            used = (tokens != pad_id).any(dim=0).nonzero()
-            tokens = tokens[:, : int(used.max()) + 1] if used.numel() else tokens
-        return tokens
+        """Texts -> token ids (n, L) for ``embed_tokens``."""
+        return self.backend.tokenize(texts)
 
     # ---- forward passes ------------------------------------------------------------------------
-    def _autocast(self):
-        """bf16 (else fp16) autocast on CUDA; full precision on the CPU."""
-        import contextlib
-
-        import torch
-
-        if self.device.type != "cuda":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-
     def embed_pixels(self, pixels) -> np.ndarray:
-        """A batch tensor (n, C, H, W) from ``preprocess`` -> float32 (n, d), L2-normalised."""
-        import torch
-
-        with torch.inference_mode(), self._autocast():
-            x = pixels.to(self.device, non_blocking=True)
-            if self.device.type == "cpu":
-                x = x.contiguous(memory_format=torch.channels_last)
-            out = self.model.encode_image(x)
-        return _normalise(out.float().cpu().numpy())
+        """A batch (n, C, H, W) of ``preprocess`` outputs -> float32 (n, d), L2-normalised."""
+        return _normalise(self.backend.embed_pixels(pixels))
 
     def embed_tokens(self, tokens) -> np.ndarray:
-        import torch
+        return _normalise(self.backend.embed_tokens(tokens))
 
-        with torch.inference_mode(), self._autocast():
-            out = self.model.encode_text(tokens.to(self.device))
-        return _normalise(out.float().cpu().numpy())
-
-    def embed_images(self, images: Iterable[ImageLike], batch_size: int | None = None) -> np.ndarray:
-        """Paths or PIL images -> float32 (n, d), L2-normalised. A bad file raises MediaError."""
-        import torch
-
+    def _pixels_of(self, item) -> np.ndarray:
         from .media import load_image
 
+        img = item if hasattr(item, "convert") else load_image(item, min_side=self.image_size)
+        if getattr(img, "mode", "RGB") != "RGB":
+            img = img.convert("RGB")
+        return self.preprocess(img)
+
+    def embed_images(self, images: Iterable[ImageLike], batch_size: int | None = None) -> np.ndarray:
+        """Paths or PIL images -> float32 (n, d), L2-normalised. A bad file raises MediaError.
+        Files are decoded in worker threads, ahead of the forward pass."""
         bs = batch_size or self.batch_size
         out, batch = [], []
-        for item in images:
-            img = item if hasattr(item, "convert") else load_image(item, min_side=self.image_size)
-            if getattr(img, "mode", "RGB") != "RGB":
-                img = img.convert("RGB")
-            batch.append(self.preprocess(img))
+        for pixels in ordered_map(self._pixels_of, images, ahead=2 * bs):
+            batch.append(pixels)
             if len(batch) == bs:
-                out.append(self.embed_pixels(torch.stack(batch)))
+                out.append(self.embed_pixels(np.stack(batch)))
                 batch = []
         if batch:
-            out.append(self.embed_pixels(torch.stack(batch)))
+            out.append(self.embed_pixels(np.stack(batch)))
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
     def embed_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
@@ -253,25 +209,21 @@ class Encoder:
         bs = batch_size or max(self.batch_size, 256)
         # sort by length so each batch pads only to its own longest text
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = np.zeros((len(texts), getattr(self, "dim", 0) or 0), np.float32)
-        chunks = []
+        out = np.zeros((len(texts), self.dim), np.float32)
         for start in range(0, len(order), bs):
             idx = order[start : start + bs]
-            chunks.append((idx, self.embed_tokens(self.tokenize([texts[i] for i in idx]))))
-        if chunks:
-            out = np.zeros((len(texts), chunks[0][1].shape[1]), np.float32)
-            for idx, emb in chunks:
-                out[idx] = emb
+            out[idx] = self.embed_tokens(self.tokenize([texts[i] for i in idx]))
         return out
 
 
 _CACHE: dict[tuple, Encoder] = {}
 
 
-def get_encoder(model: str = DEFAULT_MODEL, pretrained: str | None = None, device: str | None = None) -> Encoder:
-    """A shared Encoder per (model, pretrained, device): loading a model takes seconds, so a process
-    that indexes and queries (a test run, a service) loads each model once."""
-    key = (str(model), pretrained, device)
+def get_encoder(model: str = DEFAULT_MODEL, pretrained: str | None = None, device: str | None = None,
+                backend: str = "auto", precision: str = "fp32") -> Encoder:
+    """A shared Encoder per (model, pretrained, device, backend, precision): loading a model takes
+    time, so a process that indexes and queries (a test run, a service) loads each model once."""
+    key = (str(model), pretrained, device, backend, precision)
     if key not in _CACHE:
-        _CACHE[key] = Encoder(model, pretrained=pretrained, device=device)
+        _CACHE[key] = Encoder(model, pretrained=pretrained, device=device, backend=backend, precision=precision)
     return _CACHE[key]

@@ -238,16 +238,17 @@ def bank_path(ref) -> Path | None:
     return None
 
 
-def load_query_bank(ref) -> QueryBank | None:
-    """The model's query bank, None when it has none; an error when the bank was embedded with other
-    weights than the model has now (its corrections would be wrong)."""
+def load_query_bank(ref, path: Path | None = None, weights: str | None = None) -> QueryBank | None:
+    """The model's query bank (from ``path`` if given, e.g. inside an exported folder, else where
+    ``bank_path`` says), None when it has none; an error when the bank was embedded with other
+    weights than the model has now (``weights``, else its fingerprint): its corrections would be wrong."""
     from . import models
 
-    path = bank_path(ref)
+    path = path if path is not None else bank_path(ref)
     if path is None or not path.is_file():
         return None
     bank = QueryBank.load(path)
-    now = models.fingerprint(ref.name, ref.pretrained)
+    now = weights if weights is not None else models.fingerprint(ref.name, ref.pretrained)
     if bank.weights and now and bank.weights != now:
         raise ModelLoadError(f"query bank {path} was built for other weights of {ref.name} than it has now: "
                              "delete it, or rebuild it with `mmsearch train`")

@@ -16,9 +16,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ._util import batched, prefetch_iter
+from ._util import batched, ordered_map, prefetch_iter
 from .config import DEFAULT_FRAME_INTERVAL, DEFAULT_MODEL, IndexingConfig, IndexSpec, ModelRef
 from .errors import MediaError, ModelMismatchError
+from .exported import is_export
 from .media import MediaFile, Skipped, load_image, scan
 from .store import Collection, Items, check_index_folder, commit, write_lock, write_manifest
 
@@ -133,59 +134,68 @@ def plan_update(
     return Plan(np.asarray(keep, dtype=np.int64), to_embed, reuse, len(removed), len(unchanged), known, resampled)
 
 
-def decode_batch(files: Sequence[MediaFile], encoder, max_pixels: int):
-    """Decode and preprocess a batch; returns (tensor or None, files that worked, skipped)."""
-    import torch
+def _reason(e: Exception, path: str) -> str:
+    return str(e).split(": ", 1)[-1] if str(e).startswith(path) else str(e)
 
-    tensors, ok, bad = [], [], []
-    for f in files:
-        try:
-            image = load_image(f.path, max_pixels=max_pixels, min_side=getattr(encoder, "image_size", None))
-            tensors.append(encoder.preprocess(image))
-            ok.append(f)
-        except (MediaError, OSError) as e:
-            bad.append(Skipped(f.path, str(e).split(": ", 1)[-1] if str(e).startswith(f.path) else str(e)))
-    return (torch.stack(tensors) if tensors else None), ok, bad
+
+def decode_image(f: MediaFile, encoder, max_pixels: int) -> tuple[np.ndarray | None, Skipped | None]:
+    """Decode and preprocess one image file: (pixels, None), or (None, why it was skipped)."""
+    try:
+        image = load_image(f.path, max_pixels=max_pixels, min_side=getattr(encoder, "image_size", None))
+        return encoder.preprocess(image), None
+    except (MediaError, OSError) as e:
+        return None, Skipped(f.path, _reason(e, f.path))
+
+
+def _video_batches(f: MediaFile, encoder, config: IndexingConfig):
+    """The batches of one video's sampled frames (see ``_visual_batches``)."""
+    from .video import sample_frames
+
+    pixels, records = [], []
+    try:
+        for frame in sample_frames(f.path, config.frame_interval, config.skip_similar):
+            pixels.append(encoder.preprocess(frame.image))
+            records.append(replace(f, t=frame.t))
+            if len(pixels) == config.batch_size:
+                yield np.stack(pixels), records, [], False, 0
+                pixels, records = [], []
+    except (MediaError, OSError) as e:  # the frames already sent are dropped by the consumer
+        yield None, [], [Skipped(f.path, _reason(e, f.path))], True, 1
+        return
+    yield (np.stack(pixels) if pixels else None), records, [], True, 1
 
 
 def _visual_batches(files: Sequence[MediaFile], encoder, config: IndexingConfig):
     """(pixels or None, records, skipped, boundary, files done) per batch of images or video frames.
 
-    Images are decoded ``batch_size`` at a time; a video streams its sampled frames (one record per
-    frame, with its time), so a long video never sits in memory. ``boundary`` is False inside a
+    Images are decoded in worker threads (Pillow releases the GIL while decoding and resizing), in
+    file order, and batched ``batch_size`` at a time; a video streams its sampled frames (one record
+    per frame, with its time), so a long video never sits in memory. ``boundary`` is False inside a
     video: committing there would store half a video as if it were complete. A video that fails
     part way is reported in ``skipped`` after some of its frames: the consumer must drop those.
     """
-    import torch
-
-    from .video import sample_frames
-
     bs = config.batch_size
-    images: list[MediaFile] = []
-    for f in list(files) + [None]:
-        if f is None or f.kind == "video" or len(images) == bs:
-            if images:
-                pixels, ok, bad = decode_batch(images, encoder, config.max_pixels)
-                yield pixels, ok, bad, True, len(images)
-                images = []
-        if f is None:
-            break
-        if f.kind != "video":
-            images.append(f)
+    pixels, ok, bad = [], [], []
+
+    def decode(f: MediaFile):
+        return None if f.kind == "video" else decode_image(f, encoder, config.max_pixels)
+
+    for f, decoded in zip(files, ordered_map(decode, files, ahead=2 * bs)):
+        if f.kind == "video" or len(ok) + len(bad) == bs:
+            if ok or bad:
+                yield (np.stack(pixels) if pixels else None), ok, bad, True, len(ok) + len(bad)
+                pixels, ok, bad = [], [], []
+        if f.kind == "video":
+            yield from _video_batches(f, encoder, config)
             continue
-        tensors, records = [], []
-        try:
-            for frame in sample_frames(f.path, config.frame_interval, config.skip_similar):
-                tensors.append(encoder.preprocess(frame.image))
-                records.append(replace(f, t=frame.t))
-                if len(tensors) == bs:
-                    yield torch.stack(tensors), records, [], False, 0
-                    tensors, records = [], []
-        except (MediaError, OSError) as e:  # the frames already sent are dropped by the consumer
-            reason = str(e).split(": ", 1)[-1] if str(e).startswith(f.path) else str(e)
-            yield None, [], [Skipped(f.path, reason)], True, 1
-            continue
-        yield (torch.stack(tensors) if tensors else None), records, [], True, 1
+        px, skipped = decoded
+        if skipped is not None:
+            bad.append(skipped)
+        else:
+            pixels.append(px)
+            ok.append(f)
+    if ok or bad:
+        yield (np.stack(pixels) if pixels else None), ok, bad, True, len(ok) + len(bad)
 
 
 def embed_files(
@@ -215,17 +225,25 @@ def embed_files(
             on_progress(files_done)
 
 
-def _model_record(ref: ModelRef, dim: int | None = None) -> dict:
+def _model_record(ref: ModelRef, encoder=None, precision: str = "fp32") -> dict:
     """What the manifest says about the model (dim stays None until the model has been loaded)."""
-    from .models import fingerprint
+    from .encoder import model_record
 
-    name = os.path.abspath(ref.name) if os.path.isdir(ref.name) else ref.name  # usable from any cwd
-    return {"name": name, "pretrained": ref.pretrained, "key": ref.key(), "dim": dim,
-            "weights": fingerprint(ref.name, ref.pretrained)}
+    record = {**vars(model_record(ref)), "dim": None, "precision": precision}
+    if encoder is not None:  # an exported folder knows its own weights, wherever it came from
+        record.update(weights=getattr(encoder, "weights", record["weights"]), dim=encoder.dim,
+                      precision=getattr(encoder, "precision", "fp32"))
+    return record
 
 
-def check_model(manifest: dict, ref: ModelRef, path) -> None:
-    """The index was built with this model and these weights, else ModelMismatchError."""
+def index_precision(manifest: dict) -> str:
+    """The precision an index's vectors were embedded at (indexes before int8 existed: fp32)."""
+    return manifest["model"].get("precision") or "fp32"
+
+
+def check_model(manifest: dict, ref: ModelRef, path, weights: str | None = None, precision: str | None = None) -> None:
+    """The index was built with this model, these weights (``weights``, else the reference's
+    fingerprint) and this precision, else ModelMismatchError."""
     from .models import check_weights, fingerprint
 
     built = manifest["model"]["key"]
@@ -234,7 +252,13 @@ def check_model(manifest: dict, ref: ModelRef, path) -> None:
             f"index {path} was built with model {built!r}, not {ref.key()!r}: use --model "
             f"{manifest['model']['name']} or another --index folder"
         )
-    check_weights(manifest["model"], fingerprint(ref.name, ref.pretrained), path)
+    check_weights(manifest["model"], weights or fingerprint(ref.name, ref.pretrained), path)
+    have = index_precision(manifest)
+    if precision is not None and precision != have:
+        raise ModelMismatchError(
+            f"index {path} holds {have} vectors; adding {precision} ones would mix precisions: use "
+            f"--precision {have}, or index into another --index folder"
+        )
 
 
 def index_folder(
@@ -394,20 +418,27 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
 
     check_index_folder(index_path)
     existing = Collection.open(index_path) if Collection.exists(index_path) else None
+    if encoder is None and model is not None and is_export(model.name):  # an exported folder names its model
+        from .encoder import get_encoder
+
+        encoder = get_encoder(model.name, device=model.device, precision=config.precision or "fp32")
     if encoder is not None:
         ref = encoder.ref
     elif existing is not None and model is None:
         ref = ModelRef(existing.model["name"], existing.model["pretrained"])
     else:
         ref = model or ModelRef(DEFAULT_MODEL)
-    if existing is not None:
-        check_model(existing.manifest, ref, index_path)  # before spending seconds loading it
+    precision = getattr(encoder, "precision", "fp32") if encoder is not None else config.precision
+    if existing is not None:  # before spending seconds loading the model
+        check_model(existing.manifest, ref, index_path, getattr(encoder, "weights", None), precision)
+        precision = precision or index_precision(existing.manifest)
+    precision = precision or "fp32"
 
     with write_lock(index_path):
         if Collection.exists(index_path):  # re-read under the lock: another writer may have committed
             existing = Collection.open(index_path)
         items = existing.items if existing else Items.empty()
-        base = dict(existing.manifest) if existing else {"model": _model_record(ref), "next_id": 0}
+        base = dict(existing.manifest) if existing else {"model": _model_record(ref, precision=precision), "next_id": 0}
         # keep the index settings the user chose when the index was built; a dict changes some of them
         if spec is None:
             spec = spec_from_manifest(base)
@@ -444,9 +475,10 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
         if to_encode and encoder is None:  # the model loads only when there is work for it
             from .encoder import get_encoder
 
-            encoder = get_encoder(ref.name, pretrained=ref.pretrained, device=ref.device)
+            encoder = get_encoder(ref.name, pretrained=ref.pretrained, device=ref.device, backend=config.backend,
+                                  precision=precision)
         if encoder is not None:
-            base["model"] = _model_record(ref, encoder.dim)
+            base["model"] = _model_record(ref, encoder)
         dim = encoder.dim if encoder is not None else int(base["model"].get("dim") or 0)
         if dim:  # a bad --index-factory or --memory fails now, not after hours of embedding
             from .index import check_spec

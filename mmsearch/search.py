@@ -53,6 +53,25 @@ class Hit:
         return asdict(self)
 
 
+def _in_background(fn, *args):
+    """``fn(*args)`` started in a thread; returns a Future of its result (or its exception). Not a
+    daemon: a process that exits meanwhile (say, on an empty index) waits for it rather than
+    tearing down ONNX Runtime under a thread still inside it."""
+    import threading
+    from concurrent.futures import Future
+
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # handed to whoever asks for the result
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="mmsearch-load-model").start()
+    return future
+
+
 class Searcher:
     """Search one index. ``Searcher("indexes/default").search_text("a dog", k=5)``.
 
@@ -61,14 +80,22 @@ class Searcher:
 
     def __init__(self, index: str | os.PathLike | Collection, encoder=None, nprobe: int | None = None,
                  ef_search: int | None = None, rerank_factor: int | None = None, gpu: bool | None = None,
-                 span_margin: float = SPAN_MARGIN, hubness: bool = True) -> None:
+                 span_margin: float = SPAN_MARGIN, hubness: bool = True, backend: str = "auto") -> None:
         """``nprobe`` / ``ef_search`` / ``rerank_factor`` override the values tuned at build time for
         every query; ``gpu`` (None: when faiss-gpu sees a CUDA device) searches the index on the GPU;
         ``span_margin`` (cosine) decides which neighbouring video frames join a hit's time span;
         ``hubness`` False ranks cross-modal queries by plain cosine, without the correction the
-        model's query bank calibrated (see mmsearch.hubness; models without a bank have none)."""
+        model's query bank calibrated (see mmsearch.hubness; models without a bank have none);
+        ``backend`` runs the index's model when no ``encoder`` is given ("auto": ONNX Runtime when
+        the model has an export, see mmsearch.encoder)."""
         self.span_margin = span_margin
         self.hubness = hubness
+        self.backend = backend
+        self._loading = None  # the index's encoder, loading in a background thread while the index loads
+        if encoder is None and not isinstance(index, Collection):
+            from .store import read_manifest
+
+            self._loading = _in_background(self._load_encoder, read_manifest(Path(index))["model"])
         self.collection = index if isinstance(index, Collection) else Collection.open(index, load_index=True)
         self.search_options = {"nprobe": nprobe, "ef_search": ef_search, "rerank_factor": rerank_factor}
         if self.collection.count == 0:
@@ -95,13 +122,20 @@ class Searcher:
         self._kind_lookups: dict = {}  # exact search over one modality (<= EXACT_FILTER_MAX items)
         self._corrections: dict[tuple, np.ndarray | None] = {}  # (query modality, kinds) -> per-row correction
 
+    def _load_encoder(self, m: dict):
+        """The encoder of the model record ``m``, with its text tower ready (a query comes next)."""
+        from .encoder import get_encoder
+
+        encoder = get_encoder(m["name"], pretrained=m["pretrained"], backend=self.backend,
+                              precision=m.get("precision") or "fp32")
+        encoder.warm("text")
+        return encoder
+
     @property
     def encoder(self):
         if self._encoder is None:
-            from .encoder import get_encoder
-
-            m = self.collection.model
-            encoder = get_encoder(m["name"], pretrained=m["pretrained"])
+            loading, self._loading = self._loading, None
+            encoder = loading.result() if loading is not None else self._load_encoder(self.collection.model)
             self._check_weights(encoder)
             self._encoder = encoder
         return self._encoder
@@ -110,6 +144,10 @@ class Searcher:
         from .models import check_weights
 
         check_weights(self.collection.model, getattr(encoder, "weights", None), self.collection.path)
+        have, got = self.collection.model.get("precision") or "fp32", getattr(encoder, "precision", "fp32")
+        if got != have:
+            raise ModelMismatchError(f"index {self.collection.path} holds {have} vectors, the encoder embeds at "
+                                     f"{got}: query with the index's precision ({have})")
 
     def _correction(self, query: str | None, kind=None) -> np.ndarray | None:
         """Per-row score corrections for a query of this modality over items of ``kind``, None when

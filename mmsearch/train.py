@@ -592,9 +592,9 @@ def _load_for_training(model_name: str, pretrained: str | None):
 
     import open_clip
 
-    from .encoder import _load_open_clip
+    from .backends.torch_backend import load_open_clip
 
-    model, preprocess, tokenizer = _load_open_clip(ModelRef(model_name, pretrained), None)
+    model, preprocess, tokenizer = load_open_clip(ModelRef(model_name, pretrained), None)
     name = "local-dir:" + os.path.abspath(model_name) if os.path.isdir(model_name) else model_name
     config = open_clip.get_model_config(name)
     return model, preprocess, tokenizer, config, dict(getattr(model.visual, "preprocess_cfg", {}) or {})
@@ -944,7 +944,7 @@ def train_model(
         from .encoder import Encoder
 
         t1 = time.time()
-        bank = build_query_bank(Encoder(str(out_dir), device=str(device)), train_pairs, val_pairs,
+        bank = build_query_bank(Encoder(str(out_dir), device=str(device), backend="torch"), train_pairs, val_pairs,
                                 max_items=cfg.query_bank, seed=cfg.seed, weights=models.fingerprint(str(out_dir)))
         bank.save(bank_file)
         record["query_bank"] = dict(bank.settings(), seconds=round(time.time() - t1, 1))

@@ -14,6 +14,22 @@ VIDEOS = ROOT.parent / "shared" / "data" / "videos"
 N_PHOTOS = 12
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """A fresh mmsearch cache for the session (ONNX exports, file hashes): tests never touch
+    ~/.cache, and the first use of a built-in model exports it here, as on a new machine."""
+    import os
+
+    folder = tmp_path_factory.mktemp("mmsearch-cache")
+    before = os.environ.get("MMSEARCH_CACHE")
+    os.environ["MMSEARCH_CACHE"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("MMSEARCH_CACHE", None)
+    else:
+        os.environ["MMSEARCH_CACHE"] = before
+
+
 def _require_data() -> None:
     if not (FLICKR / "images").is_dir():
         pytest.fail(f"test data not found at {FLICKR}: the repo expects ../shared/data beside it")
@@ -30,9 +46,18 @@ def pairs():
 
 @pytest.fixture(scope="session")
 def encoder():
+    """The built-in default model as a user gets it: on ONNX Runtime, exported on first use."""
     from mmsearch.encoder import get_encoder
 
     return get_encoder()
+
+
+@pytest.fixture(scope="session")
+def torch_encoder():
+    """The same model run by open_clip in torch: the reference the ONNX path is checked against."""
+    from mmsearch.encoder import get_encoder
+
+    return get_encoder(backend="torch")
 
 
 def copy_photos(pairs, dest: Path) -> dict[str, str]:

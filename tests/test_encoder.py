@@ -53,12 +53,12 @@ def test_bad_image_raises_media_error(encoder, tmp_path):
         encoder.embed_texts("one string")
 
 
-def test_local_open_clip_checkpoint_folder_loads(encoder, tmp_path, pairs):
+def test_local_open_clip_checkpoint_folder_loads(encoder, torch_encoder, tmp_path, pairs):
     """The path real users take with their own or downloaded weights, tested with a local folder."""
     from mmsearch import models
     from mmsearch.encoder import Encoder
 
-    folder = models.save_open_clip_folder(encoder.model, tmp_path / "ckpt")
+    folder = models.save_open_clip_folder(torch_encoder.model, tmp_path / "ckpt")
     other = Encoder(str(folder))
     assert other.name == str(folder) and other.dim == 256
     assert np.allclose(other.embed_texts(["a red bus"]), encoder.embed_texts(["a red bus"]), atol=1e-5)
@@ -80,7 +80,7 @@ def test_models_that_cannot_load_give_clear_errors(tmp_path, monkeypatch, capfd)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     import huggingface_hub.constants as hub
 
-    from mmsearch.encoder import _resolves
+    from mmsearch.backends.torch_backend import _resolves
 
     if _resolves(hub.ENDPOINT):
         pytest.skip("this machine reaches the hub: the offline download failure cannot be shown")
@@ -118,10 +118,10 @@ def test_a_plain_clip_checkpoint_folder_loads_and_its_tokens_are_not_trimmed(tmp
         model = CLIP(**cfg)
     folder = models.save_open_clip_folder(model, tmp_path / "tiny-clip", model_config=cfg)
     enc = Encoder(str(folder))
-    assert not enc._masks_padding and enc.dim == 32 and enc.image_size == 64
+    assert enc.backend.name == "torch" and not enc.backend._masks_padding and enc.dim == 32 and enc.image_size == 64
     alone = enc.embed_texts(["a dog"])
     beside = enc.embed_texts(["a dog", "a much longer caption about a dog running across a green field"])
     assert np.allclose(alone[0], beside[0], atol=1e-5)
     with torch.no_grad():
-        direct = model.encode_text(enc._tokenizer(["a dog"]))
+        direct = model.encode_text(enc.backend._tokenizer(["a dog"]))
     assert np.allclose(alone[0], torch.nn.functional.normalize(direct, dim=-1)[0].numpy(), atol=1e-5)
