@@ -11,9 +11,12 @@ plain cosine. Convention: CLIP_benchmark (a caption
 hits if its image is in the top k; an image hits if any of its 5 captions is), ties counted against
 the query.
 
-    python benchmarks/recall_flickr8k.py [--model mmsearch-lite] [--split test]
+    python benchmarks/recall_flickr8k.py [--model mmsearch-lite] [--split test] [--backend auto|torch]
+                                         [--precision fp32|int8]
 
-Writes benchmarks/results/recall_flickr8k_<model>_<split>.json.
+``--backend torch`` runs the model in torch (the reference the ONNX Runtime path is checked against);
+``--precision int8`` first adds int8 graphs to the model's cached export, calibrated on the train
+split, if it has none. Writes benchmarks/results/recall_flickr8k_<model>_<split>[_torch|_int8].json.
 """
 
 from __future__ import annotations
@@ -38,13 +41,28 @@ from mmsearch.evaluate import hub_biases  # noqa: E402
 from mmsearch.metrics import recall_at_k  # noqa: E402
 
 
+def ensure_int8(args) -> None:
+    """Give the model's cached export int8 graphs (calibrated on the train split) if it has none."""
+    from mmsearch.encoder import get_encoder
+    from mmsearch.export import add_int8
+    from mmsearch.exported import ExportManifest
+
+    folder = get_encoder(args.model, pretrained=args.pretrained).export_folder
+    if "int8" not in ExportManifest.load(folder).precisions:
+        add_int8(folder, load_flickr8k(args.data, "train"), source=f"{args.data} (train split)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--pretrained", default=None)
     ap.add_argument("--split", default="test", choices=["test", "dev"])
+    ap.add_argument("--backend", default="auto", choices=["auto", "torch"])
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
     args = ap.parse_args()
+    if args.precision == "int8":
+        ensure_int8(args)
 
     from mmsearch.encoder import get_encoder
     from mmsearch.indexing import index_folder, index_texts
@@ -53,7 +71,7 @@ def main() -> None:
     pairs = load_flickr8k(args.data, args.split)
     texts, owner = pairs.flat()
     t0 = time.perf_counter()
-    enc = get_encoder(args.model, pretrained=args.pretrained)
+    enc = get_encoder(args.model, pretrained=args.pretrained, backend=args.backend, precision=args.precision)
     with tempfile.TemporaryDirectory() as tmp:
         photos = Path(tmp) / "photos"
         photos.mkdir()
@@ -94,8 +112,12 @@ def main() -> None:
     record = {
         "what": f"Flickr8k {args.split} split retrieval, {len(pairs.images)} images x {len(texts)} captions",
         "command": f"python benchmarks/recall_flickr8k.py --model {args.model}"
-                   + (f" --split {args.split}" if args.split != "test" else ""),
+                   + (f" --split {args.split}" if args.split != "test" else "")
+                   + (f" --backend {args.backend}" if args.backend != "auto" else "")
+                   + (f" --precision {args.precision}" if args.precision != "fp32" else ""),
         "model": enc.name,
+        "backend": enc.backend.name,
+        "precision": enc.precision,
         "t2i": r["t2i"],
         "i2t": r["i2t"],
         "plain": {"t2i": plain["t2i"], "i2t": plain["i2t"]},
@@ -111,7 +133,8 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
     }
     name = args.model.replace("/", "_").replace(":", "_")
-    out = ROOT / "benchmarks" / "results" / f"recall_flickr8k_{Path(name).name}_{args.split}.json"
+    suffix = "_torch" if args.backend == "torch" else ("_int8" if args.precision == "int8" else "")
+    out = ROOT / "benchmarks" / "results" / f"recall_flickr8k_{Path(name).name}_{args.split}{suffix}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     fmt = lambda d: "/".join(f"{d[k]:.3f}" for k in (1, 5, 10))  # noqa: E731
     print(f"{enc.name} on Flickr8k {args.split}: text->image R@1/5/10 {fmt(r['t2i'])} "

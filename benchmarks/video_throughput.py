@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -38,8 +37,10 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=DEFAULT_FRAME_INTERVAL)
     args = ap.parse_args()
 
-    import torch
+    import numpy as np
+    import onnxruntime
 
+    from mmsearch._util import available_cores
     from mmsearch.encoder import get_encoder
     from mmsearch.indexing import index_folder
     from mmsearch.store import Collection
@@ -56,12 +57,12 @@ def main() -> None:
 
     # 1. forward only
     bs = 32
-    enc.embed_pixels(torch.stack(pixels[:bs]))  # warm-up
+    enc.embed_pixels(np.stack(pixels[:bs]))  # warm-up
     passes = []
     for _ in range(3):
         t = time.perf_counter()
         for i in range(0, len(pixels), bs):
-            enc.embed_pixels(torch.stack(pixels[i:i + bs]))
+            enc.embed_pixels(np.stack(pixels[i:i + bs]))
         passes.append(len(pixels) / (time.perf_counter() - t))
     forward_fps = max(passes)
     n_frames = len(pixels)
@@ -97,8 +98,8 @@ def main() -> None:
         "index_bytes_per_frame": round(per_frame, 1),
         "index_megabytes_per_hour_of_video": round(per_frame * 3600 / args.interval / 1e6, 2),
         "index_kind": report.index_kind,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} "
-                   f"({torch.get_num_threads()} threads)",
+        "backend": f"{enc.backend.name} {enc.precision}",
+        "machine": f"{platform.machine()}, {available_cores()} cpus, onnxruntime {onnxruntime.__version__}",
     }
     out = ROOT / "benchmarks" / "results" / f"video_throughput_{Path(enc.name).name}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")

@@ -516,10 +516,12 @@ def export(
     else:
         typer.echo(f"{record.key} is already exported at {folder}", err=True)
     if precision == "int8":
-        pairs = _load_pairs_or_fail(calibrate, "train" if calibrate.is_dir() else None)
-        add_int8(folder, pairs, source=str(calibrate.resolve()), n_images=calibrate_images)
-        typer.echo(f"added int8 graphs to {folder} (calibrated on {min(calibrate_images, len(pairs))} photos of {calibrate})",
-                   err=True)
+        split = "train" if calibrate.is_dir() else None
+        pairs = _load_pairs_or_fail(calibrate, split)
+        source = f"{calibrate.resolve()}" + (f" ({split} split)" if split else "")
+        add_int8(folder, pairs, source=source, n_images=calibrate_images)
+        typer.echo(f"added int8 graphs to {folder} (calibrated on {min(calibrate_images, len(pairs))} photos of "
+                   f"{source})", err=True)
     typer.echo(str(folder))
 
 
