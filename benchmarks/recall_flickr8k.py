@@ -14,9 +14,12 @@ the query.
     python benchmarks/recall_flickr8k.py [--model mmsearch-lite] [--split test] [--backend auto|torch]
                                          [--precision fp32|int8]
 
-``--backend torch`` runs the model in torch (the reference the ONNX Runtime path is checked against);
-``--precision int8`` first adds int8 graphs to the model's cached export, calibrated on the train
-split, if it has none. Writes benchmarks/results/recall_flickr8k_<model>_<split>[_torch|_int8].json.
+By default the model runs as `mmsearch index` runs it (ONNX Runtime, at the model's default
+precision). ``--backend torch`` runs it in torch (the reference the ONNX Runtime path is checked
+against); ``--precision`` forces fp32 or int8 (int8 graphs are added to the model's cached export,
+calibrated on the train split, if it has none). Writes
+benchmarks/results/recall_flickr8k_<model>_<split>.json for the default, else
+recall_flickr8k_<model>_<split>_<backend>_<precision>.json.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from mmsearch.metrics import recall_at_k  # noqa: E402
 def ensure_int8(args) -> None:
     """Give the model's cached export int8 graphs (calibrated on the train split) if it has none."""
     from mmsearch.encoder import get_encoder
-    from mmsearch.export import add_int8
+    from mmsearch.quantize import add_int8
     from mmsearch.exported import ExportManifest
 
     folder = get_encoder(args.model, pretrained=args.pretrained).export_folder
@@ -59,7 +62,7 @@ def main() -> None:
     ap.add_argument("--pretrained", default=None)
     ap.add_argument("--split", default="test", choices=["test", "dev"])
     ap.add_argument("--backend", default="auto", choices=["auto", "torch"])
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    ap.add_argument("--precision", default=None, choices=["fp32", "int8"])
     args = ap.parse_args()
     if args.precision == "int8":
         ensure_int8(args)
@@ -114,7 +117,7 @@ def main() -> None:
         "command": f"python benchmarks/recall_flickr8k.py --model {args.model}"
                    + (f" --split {args.split}" if args.split != "test" else "")
                    + (f" --backend {args.backend}" if args.backend != "auto" else "")
-                   + (f" --precision {args.precision}" if args.precision != "fp32" else ""),
+                   + (f" --precision {args.precision}" if args.precision else ""),
         "model": enc.name,
         "backend": enc.backend.name,
         "precision": enc.precision,
@@ -133,7 +136,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
     }
     name = args.model.replace("/", "_").replace(":", "_")
-    suffix = "_torch" if args.backend == "torch" else ("_int8" if args.precision == "int8" else "")
+    suffix = f"_{enc.backend.name}_{enc.precision}" if args.backend != "auto" or args.precision else ""
     out = ROOT / "benchmarks" / "results" / f"recall_flickr8k_{Path(name).name}_{args.split}{suffix}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     fmt = lambda d: "/".join(f"{d[k]:.3f}" for k in (1, 5, 10))  # noqa: E731

@@ -167,8 +167,8 @@ def print_throughput(tp: dict) -> None:
     r, f = tp["ratios"], tp["onnx_fp32"]
     ok = lambda c: "met" if c else "MISSED"  # noqa: E731
     print()
-    print(f"First use of the model exports it to ONNX: {tp['first_use_export_seconds']} s, once per weights "
-          f"(adding the int8 graphs: {tp['int8_export_seconds']} s). Imports: numpy, onnxruntime, tokenizers, faiss "
+    print(f"First use of the model exports it to ONNX: {tp['first_use_export_seconds']} s, once per weights. "
+          f"Imports: numpy, onnxruntime, tokenizers, faiss "
           f"and pyarrow take {tp['import_seconds']['onnx_path']} s; torch and open_clip "
           f"{tp['import_seconds']['torch_open_clip']} s.")
     print()

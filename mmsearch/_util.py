@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -67,6 +68,18 @@ def prefetch_iter(items: Iterable[T], depth: int = 2) -> Iterator[T]:
             except Exception:
                 pass
             thread.join(timeout=0.05)
+
+
+@contextlib.contextmanager
+def silenced() -> Iterator[None]:
+    """Swallow prints and warnings of third-party code (exporters, quantisers): the library never prints."""
+    import io
+    import warnings
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def available_cores() -> int:

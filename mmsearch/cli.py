@@ -91,7 +91,7 @@ def index(
     backend: str = typer.Option(
         "auto", "--backend", help="auto (ONNX Runtime when the model has an export; built-in models are exported on first use), onnx or torch."),
     precision: Optional[str] = typer.Option(
-        None, "--precision", help="fp32 or int8 (ONNX, from `mmsearch export --precision int8`) [default: the index's, else fp32]."),
+        None, "--precision", help="fp32 or int8 (ONNX Runtime) [default: the index's, else the model's: int8 for mmsearch-lite2, else fp32]."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     commit_every: int = typer.Option(2048, "--commit-every", min=1, help="Save progress to disk every N images."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -360,7 +360,7 @@ def eval_(
     index_type: str = typer.Option("ivfpq", "--index-type", help="Index kind for --via-index: auto, flat or ivfpq."),
     plain: bool = typer.Option(False, "--plain", help="Rank by plain cosine only, without the model's hubness correction."),
     backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime when the model has an export), onnx or torch."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 or int8 (ONNX, from `mmsearch export --precision int8`)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or int8 (ONNX Runtime) [default: the model's, as new indexes get]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Recall@1/5/10 text->image and image->text on image-caption pairs, ranked as `mmsearch query`
@@ -430,7 +430,6 @@ def train(
 
     from tqdm import tqdm
 
-    from .data import load_table
     from .train import train_model
 
     if data.is_dir():
@@ -486,42 +485,50 @@ def export(
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag or weights file."),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Folder to write [default: the cache, ~/.cache/mmsearch/onnx/<fingerprint>, or $MMSEARCH_CACHE/onnx/...]."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, or int8 to add int8 graphs (needs --calibrate)."),
+    precision: str = typer.Option(
+        "fp32", "--precision", help="int8: (re)make the int8 image graph from --calibrate (built-in models ship theirs)."),
     calibrate: Optional[Path] = typer.Option(
         None, "--calibrate", help="int8: image-caption pairs to calibrate on (a Flickr8k-style folder, its train split; or a table)."),
     calibrate_images: int = typer.Option(256, "--calibrate-images", min=8, help="int8: photos sampled to calibrate on."),
 ) -> None:
-    """Export a model's two towers to ONNX (with its tokenizer, preprocessing and query bank), so
-    indexing and queries run on ONNX Runtime without torch. Needs the torch extra."""
+    """Export a model's two towers to ONNX (with its tokenizer, preprocessing, query bank, and the
+    int8 image graph a built-in model ships), so indexing and queries run on ONNX Runtime without
+    torch. Needs the torch extra."""
     from .config import ModelRef
     from .encoder import model_record, torch_installed
-    from .exported import PRECISIONS, cache_folder, holds_export_of
+    from .exported import PRECISIONS, ExportManifest, cache_folder, holds_export_of
 
     if precision not in PRECISIONS:
         _fail(f"unknown --precision {precision!r}: use {', '.join(PRECISIONS)}")
-    if precision == "int8" and calibrate is None:
-        _fail("--precision int8 needs --calibrate PAIRS: photos and captions to measure activation ranges on")
+    if calibrate is not None and precision != "int8":
+        _fail("--calibrate makes int8 graphs: add --precision int8")
     if calibrate is not None and not calibrate.exists():
         _fail(f"calibration pairs not found: {calibrate}")
     if not torch_installed():
         _fail("exporting needs torch and open_clip: pip install 'mmsearch[torch]'")
-    from .export import add_int8, export_model
+    from .export import export_model
 
     ref = ModelRef(model, pretrained)
     record = model_record(ref)
     folder = out if out is not None else cache_folder(record)
     if not holds_export_of(folder, record):
         folder = export_model(ref, out=folder, record=record)
-        typer.echo(f"exported {record.key} (fp32) to {folder}", err=True)
+        typer.echo(f"exported {record.key} to {folder}", err=True)
     else:
         typer.echo(f"{record.key} is already exported at {folder}", err=True)
-    if precision == "int8":
+    has_int8 = "int8" in ExportManifest.load(folder).precisions  # the built-in models ship theirs
+    if precision == "int8" and calibrate is None and not has_int8:
+        _fail(f"{record.key} ships no int8 graph: --precision int8 needs --calibrate PAIRS, photos and captions "
+              "to measure activation ranges on")
+    if precision == "int8" and calibrate is not None:
+        from .quantize import add_int8
+
         split = "train" if calibrate.is_dir() else None
         pairs = _load_pairs_or_fail(calibrate, split)
         source = f"{calibrate.resolve()}" + (f" ({split} split)" if split else "")
         add_int8(folder, pairs, source=source, n_images=calibrate_images)
-        typer.echo(f"added int8 graphs to {folder} (calibrated on {min(calibrate_images, len(pairs))} photos of "
-                   f"{source})", err=True)
+        typer.echo(f"int8 graphs in {folder} calibrated on {min(calibrate_images, len(pairs))} photos of {source}",
+                   err=True)
     typer.echo(str(folder))
 
 

@@ -52,6 +52,23 @@ def model_record(ref: ModelRef) -> ModelRecord:
                        weights=fingerprint(ref.name, ref.pretrained))
 
 
+def _default_precision(record: ModelRecord, folder: Path | None) -> str:
+    """The model's default precision where its export can run it: a cached export of a built-in
+    model made before its int8 graph shipped gets it now; an exported folder without int8 runs fp32."""
+    from .models import default_precision
+
+    if folder is None or default_precision(record.name, record.weights) == "fp32":
+        return "fp32"
+    if "int8" in ExportManifest.load(folder).precisions:
+        return "int8"
+    if folder != cache_folder(record):
+        return "fp32"  # the user's own folder: not ours to add files to
+    from .quantize import add_shipped_int8
+
+    add_shipped_int8(folder)
+    return "int8"
+
+
 def _onnx_folder(ref: ModelRef, record: ModelRecord, backend: str, cache_dir: str | None) -> Path | None:
     """The export to run ``ref`` from: cached, or made now for a built-in model (or with backend
     "onnx"); None when the model runs in torch (backend "auto", not built-in, not exported yet)."""
@@ -88,15 +105,16 @@ class Encoder:
         batch_size: int = 32,
         cache_dir: str | None = None,
         backend: str = "auto",
-        precision: str = "fp32",
+        precision: str | None = None,
     ) -> None:
         """``backend``: "auto" (ONNX Runtime when the model has an export, see the module docstring),
         "onnx" (export now if need be) or "torch"; ``precision``: "fp32" or "int8" (ONNX only: the
-        int8 graphs ``mmsearch export --precision int8`` makes); ``cache_dir``: where open_clip keeps
-        downloaded weights."""
+        int8 graphs a built-in model ships, or ``mmsearch export --precision int8`` makes), None for
+        the model's default (``mmsearch.models.default_precision``: int8 for mmsearch-lite2 on ONNX
+        Runtime, else fp32); ``cache_dir``: where open_clip keeps downloaded weights."""
         if backend not in BACKENDS:
             raise ModelLoadError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
-        if precision not in PRECISIONS:
+        if precision is not None and precision not in PRECISIONS:
             raise ModelLoadError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
         if pretrained and os.path.isfile(pretrained):
             pretrained = os.path.abspath(pretrained)  # recorded in manifests: must work from any cwd
@@ -109,9 +127,11 @@ class Encoder:
                 raise ModelLoadError(f"{model} is an exported model: it runs on ONNX Runtime, not --backend torch")
         else:
             record = model_record(ModelRef(str(model), pretrained))
-            if precision != "fp32" and backend == "torch":
+            if precision not in (None, "fp32") and backend == "torch":
                 raise ModelLoadError(f"precision {precision} runs on ONNX Runtime only: drop --backend torch")
             self.export_folder = _onnx_folder(ModelRef(str(model), pretrained), record, backend, cache_dir)
+        if precision is None:
+            precision = _default_precision(record, self.export_folder)
         self.ref = ModelRef(name=record.name, pretrained=record.pretrained, device=device)
         #: fingerprint of the weights (recorded in index manifests; None for registry tags)
         self.weights = record.weights
@@ -220,7 +240,7 @@ _CACHE: dict[tuple, Encoder] = {}
 
 
 def get_encoder(model: str = DEFAULT_MODEL, pretrained: str | None = None, device: str | None = None,
-                backend: str = "auto", precision: str = "fp32") -> Encoder:
+                backend: str = "auto", precision: str | None = None) -> Encoder:
     """A shared Encoder per (model, pretrained, device, backend, precision): loading a model takes
     time, so a process that indexes and queries (a test run, a service) loads each model once."""
     key = (str(model), pretrained, device, backend, precision)

@@ -6,27 +6,20 @@ vector (mean pooling / EOT pooling and projection inside), the tokenizer as ``to
 the preprocessing numbers and the query bank. It is written beside its destination and renamed
 into place, so a killed export leaves nothing half-written.
 
-``add_int8`` adds int8 graphs to an export: static quantisation in QDQ format (ONNX Runtime), weights
-per channel, activation ranges calibrated on image-caption pairs (the Flickr8k train split for the
-built-in models; never the test split).
-
-This module needs the torch extra (torch, open_clip, onnx); it is imported only to export.
+int8 graphs are made by mmsearch.quantize. This module needs the torch extra (torch, open_clip,
+onnx); it is imported only to export.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ._util import fsync_dir
+from ._util import fsync_dir, silenced
 from .config import ModelRef
 from .errors import ModelLoadError
 from .exported import (
@@ -131,15 +124,6 @@ def text_config(model, tok) -> tuple[TextConfig, str]:
 
 
 # ---- writing the folder ---------------------------------------------------------------------
-@contextlib.contextmanager
-def _quiet():
-    """torch's exporter prints its progress and warns a lot; the library never prints."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
-
-
 def _export_graphs(model, image: ImageConfig, text: TextConfig, folder: Path) -> None:
     files = graph_files("fp32")
     pixels = torch.zeros(2, 3, image.size, image.size)
@@ -151,7 +135,7 @@ def _export_graphs(model, image: ImageConfig, text: TextConfig, folder: Path) ->
         ids = torch.full((2, text.context_length), text.pad_id, dtype=torch.long)
     else:
         dims[1] = torch.export.Dim("seq", min=2, max=text.context_length)
-    with _quiet(), torch.inference_mode(False), torch.no_grad():
+    with silenced(), torch.inference_mode(False), torch.no_grad():
         torch.onnx.export(_ImageGraph(model), (pixels,), str(folder / files["image"]), input_names=["pixels"],
                           output_names=["vector"], dynamic_shapes={"pixels": {0: batch}}, dynamo=True,
                           external_data=False)
@@ -197,6 +181,7 @@ def export_model(ref: ModelRef, out: str | os.PathLike | None = None, record: Mo
     """Export ``ref`` (fp32) into ``out``, default the cache folder of its weights; returns the folder."""
     from importlib.metadata import version
 
+    from . import models
     from .backends.torch_backend import load_model
     from .encoder import model_record
     from .hubness import BANK_FILE, load_query_bank
@@ -221,6 +206,10 @@ def export_model(ref: ModelRef, out: str | os.PathLike | None = None, record: Mo
         manifest = ExportManifest(model=record, dim=_dim(model, image), image=image, text=text,
                                   exporter=f"torch {torch.__version__}, onnx {version('onnx')}")
         (tmp / MANIFEST).write_text(manifest.to_json())
+        if models.shipped_int8(record.name, record.weights) is not None:
+            from .quantize import add_shipped_int8
+
+            add_shipped_int8(tmp)  # the built-in models' default precision: ready from the first use
         _fsync_tree(tmp)
         return _place(tmp, dest)
     except BaseException:
@@ -231,112 +220,3 @@ def export_model(ref: ModelRef, out: str | os.PathLike | None = None, record: Mo
 def _dim(model, image: ImageConfig) -> int:
     with torch.no_grad():
         return int(model.encode_image(torch.zeros(1, 3, image.size, image.size)).shape[-1])
-
-
-
-# ---- int8 ----------------------------------------------------------------------------------------
-#: images / captions the int8 activation ranges are calibrated on, sampled from the pairs given
-CALIBRATION_IMAGES = 256
-CALIBRATION_TEXTS = 512
-
-
-def _calibration_sample(pairs, n_images: int, n_texts: int, seed: int) -> tuple[list[str], list[str]]:
-    """Photos and captions to calibrate on, a seeded sample of ``pairs``."""
-    rng = np.random.default_rng(seed)
-    images = [pairs.images[i] for i in sorted(rng.choice(len(pairs), min(n_images, len(pairs)), replace=False))]
-    texts, _ = pairs.flat()
-    picked = sorted(rng.choice(len(texts), min(n_texts, len(texts)), replace=False))
-    return images, [texts[i] for i in picked]
-
-
-class _Batches:
-    """An ONNX Runtime CalibrationDataReader over a list of input arrays."""
-
-    def __init__(self, name: str, batches) -> None:
-        self._it = iter([{name: b} for b in batches])
-
-    def get_next(self):
-        return next(self._it, None)
-
-    def rewind(self):  # pragma: no cover - asked only by some calibrators
-        pass
-
-
-def _image_batches(images: list[str], cfg: ImageConfig, bs: int = 32) -> list[np.ndarray]:
-    from .media import load_image
-    from .preprocess import to_pixels
-
-    pixels = [to_pixels(load_image(p, min_side=cfg.resize or cfg.size), cfg) for p in images]
-    return [np.stack(pixels[i : i + bs]) for i in range(0, len(pixels), bs)]
-
-
-def quantize_image_graph(src: Path, dest: Path, batches: list[np.ndarray]) -> None:
-    """Static int8: QDQ format, per-channel int8 weights, uint8 activations with min/max ranges
-    measured on ``batches`` of pixels."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp, _quiet():
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(dest), _Batches("pixels", batches), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
-
-
-def quantize_text_graph(src: Path, dest: Path, batches: list[np.ndarray] | None = None) -> None:
-    """int8 MatMul/Gemm weights per channel. With ``batches`` (token ids, all of one width)
-    activations are static too, calibrated on them; without, they are quantised per batch at run
-    time (dynamic), which keeps text vectors far closer to fp32 (benchmarks/int8_choice.py)."""
-    from onnxruntime.quantization import (
-        CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp, _quiet():
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-        if batches is None:
-            quantize_dynamic(str(prepared), str(dest), per_channel=True, weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul", "Gemm"])
-        else:
-            quantize_static(str(prepared), str(dest), _Batches("input_ids", batches), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=["MatMul", "Gemm"])
-
-
-def add_int8(folder: str | os.PathLike, pairs, source: str, n_images: int = CALIBRATION_IMAGES,
-             n_texts: int = CALIBRATION_TEXTS, seed: int = 0, static_text: bool = False) -> ExportManifest:
-    """Add int8 graphs to an exported folder: the image tower static (activations calibrated on
-    ``n_images`` photos of ``pairs``), the text tower with dynamic activations (static ones,
-    ``static_text``, calibrated on ``n_texts`` captions, cost recall: benchmarks/int8_choice.py).
-    ``source`` names the pairs in the manifest. Each graph is written beside its final name and
-    renamed; the manifest, written last, lists int8 only once both graphs are in place."""
-    from .preprocess import TextTokenizer
-
-    folder = Path(folder)
-    manifest = ExportManifest.load(folder)
-    images, texts = _calibration_sample(pairs, n_images, n_texts, seed)
-    tokenize = TextTokenizer(folder / TOKENIZER_FILE, manifest.text)
-    text_batches = [tokenize(texts[i : i + 64], pad_to=manifest.text.context_length)
-                    for i in range(0, len(texts), 64)] if static_text else None
-    files, fp32 = graph_files("int8"), graph_files("fp32")
-    for tower in ("image", "text"):
-        tmp = folder / f".{files[tower]}.{os.getpid()}.tmp"
-        try:
-            if tower == "image":
-                quantize_image_graph(folder / fp32["image"], tmp, _image_batches(images, manifest.image))
-            else:
-                quantize_text_graph(folder / fp32["text"], tmp, text_batches)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, folder / files[tower])
-        finally:
-            tmp.unlink(missing_ok=True)
-    fsync_dir(folder)
-    manifest.precisions = sorted(set(manifest.precisions) | {"int8"}, key=["fp32", "int8"].index)
-    manifest.calibration = {
-        "pairs": source, "images": len(images), "seed": seed, "image": "static QDQ, min/max",
-        "text": f"static QDQ, min/max, {len(texts)} captions" if static_text else "dynamic (activations per batch)"}
-    manifest.save(folder)
-    return manifest

@@ -4,7 +4,7 @@ A folder is self-contained; nothing else is needed to embed with it::
 
     mmsearch_export.json      this manifest (format, version, the model it came from, sizes, files)
     image.onnx, text.onnx     fp32 graphs: pixels (n, 3, S, S) -> unit vectors; token ids (n, L) -> unit vectors
-    image.int8.onnx, ...      int8 graphs (static QDQ quantisation), when exported with --precision int8
+    image.int8.onnx           the int8 image graph (static QDQ quantisation); int8 runs it with text.onnx
     tokenizer.json            the text tower's tokenizer (``tokenizers``)
     query_bank.safetensors    the model's hubness query bank, when it has one
 
@@ -40,9 +40,12 @@ def cache_root() -> Path:
 
 
 def graph_files(precision: str) -> dict[str, str]:
-    """The file names of the two graphs of one precision."""
+    """The file name of each tower's graph of one precision, by default."""
     suffix = "" if precision == "fp32" else f".{precision}"
     return {"image": f"image{suffix}.onnx", "text": f"text{suffix}.onnx"}
+
+
+FP32_GRAPHS = graph_files("fp32")
 
 
 @dataclass(frozen=True)
@@ -67,16 +70,21 @@ class ExportManifest:
     dim: int  # embedding size
     image: ImageConfig
     text: TextConfig
-    precisions: list[str] = field(default_factory=lambda: ["fp32"])  # graphs present (graph_files names them)
+    graphs: dict[str, dict[str, str]] = field(default_factory=lambda: {"fp32": dict(FP32_GRAPHS)})  # precision ->
+    # {"image": file, "text": file}; int8 pairs image.int8.onnx with the fp32 text graph
     calibration: dict | None = None  # int8: the pairs it was calibrated on and how many
     exporter: str = ""  # torch / onnx versions that wrote the graphs
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
+    @property
+    def precisions(self) -> list[str]:
+        return list(self.graphs)
+
     def to_json(self) -> str:
         d = {"format": self.format, "format_version": self.format_version, "model": vars(self.model),
              "dim": self.dim, "image": self.image.to_dict(), "text": self.text.to_dict(),
-             "precisions": self.precisions, "calibration": self.calibration, "exporter": self.exporter}
+             "graphs": self.graphs, "calibration": self.calibration, "exporter": self.exporter}
         return json.dumps(d, indent=2) + "\n"
 
     def save(self, folder: str | os.PathLike) -> None:
@@ -95,7 +103,7 @@ class ExportManifest:
                 raise ModelLoadError(f"{folder} is an export of format {d.get('format_version')}, this mmsearch "
                                      f"reads {FORMAT_VERSION}: {redo}")
             m = cls(model=ModelRecord(**d["model"]), dim=int(d["dim"]), image=ImageConfig.from_dict(d["image"]),
-                    text=TextConfig.from_dict(d["text"]), precisions=list(d["precisions"]),
+                    text=TextConfig.from_dict(d["text"]), graphs={p: dict(g) for p, g in d["graphs"].items()},
                     calibration=d.get("calibration"), exporter=d.get("exporter", ""))
         except FileNotFoundError:
             raise ModelLoadError(f"{folder} is not an exported model (no {MANIFEST}): {redo}") from None
@@ -103,8 +111,8 @@ class ExportManifest:
             if isinstance(e, ModelLoadError):
                 raise
             raise ModelLoadError(f"{path} is damaged ({type(e).__name__}: {str(e)[:80]}): {redo}") from None
-        for p in m.precisions:
-            missing = [f for f in [*graph_files(p).values(), TOKENIZER_FILE] if not (Path(folder) / f).is_file()]
+        for files in m.graphs.values():
+            missing = [f for f in [*files.values(), TOKENIZER_FILE] if not (Path(folder) / f).is_file()]
             if missing:
                 raise ModelLoadError(f"exported model {folder} lacks {', '.join(missing)}: {redo}")
         return m

@@ -225,7 +225,7 @@ def embed_files(
             on_progress(files_done)
 
 
-def _model_record(ref: ModelRef, encoder=None, precision: str = "fp32") -> dict:
+def _model_record(ref: ModelRef, encoder=None, precision: str | None = None) -> dict:
     """What the manifest says about the model (dim stays None until the model has been loaded)."""
     from .encoder import model_record
 
@@ -236,9 +236,10 @@ def _model_record(ref: ModelRef, encoder=None, precision: str = "fp32") -> dict:
     return record
 
 
-def index_precision(manifest: dict) -> str:
-    """The precision an index's vectors were embedded at (indexes before int8 existed: fp32)."""
-    return manifest["model"].get("precision") or "fp32"
+def index_precision(manifest: dict) -> str | None:
+    """The precision an index's vectors were embedded at (indexes before int8 existed: fp32); None
+    for an index that has never held a vector (its first run picks the model's default)."""
+    return manifest["model"].get("precision") or ("fp32" if manifest.get("count") else None)
 
 
 def check_model(manifest: dict, ref: ModelRef, path, weights: str | None = None, precision: str | None = None) -> None:
@@ -254,7 +255,7 @@ def check_model(manifest: dict, ref: ModelRef, path, weights: str | None = None,
         )
     check_weights(manifest["model"], weights or fingerprint(ref.name, ref.pretrained), path)
     have = index_precision(manifest)
-    if precision is not None and precision != have:
+    if precision is not None and have is not None and precision != have:
         raise ModelMismatchError(
             f"index {path} holds {have} vectors; adding {precision} ones would mix precisions: use "
             f"--precision {have}, or index into another --index folder"
@@ -421,7 +422,7 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
     if encoder is None and model is not None and is_export(model.name):  # an exported folder names its model
         from .encoder import get_encoder
 
-        encoder = get_encoder(model.name, device=model.device, precision=config.precision or "fp32")
+        encoder = get_encoder(model.name, device=model.device, precision=config.precision)
     if encoder is not None:
         ref = encoder.ref
     elif existing is not None and model is None:
@@ -432,7 +433,7 @@ def _update(files, skipped, root, index_path, encoder, model, spec, config, on_p
     if existing is not None:  # before spending seconds loading the model
         check_model(existing.manifest, ref, index_path, getattr(encoder, "weights", None), precision)
         precision = precision or index_precision(existing.manifest)
-    precision = precision or "fp32"
+    # still None: a new index, at the model's default precision (known once the model loads)
 
     with write_lock(index_path):
         if Collection.exists(index_path):  # re-read under the lock: another writer may have committed

@@ -127,7 +127,7 @@ class Searcher:
         from .encoder import get_encoder
 
         encoder = get_encoder(m["name"], pretrained=m["pretrained"], backend=self.backend,
-                              precision=m.get("precision") or "fp32")
+                              precision=m.get("precision") or "fp32")  # indexes before int8 existed: fp32
         encoder.warm("text")
         return encoder
 

@@ -46,10 +46,19 @@ def pairs():
 
 @pytest.fixture(scope="session")
 def encoder():
-    """The built-in default model as a user gets it: on ONNX Runtime, exported on first use."""
+    """The built-in default model as a user gets it: on ONNX Runtime, exported on first use, at its
+    default precision (int8 for mmsearch-lite2)."""
     from mmsearch.encoder import get_encoder
 
     return get_encoder()
+
+
+@pytest.fixture(scope="session")
+def fp32_encoder():
+    """The same model's fp32 graphs on ONNX Runtime."""
+    from mmsearch.encoder import get_encoder
+
+    return get_encoder(precision="fp32")
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -43,20 +44,29 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 # ---- parity with the torch model ---------------------------------------------------------------
-def test_default_encoder_runs_on_onnx_runtime_from_the_cache(encoder, model_cache):
-    assert encoder.backend.name == "onnx" and encoder.precision == "fp32"
+def test_default_encoder_runs_int8_on_onnx_runtime_from_the_cache(encoder, model_cache):
+    """mmsearch-lite2's default: its shipped int8 image graph with the fp32 text graph."""
+    assert encoder.backend.name == "onnx" and encoder.precision == "int8"
     assert encoder.export_folder.parent == model_cache / "onnx"
     manifest = json.loads((encoder.export_folder / "mmsearch_export.json").read_text())
     assert manifest["model"]["key"] == "mmsearch-lite2" and manifest["model"]["weights"] == encoder.weights
-    assert {"image.onnx", "text.onnx", "tokenizer.json", "query_bank.safetensors"} <= {
+    assert manifest["graphs"] == {"fp32": {"image": "image.onnx", "text": "text.onnx"},
+                                  "int8": {"image": "image.int8.onnx", "text": "text.onnx"}}
+    assert manifest["calibration"]["pairs"] == "Flickr8k train split"
+    assert {"image.onnx", "image.int8.onnx", "text.onnx", "tokenizer.json", "query_bank.safetensors",
+            "mmsearch_export.json"} == {
         p.name for p in encoder.export_folder.iterdir()}
+    from mmsearch import models
+
+    shipped = models.builtin("mmsearch-lite2").int8_file.read_bytes()
+    assert (encoder.export_folder / "image.int8.onnx").read_bytes() == shipped
 
 
-def test_onnx_embeddings_equal_torch_on_real_photos_and_captions(encoder, torch_encoder, pairs):
-    a, b = encoder.embed_images(pairs.images), torch_encoder.embed_images(pairs.images)
+def test_onnx_embeddings_equal_torch_on_real_photos_and_captions(fp32_encoder, torch_encoder, pairs):
+    a, b = fp32_encoder.embed_images(pairs.images), torch_encoder.embed_images(pairs.images)
     assert _cos(a, b).min() >= 0.9999
     texts = [c for caps in pairs.captions for c in caps] + TRICKY
-    a, b = encoder.embed_texts(texts), torch_encoder.embed_texts(texts)
+    a, b = fp32_encoder.embed_texts(texts), torch_encoder.embed_texts(texts)
     assert _cos(a, b).min() >= 0.9999
 
 
@@ -171,15 +181,22 @@ def test_export_folder_is_self_contained_and_embeds_like_the_cache(exported, enc
     from mmsearch.encoder import Encoder
 
     names = {p.name for p in exported.iterdir()}
-    assert names == {"mmsearch_export.json", "image.onnx", "text.onnx", "tokenizer.json", "query_bank.safetensors"}
+    assert names == {"mmsearch_export.json", "image.onnx", "image.int8.onnx", "text.onnx", "tokenizer.json",
+                     "query_bank.safetensors"}
     other = Encoder(str(exported))
+    assert other.precision == encoder.precision == "int8"
     assert other.name == "mmsearch-lite2" and other.weights == encoder.weights  # it stands for its model
     assert np.allclose(other.embed_images(pairs.images[:3]), encoder.embed_images(pairs.images[:3]), atol=1e-5)
     assert other.query_bank is not None and other.query_bank.digests == encoder.query_bank.digests
 
 
-def test_query_with_an_exported_folder_and_backends_agree(exported, built_index):
-    index, _ = built_index
+def test_query_with_an_exported_folder_and_backends_agree(exported, fp32_encoder, pairs, tmp_path):
+    from mmsearch.indexing import index_folder
+    from tests.conftest import copy_photos
+
+    copy_photos(pairs, tmp_path / "photos")
+    index = tmp_path / "idx"
+    index_folder(tmp_path / "photos", index, encoder=fp32_encoder)  # fp32: the precision torch also runs
     via_folder = _cli("query", "a dog running", "--index", index, "--model", exported, "--json")
     via_cache = _cli("query", "a dog running", "--index", index, "--json")
     via_torch = _cli("query", "a dog running", "--index", index, "--json", "--backend", "torch")
@@ -191,9 +208,13 @@ def test_query_with_an_exported_folder_and_backends_agree(exported, built_index)
     assert bad.returncode == 1 and bad.stderr.startswith("error: --model") and bad.stderr.count("\n") == 1
 
 
-def test_export_refuses_a_folder_of_other_files_and_damage_is_one_line(exported, tmp_path, pairs):
-    import shutil
+def test_an_int8_index_with_the_torch_backend_is_one_clear_line(built_index):
+    index, _ = built_index
+    p = _cli("query", "a dog", "--index", index, "--backend", "torch")
+    assert p.returncode == 1 and "int8 runs on ONNX Runtime only" in p.stderr and p.stderr.count("\n") == 1
 
+
+def test_export_refuses_a_folder_of_other_files_and_damage_is_one_line(exported, tmp_path, pairs):
     from mmsearch.encoder import Encoder
 
     (tmp_path / "mine").mkdir()
@@ -231,12 +252,14 @@ def test_a_failed_export_leaves_no_folder_behind(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def int8_export(tmp_path_factory, exported):
     """A copy of the export with int8 graphs, calibrated on 16 Flickr8k *train* photos."""
-    import shutil
-
     from tests.conftest import FLICKR
 
     folder = tmp_path_factory.mktemp("int8") / "lite2-int8"
     shutil.copytree(exported, folder)
+    (folder / "image.int8.onnx").unlink()  # as for a model that ships no int8 graph
+    manifest = json.loads((folder / "mmsearch_export.json").read_text())
+    manifest["graphs"].pop("int8")
+    (folder / "mmsearch_export.json").write_text(json.dumps(manifest))
     p = _cli("export", "mmsearch-lite2", "--out", folder, "--precision", "int8", "--calibrate", FLICKR,
              "--calibrate-images", 16)
     assert p.returncode == 0, p.stderr
@@ -248,14 +271,20 @@ def test_int8_graphs_stay_close_to_fp32_and_indexes_record_their_precision(int8_
     from tests.conftest import copy_photos
 
     manifest = json.loads((int8_export / "mmsearch_export.json").read_text())
-    assert manifest["precisions"] == ["fp32", "int8"] and manifest["calibration"]["images"] == 16
-    e8, e32 = Encoder(str(int8_export), precision="int8"), Encoder(str(exported))
-    assert e8.precision == "int8" and e8.backend.files["image"] == "image.int8.onnx"
+    assert list(manifest["graphs"]) == ["fp32", "int8"] and manifest["calibration"]["images"] == 16
+    e8, e32 = Encoder(str(int8_export), precision="int8"), Encoder(str(exported), precision="fp32")
+    assert e8.precision == "int8" and e8.backend.files == {"image": "image.int8.onnx", "text": "text.onnx"}
     assert _cos(e8.embed_images(pairs.images), e32.embed_images(pairs.images)).mean() > 0.95
     texts = [c[0] for c in pairs.captions]
-    assert _cos(e8.embed_texts(texts), e32.embed_texts(texts)).mean() > 0.98
+    assert np.array_equal(e8.embed_texts(texts), e32.embed_texts(texts))  # int8 keeps the fp32 text graph
+    fp32_only = tmp_path / "fp32-only"
+    shutil.copytree(exported, fp32_only)
+    manifest = json.loads((fp32_only / "mmsearch_export.json").read_text())
+    manifest["graphs"].pop("int8")
+    (fp32_only / "mmsearch_export.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelLoadError, match="no int8 graphs"):
-        Encoder(str(exported), precision="int8")
+        Encoder(str(fp32_only), precision="int8")
+    assert Encoder(str(fp32_only)).precision == "fp32"  # the default falls back where int8 is missing
 
     copy_photos(pairs, tmp_path / "photos")
     p = _cli("index", tmp_path / "photos", "--index", tmp_path / "idx8", "--model", int8_export, "--precision", "int8",
@@ -270,13 +299,30 @@ def test_int8_graphs_stay_close_to_fp32_and_indexes_record_their_precision(int8_
     assert mixed.returncode == 1 and "mix precisions" in mixed.stderr and mixed.stderr.count("\n") == 1
 
 
-def test_int8_query_on_an_fp32_index_is_refused(int8_export, built_index):
-    from mmsearch.encoder import Encoder
+def test_precision_is_the_indexs_own_and_older_indexes_stay_fp32(encoder, fp32_encoder, pairs, tmp_path):
+    from mmsearch.indexing import index_folder
     from mmsearch.search import Searcher
+    from tests.conftest import copy_photos
 
-    index, _ = built_index
+    copy_photos(pairs, tmp_path / "photos")
+    index_folder(tmp_path / "photos", tmp_path / "idx32", encoder=fp32_encoder)
     with pytest.raises(ModelMismatchError, match="holds fp32 vectors"):
-        Searcher(index, encoder=Encoder(str(int8_export), precision="int8"))
+        Searcher(tmp_path / "idx32", encoder=encoder)
+    assert Searcher(tmp_path / "idx32").encoder.precision == "fp32"  # its own model at its own precision
+    # an index written before precisions existed records none: its vectors are fp32
+    manifest_path = tmp_path / "idx32" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["model"]["precision"]
+    manifest_path.write_text(json.dumps(manifest))
+    p = _cli("index", tmp_path / "photos", "--index", tmp_path / "idx32", "-q")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(_cli("info", "--index", tmp_path / "idx32", "--json").stdout)["precision"] == "fp32"
+    # a new index takes the model's default, int8
+    p = _cli("index", tmp_path / "photos", "--index", tmp_path / "idx8", "-q")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(_cli("info", "--index", tmp_path / "idx8", "--json").stdout)["precision"] == "int8"
+    mixed = _cli("index", tmp_path / "photos", "--index", tmp_path / "idx8", "--precision", "fp32", "-q")
+    assert mixed.returncode == 1 and "would mix precisions" in mixed.stderr
 
 
 # ---- any open_clip model, on request -------------------------------------------------------------

