@@ -83,7 +83,7 @@ class IndexingConfig:
 
     batch_size: int = 32  # images embedded per forward pass
     backend: str = "auto"  # "auto" (ONNX Runtime when the model has an export), "onnx" or "torch"
-    precision: str | None = None  # "fp32" or "int8" (ONNX only); None: the index's, else fp32
+    precision: str | None = None  # "fp32" or "int8" (ONNX only); None: the index's, else the model's default
     commit_every: int = 2048  # commit embedded images to disk this often, so a killed run keeps its work
     max_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped with a warning
     follow_symlinks: bool = True  # follow links to files and folders (loops are detected and skipped)

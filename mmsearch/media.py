@@ -175,6 +175,39 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
 
 
+class _QuietWarnings:
+    """``warnings.catch_warnings()`` + ignore, shared by the threads decoding at the same time.
+
+    catch_warnings swaps the process-wide filter list on entry and restores it on exit, so two
+    threads entering and leaving it in turn could leave "ignore" installed for good (before Python
+    3.14). Here the first thread in installs it and the last one out restores the filters."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved: warnings.catch_warnings | None = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._depth == 0:
+                self._saved = warnings.catch_warnings()
+                self._saved.__enter__()
+                warnings.simplefilter("ignore")
+            self._depth += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                self._saved.__exit__(None, None, None)
+                self._saved = None
+
+
+_QUIET = _QuietWarnings()
+
+
 def load_image(path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int | None = None) -> Image.Image:
     """Decode the image at ``path`` into a fully loaded RGB image, upright per its EXIF orientation.
 
@@ -194,11 +227,9 @@ def load_image(path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int | None = 
         raise FileNotFoundError(f"{name}: file not found") from None
     except OSError as e:
         raise MediaError(f"{name}: {_os_reason(e)}") from None
-    with f, warnings.catch_warnings():
+    with f, _QUIET:
         # Pillow warns (not raises) for images between its own limit and twice that, and warns about
-        # odd EXIF/TIFF tags etc.; none of that must reach the user's terminal. Not thread-safe on
-        # Python < 3.14 (catch_warnings swaps the global filter list), at worst a warning leaks.
-        warnings.simplefilter("ignore")
+        # odd EXIF/TIFF tags etc.; none of that must reach the user's terminal
         try:
             if os.fstat(f.fileno()).st_size == 0:
                 raise MediaError(f"{name}: zero-byte file")

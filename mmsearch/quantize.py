@@ -51,10 +51,19 @@ class _Batches:
 
 
 def _image_batches(images: list[str], cfg: ImageConfig, bs: int = 32) -> list[np.ndarray]:
+    """The calibration photos as pixel batches; photos that cannot be decoded are left out."""
+    from .errors import MediaError
     from .media import load_image
     from .preprocess import to_pixels
 
-    pixels = [to_pixels(load_image(p, min_side=cfg.resize or cfg.size), cfg) for p in images]
+    pixels = []
+    for p in images:
+        try:
+            pixels.append(to_pixels(load_image(p, min_side=cfg.resize or cfg.size), cfg))
+        except (MediaError, OSError):
+            continue
+    if not pixels:
+        raise ModelLoadError(f"none of the {len(images)} calibration photos could be decoded: give other pairs")
     return [np.stack(pixels[i : i + bs]) for i in range(0, len(pixels), bs)]
 
 

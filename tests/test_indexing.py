@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,7 +107,7 @@ def test_a_write_that_dies_midway_leaves_the_previous_index(photo_dir, pairs, en
 
     import pyarrow.parquet as pq
 
-    from mmsearch import _util, index as vindex
+    from mmsearch import index as vindex
 
     if fail_at == "parquet":
         monkeypatch.setattr(pq, "write_table", die)

@@ -287,3 +287,23 @@ def test_huge_headers_rejected_quietly(tmp_path):
         with pytest.raises(MediaError, match="too large"):
             load_image(tmp_path / "400mp.png", max_pixels=10**12)  # Pillow's own limit still holds
     assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_decoding_in_threads_leaves_the_warning_filters_as_they_were(tmp_path, tree):
+    """Several threads silencing Pillow at once must not leave "ignore" installed for the process."""
+    from mmsearch._util import ordered_map
+
+    root, _ = tree
+    _png_header_only(tmp_path / "110mp.png", 11_000, 10_000)  # Pillow warns about this one
+    paths = sorted(p for p in root.rglob("*.jpg")) * 20 + [tmp_path / "110mp.png"] * 20
+    before = list(warnings.filters)
+
+    def decode(p):
+        try:
+            return load_image(p, min_side=64).size
+        except (MediaError, OSError):
+            return None
+
+    results = list(ordered_map(decode, paths, workers=4, ahead=16))
+    assert len(results) == len(paths) and results[-1] is None and any(results)
+    assert warnings.filters == before

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,7 +161,7 @@ def test_undecodable_training_images_are_skipped_and_reported(tables, tmp_path):
 
 def test_a_validation_folder_uses_its_dev_split(tmp_path, monkeypatch):
     """`train TABLE --val FLICKR_FOLDER` validates on the folder's dev split, never on its test split."""
-    from mmsearch import cli, train
+    from mmsearch import train
     from tests.conftest import FLICKR
 
     seen = {}

