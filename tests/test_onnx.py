@@ -70,6 +70,22 @@ def test_onnx_embeddings_equal_torch_on_real_photos_and_captions(fp32_encoder, t
     assert _cos(a, b).min() >= 0.9999
 
 
+
+def test_eval_recall_on_the_flickr8k_test_split_equals_torchs(fp32_encoder, torch_encoder):
+    """`mmsearch eval` ranks the same on both backends: 250 test photos x 1,250 captions, all twelve
+    figures (both directions, R@1/5/10, with and without the hubness correction) within 0.002."""
+    from mmsearch.data import load_flickr8k
+    from mmsearch.evaluate import evaluate
+    from tests.conftest import FLICKR
+
+    test = load_flickr8k(FLICKR, "test").subset(250)
+    a, b = evaluate(fp32_encoder, test), evaluate(torch_encoder, test)
+    figures = [(src, d, k) for src in ("corrected", "plain") for d in ("t2i", "i2t") for k in (1, 5, 10)]
+    pick = lambda r, src, d, k: (r if src == "corrected" else r["plain"])[d][k]  # noqa: E731
+    assert 0 < pick(a, "plain", "t2i", 1) < pick(a, "plain", "t2i", 10) < 1
+    diffs = {f: abs(pick(a, *f) - pick(b, *f)) for f in figures}
+    assert max(diffs.values()) <= 0.002, diffs
+
 def test_numpy_preprocessing_equals_open_clips_transform(encoder, torch_encoder, pairs, tmp_path):
     """Shortest-side resize rounding, bicubic and centre-crop rounding on odd sizes and shapes."""
     photo = Image.open(pairs.images[0]).convert("RGB")
