@@ -127,26 +127,35 @@ def fsync_dir(folder: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
-    """The one way mmsearch writes a file: ``with atomic_file(p) as f: f.write(...)`` (or hand ``f``
-    to ``np.save``, ``torch.save``, faiss's ``PyCallbackIOWriter``...). Readers see the old file or the
-    new one, never a partial one: a temp file in the same folder, fsync, rename over ``path``, fsync
-    the folder. If the block raises, the temp file is removed and ``path`` is left as it was."""
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """The one way mmsearch writes a file: ``with atomic_path(p) as tmp:`` write ``tmp`` (by name, for
+    writers that want a path: ONNX, safetensors...); on leaving the block it is fsynced and renamed
+    over ``p``, and the folder fsynced. Readers see the old file or the new one, never a partial one.
+    If the block raises, the temp file is removed and ``p`` is left as it was."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private; give it the mode open() would
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
+        os.close(fd)
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """``with atomic_file(p) as f: f.write(...)`` (or hand ``f`` to ``np.save``, ``pq.write_table``...):
+    :func:`atomic_path` with the temp file open for writing."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        yield f
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

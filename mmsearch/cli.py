@@ -213,7 +213,7 @@ def _searcher(index: Optional[Path], model: Optional[Path], backend: str, **opti
         from .store import Collection
 
         collection = Collection.open(_index_dir(index), load_index=True)  # for the index's precision
-        encoder = Encoder(str(model), precision=collection.model.get("precision") or "fp32")
+        encoder = Encoder(str(model), precision=collection.model.precision or "fp32")
         return Searcher(collection, encoder=encoder, backend=backend, **options)
     return Searcher(_index_dir(index), backend=backend, **options)
 
@@ -293,18 +293,18 @@ def info(
     m = c.manifest
     facts = {
         "index": str(c.path.resolve()),
-        "model": m["model"]["key"],
-        "precision": m["model"].get("precision") or "fp32",
-        "count": m["count"],
-        "counts_by_kind": m.get("counts_by_kind", {}),
-        "dim": m["dim"],
-        "index_type": m["index"]["kind"],
-        "index_params": m["index"]["params"],
-        "hubness": m.get("hubness"),
+        "model": m.model.key,
+        "precision": m.model.precision or "fp32",
+        "count": m.count,
+        "counts_by_kind": m.counts_by_kind,
+        "dim": m.dim,
+        "index_type": m.index.kind,
+        "index_params": m.index.params,
+        "hubness": m.hubness,
         "disk_bytes": c.disk_bytes(),
-        "format_version": m["format_version"],
-        "created": m["created"],
-        "updated": m["updated"],
+        "format_version": m.format_version,
+        "created": m.created,
+        "updated": m.updated,
     }
     if as_json:
         typer.echo(json.dumps(facts, indent=2))

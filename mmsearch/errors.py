@@ -40,5 +40,10 @@ class MediaError(MmsearchError, ValueError):
     """A media file cannot be used (corrupt, empty, too large, not an image)."""
 
 
+class MediaReadError(MediaError):
+    """A media file could not be read just now (an I/O error, permissions, a network mount that
+    went away): not a broken file. Indexing skips it this time and tries again on the next run."""
+
+
 class BadQueryError(MmsearchError, ValueError):
     """The query is empty or malformed."""

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from ._util import fsync_dir, silenced
+from ._util import atomic_path, atomic_write_text, fsync_dir, silenced
 from .config import ModelRef
 from .errors import ModelLoadError
 from .exported import (
-    MANIFEST, TOKENIZER_FILE, ExportManifest, ModelRecord, cache_folder, graph_files, is_export,
+    TOKENIZER_FILE, ExportManifest, ModelRecord, cache_folder, graph_files, is_export,
 )
 from .preprocess import INTERPOLATIONS, ImageConfig, TextConfig
 
@@ -136,19 +136,14 @@ def _export_graphs(model, image: ImageConfig, text: TextConfig, folder: Path) ->
     else:
         dims[1] = torch.export.Dim("seq", min=2, max=text.context_length)
     with silenced(), torch.inference_mode(False), torch.no_grad():
-        torch.onnx.export(_ImageGraph(model), (pixels,), str(folder / files["image"]), input_names=["pixels"],
-                          output_names=["vector"], dynamic_shapes={"pixels": {0: batch}}, dynamo=True,
-                          external_data=False)
-        torch.onnx.export(_TextGraph(model), (ids,), str(folder / files["text"]), input_names=["input_ids"],
-                          output_names=["vector"], dynamic_shapes={"input_ids": dims}, dynamo=True,
-                          external_data=False)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    fsync_dir(folder)
+        with atomic_path(folder / files["image"]) as dest:
+            torch.onnx.export(_ImageGraph(model), (pixels,), str(dest), input_names=["pixels"],
+                              output_names=["vector"], dynamic_shapes={"pixels": {0: batch}}, dynamo=True,
+                              external_data=False)
+        with atomic_path(folder / files["text"]) as dest:
+            torch.onnx.export(_TextGraph(model), (ids,), str(dest), input_names=["input_ids"],
+                              output_names=["vector"], dynamic_shapes={"input_ids": dims}, dynamo=True,
+                              external_data=False)
 
 
 def _place(tmp: Path, dest: Path) -> Path:
@@ -199,19 +194,18 @@ def export_model(ref: ModelRef, out: str | os.PathLike | None = None, record: Mo
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
     try:
         _export_graphs(model, image, text, tmp)
-        (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
+        atomic_write_text(tmp / TOKENIZER_FILE, tokenizer_json)
         bank = load_query_bank(ref)
         if bank is not None:
             bank.save(tmp / BANK_FILE)
         manifest = ExportManifest(model=record, dim=_dim(model, image), image=image, text=text,
                                   exporter=f"torch {torch.__version__}, onnx {version('onnx')}")
-        (tmp / MANIFEST).write_text(manifest.to_json())
+        manifest.save(tmp)
         if models.shipped_int8(record.name, record.weights) is not None:
             from .quantize import add_shipped_int8
 
             add_shipped_int8(tmp)  # the built-in models' default precision: ready from the first use
-        _fsync_tree(tmp)
-        return _place(tmp, dest)
+        return _place(tmp, dest)  # every file above was written through _util.atomic_path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ._util import atomic_write_bytes
 from .errors import ModelLoadError
 
 BANK_FORMAT = "mmsearch-query-bank"
@@ -97,15 +98,12 @@ class QueryBank:
     # ---- on disk -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write the bank as safetensors (float16 vectors; settings and format in the metadata), atomically."""
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         path = Path(path)
         meta = {"format": BANK_FORMAT, "format_version": str(BANK_FORMAT_VERSION),
                 "sides": json.dumps({m: asdict(s) for m, s in self.sides.items()}), "weights": self.weights or ""}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({m: v.astype(np.float16) for m, v in self.vectors.items()}, str(tmp), metadata=meta)
-        os.chmod(tmp, 0o644)  # readable like the weights beside it
-        os.replace(tmp, path)
+        atomic_write_bytes(path, save({m: v.astype(np.float16) for m, v in self.vectors.items()}, metadata=meta))
         return path
 
     @classmethod

@@ -17,11 +17,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ._util import batched, ordered_map, prefetch_iter
-from .config import DEFAULT_FRAME_INTERVAL, DEFAULT_MODEL, IndexingConfig, IndexSpec, ModelRef
-from .errors import MediaError, ModelMismatchError
+from .config import DEFAULT_MODEL, IndexingConfig, IndexSpec, ModelRef
+from .errors import MediaError, MediaReadError, ModelMismatchError
 from .exported import is_export
-from .media import MediaFile, Skipped, load_image, scan
-from .store import Collection, Items, check_index_folder, commit, write_lock, write_manifest
+from .manifest import FORMAT_VERSION, Failure, IndexedModel, Manifest, Sampling, normalise_spec
+from .media import MediaFile, Skipped, is_transient, load_image, scan
+from .store import (EMBEDDINGS, Collection, Items, _read_embeddings, check_index_folder, commit, read_items,
+                    read_manifest, write_lock, write_manifest)
 
 
 @dataclass
@@ -73,7 +75,7 @@ def plan_update(
     items: Items,
     root: str | Callable[[str, str], bool],
     unreadable: Sequence[str] = (),
-    failures: dict | None = None,
+    failures: dict[str, Failure] | None = None,
     resample_videos: bool | Callable[[str], bool] = False,
 ) -> Plan:
     """Compare scanned ``files`` under ``root`` with the index's ``items`` (size + mtime).
@@ -89,49 +91,65 @@ def plan_update(
 
     Items at or under an ``unreadable`` path (a folder that could not be listed, a file that could
     not be read) are kept as they are: a permission problem or a network hiccup is not a deletion.
-    ``failures`` maps paths that failed to decode before to {"size", "mtime_ns", "reason"}; such a
-    file is retried only once it changes.
+    ``failures`` maps paths that failed to decode before to their ``Failure``; such a file is
+    retried only once it changes.
     """
     failures = failures or {}
-    belongs = _membership(root)
-    resample = resample_videos if callable(resample_videos) else (lambda path: bool(resample_videos))
-    seen = {f.path: f for f in files}
-    keep, reuse, unchanged, removed = [], {}, set(), set()
-    indexed, resampled = set(), set()
-    for row, (path, kind) in enumerate(zip(items.path, items.kind)):
-        f = seen.get(path)
-        if f is None:
-            if belongs(path, kind) and not any(_under(path, u) for u in unreadable):
-                removed.add(path)  # deleted below the folder being indexed
-            else:
-                keep.append(row)  # another folder of the same index, or unreadable for now
-            continue
-        same = int(items.size[row]) == f.size and int(items.mtime_ns[row]) == f.mtime_ns
-        if kind == "video":
-            if same and not resample(path):
-                keep.append(row)
-                indexed.add(path)
-                unchanged.add(path)
-            else:
-                resampled.add(path)  # frames dropped now, the file goes to to_embed as a whole
-            continue
-        indexed.add(path)
-        keep.append(row)
-        if same:
-            unchanged.add(path)
-        else:
-            reuse[path] = int(items.id[row])
+    rows = _RowFacts(items, {f.path: f for f in files}, _membership(root), unreadable, resample_videos)
+    removed = {rows.paths[c] for c in np.unique(rows.codes[rows.gone[rows.codes]])}
+    keep = ~rows.present[rows.codes] & ~rows.gone[rows.codes]  # another source's, or unreadable for now
+    keep |= rows.present[rows.codes] & ~rows.is_video  # images and texts stay (changed ones until re-embedded)
+    keep |= rows.video_ok  # unchanged videos keep their frames; the others are sampled again
+    present_other = rows.present[rows.codes] & ~rows.is_video
+    unchanged = {rows.paths[c] for c in np.unique(rows.codes[(present_other & rows.same) | rows.video_ok])}
+    indexed = {rows.paths[c] for c in np.unique(rows.codes[present_other | rows.video_ok])}
+    resampled = {rows.paths[c] for c in np.unique(rows.codes[rows.is_video & rows.present[rows.codes] & ~rows.video_ok])}
+    changed = np.flatnonzero(present_other & ~rows.same)
+    reuse = {items.path[r]: int(items.id[r]) for r in changed.tolist()}
     to_embed, known = [], []
     for f in files:
         if f.path in indexed and f.path not in reuse:
             continue
         old = failures.get(f.path)
-        if f.path not in indexed and f.path not in resampled and old and old["size"] == f.size \
-                and old["mtime_ns"] == f.mtime_ns:
-            known.append(Skipped(f.path, f"{old['reason']} (unchanged since it failed; not retried)"))
+        if f.path not in indexed and f.path not in resampled and old and old.same_file(f.size, f.mtime_ns):
+            known.append(Skipped(f.path, f"{old.reason} (unchanged since it failed; not retried)"))
             continue
         to_embed.append(f)
-    return Plan(np.asarray(keep, dtype=np.int64), to_embed, reuse, len(removed), len(unchanged), known, resampled)
+    return Plan(np.flatnonzero(keep).astype(np.int64), to_embed, reuse, len(removed), len(unchanged), known, resampled)
+
+
+def _codes(values: Sequence) -> tuple[np.ndarray, list]:
+    """Integer codes of ``values`` (in order of first appearance) and the distinct values."""
+    distinct = list(dict.fromkeys(values))
+    index = {v: i for i, v in enumerate(distinct)}
+    return np.fromiter(map(index.__getitem__, values), np.int64, len(values)), distinct
+
+
+class _RowFacts:
+    """What ``plan_update`` needs to know about each item row, as arrays: per distinct path (a video
+    has one row per frame) the Python work is done once, then spread over its rows."""
+
+    def __init__(self, items: Items, seen: dict[str, MediaFile], belongs, unreadable: Sequence[str],
+                 resample_videos) -> None:
+        resample = resample_videos if callable(resample_videos) else (lambda path: bool(resample_videos))
+        self.codes, self.paths = _codes(items.path)
+        kind_codes, kinds = _codes(items.kind)
+        path_kind = np.zeros(len(self.paths), np.int64)
+        path_kind[self.codes] = kind_codes
+        now = [seen.get(p) for p in self.paths]  # the file on disk now, None when it is gone
+        self.present = np.array([f is not None for f in now], bool)
+        # gone from the source being indexed (not just from another folder, or unreadable for now)
+        self.gone = np.array([f is None and belongs(p, kinds[k]) and not any(_under(p, u) for u in unreadable)
+                              for p, f, k in zip(self.paths, now, path_kind.tolist())], bool)
+        size = np.array([f.size if f is not None else -1 for f in now], np.int64)
+        mtime = np.array([f.mtime_ns if f is not None else -1 for f in now], np.int64)
+        self.same = (items.size == size[self.codes]) & (items.mtime_ns == mtime[self.codes])
+        self.is_video = kind_codes == (kinds.index("video") if "video" in kinds else -1)
+        again = np.array([f is not None and kinds[k] == "video" and bool(resample(p))
+                          for p, f, k in zip(self.paths, now, path_kind.tolist())], bool)
+        # a video keeps its frames only if all of them are unchanged and its sampling is the same
+        bad = np.unique(self.codes[self.is_video & self.present[self.codes] & ~(self.same & ~again[self.codes])])
+        self.video_ok = self.is_video & self.present[self.codes] & ~np.isin(self.codes, bad)
 
 
 def _reason(e: Exception, path: str) -> str:
@@ -144,7 +162,13 @@ def decode_image(f: MediaFile, encoder, max_pixels: int) -> tuple[np.ndarray | N
         image = load_image(f.path, max_pixels=max_pixels, min_side=getattr(encoder, "image_size", None))
         return encoder.preprocess(image), None
     except (MediaError, OSError) as e:
-        return None, Skipped(f.path, _reason(e, f.path))
+        return None, Skipped(f.path, _reason(e, f.path), unreadable=_try_again(e))
+
+
+def _try_again(e: Exception) -> bool:
+    """Whether a file that failed with ``e`` could work next run (it could not be read now, or it went
+    away after the scan) rather than being broken."""
+    return isinstance(e, (MediaReadError, FileNotFoundError)) or is_transient(e)
 
 
 def _video_batches(f: MediaFile, encoder, config: IndexingConfig):
@@ -160,7 +184,7 @@ def _video_batches(f: MediaFile, encoder, config: IndexingConfig):
                 yield np.stack(pixels), records, [], False, 0
                 pixels, records = [], []
     except (MediaError, OSError) as e:  # the frames already sent are dropped by the consumer
-        yield None, [], [Skipped(f.path, _reason(e, f.path))], True, 1
+        yield None, [], [Skipped(f.path, _reason(e, f.path), unreadable=_try_again(e))], True, 1
         return
     yield (np.stack(pixels) if pixels else None), records, [], True, 1
 
@@ -225,36 +249,31 @@ def embed_files(
             on_progress(files_done)
 
 
-def _model_record(ref: ModelRef, encoder=None, precision: str | None = None) -> dict:
+def _model_record(ref: ModelRef, encoder=None, precision: str | None = None) -> IndexedModel:
     """What the manifest says about the model (dim stays None until the model has been loaded)."""
     from .encoder import model_record
 
-    record = {**vars(model_record(ref)), "dim": None, "precision": precision}
-    if encoder is not None:  # an exported folder knows its own weights, wherever it came from
-        record.update(weights=getattr(encoder, "weights", record["weights"]), dim=encoder.dim,
-                      precision=getattr(encoder, "precision", "fp32"))
-    return record
+    record = model_record(ref)
+    if encoder is None:
+        return IndexedModel.from_record(record, None, precision)
+    # an exported folder knows its own weights, wherever it came from
+    return IndexedModel(record.name, record.pretrained, record.key, getattr(encoder, "weights", record.weights),
+                        encoder.dim, getattr(encoder, "precision", "fp32"))
 
 
-def index_precision(manifest: dict) -> str | None:
-    """The precision an index's vectors were embedded at (indexes before int8 existed: fp32); None
-    for an index that has never held a vector (its first run picks the model's default)."""
-    return manifest["model"].get("precision") or ("fp32" if manifest.get("count") else None)
-
-
-def check_model(manifest: dict, ref: ModelRef, path, weights: str | None = None, precision: str | None = None) -> None:
+def check_model(manifest: Manifest, ref: ModelRef, path, weights: str | None = None, precision: str | None = None) -> None:
     """The index was built with this model, these weights (``weights``, else the reference's
     fingerprint) and this precision, else ModelMismatchError."""
     from .models import check_weights, fingerprint
 
-    built = manifest["model"]["key"]
+    built = manifest.model.key
     if built != ref.key():
         raise ModelMismatchError(
             f"index {path} was built with model {built!r}, not {ref.key()!r}: use --model "
-            f"{manifest['model']['name']} or another --index folder"
+            f"{manifest.model.name} or another --index folder"
         )
-    check_weights(manifest["model"], weights or fingerprint(ref.name, ref.pretrained), path)
-    have = index_precision(manifest)
+    check_weights(manifest.model, weights or fingerprint(ref.name, ref.pretrained), path)
+    have = manifest.precision
     if precision is not None and have is not None and precision != have:
         raise ModelMismatchError(
             f"index {path} holds {have} vectors; adding {precision} ones would mix precisions: use "
@@ -284,7 +303,8 @@ def index_folder(
     t0 = time.perf_counter()
     root = os.path.realpath(os.fspath(root))  # one folder reached by two names is one folder
     files, skipped = scan(root, config)
-    return _update(files, skipped, root, index_path, encoder, model, spec, config, on_progress, on_skip, t0)
+    writer = IndexWriter(index_path, root, encoder, model, spec, config, on_progress, on_skip)
+    return writer.run(files, skipped, t0)
 
 
 def read_texts(source: str | os.PathLike, column: str | None = None) -> list[MediaFile]:
@@ -338,37 +358,11 @@ def index_texts(
     records = read_texts(source, column)
     prefix = os.path.realpath(os.fspath(source)) + "#"
     if not records:  # an emptied file removes its texts; a file that never had any is a mistake
-        items = Collection.open(index_path).items if Collection.exists(index_path) else Items.empty()
+        items = read_items(index_path, read_manifest(index_path)) if Collection.exists(index_path) else Items.empty()
         if not any(k == "text" and p.startswith(prefix) for p, k in zip(items.path, items.kind)):
             raise ValueError(f"no texts in {source}: it has no non-blank lines (or the column is empty)")
-    return _update(records, [], lambda p, kind: kind == "text" and p.startswith(prefix), index_path, encoder, model, spec, config,
-                   on_progress, None, t0)
-
-
-def normalise_spec(spec: IndexSpec) -> IndexSpec:
-    """``spec`` with its memory budget in bytes, so "4G" and the default compare equal."""
-    from .config import DEFAULT_INDEX_MEMORY
-    from .index import parse_size
-
-    return replace(spec, memory=parse_size(spec.memory) or DEFAULT_INDEX_MEMORY)
-
-
-def spec_to_manifest(spec: IndexSpec) -> dict:
-    """The index settings as stored in the manifest, so later updates keep them."""
-    from dataclasses import asdict
-
-    return asdict(spec)
-
-
-def spec_from_manifest(manifest: dict) -> IndexSpec:
-    """The index settings an index was built with (format 1 kept only the index type)."""
-    from dataclasses import fields
-
-    stored = manifest.get("index_spec")
-    if stored is None:
-        return normalise_spec(IndexSpec(index_type=manifest.get("index_type", "auto")))
-    known = {f.name for f in fields(IndexSpec)}
-    return normalise_spec(IndexSpec(**{k: v for k, v in stored.items() if k in known}))
+    belongs = lambda p, kind: kind == "text" and p.startswith(prefix)  # noqa: E731
+    return IndexWriter(index_path, belongs, encoder, model, spec, config, on_progress).run(records, [], t0)
 
 
 def sync_index(vindex, embeddings: np.ndarray, ids: np.ndarray, spec: IndexSpec, changed: set[int],
@@ -402,250 +396,339 @@ def sync_index(vindex, embeddings: np.ndarray, ids: np.ndarray, spec: IndexSpec,
     return vindex
 
 
-def _update(files, skipped, root, index_path, encoder, model, spec, config, on_progress, on_skip, t0) -> IndexReport:
-    """Apply scanned ``files`` of one source (``root``: folder or membership predicate) to the index."""
+class _Pending:
+    """Items added and ids dropped since the writer's arrays were last folded (at each commit)."""
 
-    index_path = Path(index_path)
-    belongs = _membership(root)
-    report = IndexReport(str(index_path.resolve()))
+    def __init__(self) -> None:
+        self.items: list[Items] = []
+        self.vectors: list[np.ndarray] = []
+        self.dropped: set[int] = set()  # changed files that no longer decode, videos that broke part way
 
-    def skip(s: Skipped) -> None:
-        report.skipped.append(s)
-        if on_skip:
-            on_skip(s)
+    def add(self, items: Items, vectors: np.ndarray) -> None:
+        self.items.append(items)
+        self.vectors.append(vectors)
 
-    for s in skipped:
-        skip(s)
+    def count(self) -> int:
+        """How many items the index gains when this is folded in."""
+        return sum(len(p) for p in self.items) - len(self.dropped)
 
-    check_index_folder(index_path)
-    existing = Collection.open(index_path) if Collection.exists(index_path) else None
-    if encoder is None and model is not None and is_export(model.name):  # an exported folder names its model
-        from .encoder import get_encoder
+    def fold(self, items: Items, embeddings: np.ndarray) -> tuple[Items, np.ndarray]:
+        for part in self.items:
+            items = Items.concat(items, part)
+        if self.vectors:
+            embeddings = np.concatenate([embeddings] + self.vectors)
+        if self.dropped:
+            rows = np.flatnonzero(~np.isin(items.id, np.fromiter(self.dropped, np.int64, len(self.dropped))))
+            items, embeddings = items.take(rows), embeddings[rows]
+        self.__init__()
+        return items, embeddings
 
-        encoder = get_encoder(model.name, device=model.device, precision=config.precision)
-    if encoder is not None:
-        ref = encoder.ref
-    elif existing is not None and model is None:
-        ref = ModelRef(existing.model["name"], existing.model["pretrained"])
-    else:
-        ref = model or ModelRef(DEFAULT_MODEL)
-    precision = getattr(encoder, "precision", "fp32") if encoder is not None else config.precision
-    if existing is not None:  # before spending seconds loading the model
-        check_model(existing.manifest, ref, index_path, getattr(encoder, "weights", None), precision)
-        precision = precision or index_precision(existing.manifest)
-    # still None: a new index, at the model's default precision (known once the model loads)
 
-    with write_lock(index_path):
-        if Collection.exists(index_path):  # re-read under the lock: another writer may have committed
-            existing = Collection.open(index_path)
-        items = existing.items if existing else Items.empty()
-        base = dict(existing.manifest) if existing else {"model": _model_record(ref, precision=precision), "next_id": 0}
+class IndexWriter:
+    """One run that brings one source (a folder, or the texts of one file) up to date in an index.
+
+    ``run`` diffs the source against the index (``plan_update``), embeds what is new or changed in
+    batches, records the files that fail, commits every ``commit_every`` items and at the end. A run
+    with nothing to do reads the manifest and the items table only: no embeddings, no faiss index.
+    ``root`` is the source's folder, or a predicate ``(path, kind)`` telling which items are its own.
+    """
+
+    def __init__(self, path, root: str | Callable[[str, str], bool], encoder=None, model: ModelRef | None = None,
+                 spec: IndexSpec | dict | None = None, config: IndexingConfig = IndexingConfig(),
+                 on_progress: Callable[[int, int], None] | None = None,
+                 on_skip: Callable[[Skipped], None] | None = None) -> None:
+        self.path, self.root, self.belongs = Path(path), root, _membership(root)
+        self.encoder, self.model, self.spec_arg, self.config = encoder, model, spec, config
+        self.on_progress, self.on_skip = on_progress, on_skip
+        self.report = IndexReport(str(self.path.resolve()))
+        self.pending = _Pending()
+        self.embeddings: np.ndarray | None = None  # loaded only when there is work to do
+        self.vindex = None  # the faiss index, updated in place between commits
+        self.reembedded: set[int] = set()  # ids whose vector changed since vindex was last synced
+        self.video_ids: dict[str, list[int]] = {}  # frame ids of the videos embedded in this run
+        self.saved = False
+        self.done = 0  # files embedded (a video once all its frames are)
+
+    # ---- the steps ---------------------------------------------------------------------------------
+    def run(self, files: Sequence[MediaFile], skipped: Sequence[Skipped] = (), t0: float | None = None) -> IndexReport:
+        t0 = time.perf_counter() if t0 is None else t0
+        for s in skipped:
+            self._skip(s)
+        self._resolve_model()
+        with write_lock(self.path):
+            self._read()
+            self._plan(files, [s.path for s in skipped if s.unreadable])
+            if self._nothing_to_do():
+                self._record_failures()
+            else:
+                self._prepare()
+                self._embed_all()
+                self._finish()
+        self.report.total = self.manifest.count
+        self.report.index_kind = self.manifest.index.kind
+        self.report.seconds = time.perf_counter() - t0
+        return self.report
+
+    def _resolve_model(self) -> None:
+        """Which model and precision this run embeds with; refuse a mismatch before loading the model."""
+        check_index_folder(self.path)
+        existing = read_manifest(self.path) if Collection.exists(self.path) else None
+        if self.encoder is None and self.model is not None and is_export(self.model.name):
+            from .encoder import get_encoder  # an exported folder names its model
+
+            self.encoder = get_encoder(self.model.name, device=self.model.device, precision=self.config.precision)
+        if self.encoder is not None:
+            ref = self.encoder.ref
+        elif existing is not None and self.model is None:
+            ref = ModelRef(existing.model.name, existing.model.pretrained)
+        else:
+            ref = self.model or ModelRef(DEFAULT_MODEL)
+        precision = getattr(self.encoder, "precision", "fp32") if self.encoder is not None else self.config.precision
+        if existing is not None:  # before spending seconds loading the model
+            check_model(existing, ref, self.path, getattr(self.encoder, "weights", None), precision)
+            precision = precision or existing.precision
+        # still None: a new index, at the model's default precision (known once the model loads)
+        self.ref, self.precision = ref, precision
+
+    def _read(self) -> None:
+        """The manifest and items table, read again under the lock (another writer may have committed)."""
+        self.new = not Collection.exists(self.path)
+        if self.new:
+            self.manifest, self.items = Manifest(model=_model_record(self.ref, precision=self.precision)), Items.empty()
+        else:
+            self.manifest = read_manifest(self.path)
+            self.items = read_items(self.path, self.manifest)
         # keep the index settings the user chose when the index was built; a dict changes some of them
+        spec = self.spec_arg
         if spec is None:
-            spec = spec_from_manifest(base)
+            spec = self.manifest.spec
         elif isinstance(spec, dict):
-            spec = replace(spec_from_manifest(base), **spec)
-        spec = normalise_spec(spec)
-        old_failures = base.get("failed", {})
+            spec = replace(self.manifest.spec, **spec)
+        self.spec = normalise_spec(spec)
         # video sampling: what the caller says, else what this index used last, else the defaults
-        last = base.get("video_sampling") or {}
-        sampling = {"frame_interval": float(config.frame_interval if config.frame_interval is not None
-                                            else last.get("frame_interval") or DEFAULT_FRAME_INTERVAL),
-                    "skip_similar": float(config.skip_similar if config.skip_similar is not None
-                                          else last.get("skip_similar") or 0.0)}
-        config = replace(config, **sampling)
-        sampled = dict(base.get("video_sampled", {}))  # video path -> the sampling its frames came from
-        plan = plan_update(files, items, root, [s.path for s in skipped if s.unreadable], old_failures,
-                           resample_videos=lambda path: sampled.get(path, sampling) != sampling)
+        last, cfg = self.manifest.video_sampling or Sampling(), self.config
+        self.sampling = Sampling(
+            float(cfg.frame_interval if cfg.frame_interval is not None else last.frame_interval),
+            float(cfg.skip_similar if cfg.skip_similar is not None else last.skip_similar))
+        self.config = replace(cfg, frame_interval=self.sampling.frame_interval, skip_similar=self.sampling.skip_similar)
+        self.sampled = dict(self.manifest.video_sampled)  # video path -> the sampling its frames came from
+
+    def _plan(self, files: Sequence[MediaFile], unreadable: Sequence[str]) -> None:
+        old = self.manifest.failed
+        self.plan = plan = plan_update(files, self.items, self.root, unreadable, old,
+                                       resample_videos=lambda path: self.sampled.get(path, self.sampling) != self.sampling)
         for s in plan.known_failures:
-            skip(s)
-        # failures outside this root, or still current below it, stay on record
-        failures = {p: v for p, v in old_failures.items()
-                    if not belongs(p, "image") or p in {s.path for s in plan.known_failures}}
-        report.unchanged = plan.unchanged
-        report.removed = plan.removed
-        dirty = bool(plan.removed or plan.resampled)  # something not yet committed
-        # a text already in the index (a line that only moved, a caption repeated) keeps its vector
-        known_text: dict[str, int] = {}
-        if existing is not None and any(f.kind == "text" for f in plan.to_embed):
-            for r, (k, t) in enumerate(zip(items.kind, items.text)):
+            self._skip(s)
+        known = {s.path for s in plan.known_failures}
+        # failures outside this source, or still current in it, stay on record
+        self.failures = {p: f for p, f in old.items() if not self.belongs(p, "image") or p in known}
+        self.report.unchanged, self.report.removed = plan.unchanged, plan.removed
+        self.dirty = bool(plan.removed or plan.resampled)  # something not yet committed
+        self._use_bank(getattr(self.encoder, "query_bank", None) if self.encoder is not None else None)
+
+    def _use_bank(self, bank) -> None:
+        """The query bank that measures items' hubness: the encoder's (one without a bank has none),
+        else the model's, loaded without the model."""
+        if self.encoder is None:
+            from .hubness import load_query_bank
+
+            bank = load_query_bank(self.ref)
+        self.bank = bank
+        self.hubness = bank.settings() if bank is not None else None  # what the manifest must say after this run
+
+    def _nothing_to_do(self) -> bool:
+        """The index already is what this run would commit: decided without embeddings or faiss."""
+        m = self.manifest
+        return (not self.new and not self.dirty and not self.plan.to_embed
+                and m.format_version == FORMAT_VERSION and m.index_spec is not None and m.spec == self.spec
+                and m.hubness == self.hubness and not len(self._unmeasured())
+                and (m.count == 0 or m.index.kind is not None))
+
+    def _record_failures(self) -> None:
+        """Only the failure record may have changed: no new generation needed."""
+        if self.failures != self.manifest.failed:
+            self.manifest = write_manifest(self.path, self.manifest.copy(failed=self.failures))
+
+    def _prepare(self) -> None:
+        """Load what the work needs: the model (if anything must be encoded), the vectors, the faiss index."""
+        plan = self.plan
+        known_text: dict[str, int] = {}  # a text already in the index (a line that only moved) keeps its vector
+        if not self.new and any(f.kind == "text" for f in plan.to_embed):
+            for r, (k, t) in enumerate(zip(self.items.kind, self.items.text)):
                 if k == "text" and t:
                     known_text.setdefault(t, r)
-        copied = [f for f in plan.to_embed if f.kind == "text" and f.text in known_text]
-        to_encode = [f for f in plan.to_embed if not (f.kind == "text" and f.text in known_text)]
-        if to_encode and encoder is None:  # the model loads only when there is work for it
+        self.copied = [f for f in plan.to_embed if f.kind == "text" and f.text in known_text]
+        self.to_encode = [f for f in plan.to_embed if not (f.kind == "text" and f.text in known_text)]
+        self.by_path = {f.path: f for f in plan.to_embed}
+        if self.to_encode and self.encoder is None:  # the model loads only when there is work for it
             from .encoder import get_encoder
 
-            encoder = get_encoder(ref.name, pretrained=ref.pretrained, device=ref.device, backend=config.backend,
-                                  precision=precision)
-        if encoder is not None:
-            base["model"] = _model_record(ref, encoder)
-        dim = encoder.dim if encoder is not None else int(base["model"].get("dim") or 0)
+            self.encoder = get_encoder(self.ref.name, pretrained=self.ref.pretrained, device=self.ref.device,
+                                       backend=self.config.backend, precision=self.precision)
+            self._use_bank(self.encoder.query_bank)
+        if self.encoder is not None:
+            self.manifest = self.manifest.copy(model=_model_record(self.ref, self.encoder))
+        dim = self.encoder.dim if self.encoder is not None else int(self.manifest.model.dim or 0)
         if dim:  # a bad --index-factory or --memory fails now, not after hours of embedding
             from .index import check_spec
 
-            check_spec(spec, dim, len(plan.keep_rows) + len(plan.to_embed))
-        embeddings = (np.array(existing.embeddings, dtype=np.float32) if existing is not None and len(items)
-                      else np.zeros((0, dim), np.float32))
-        copied_emb = embeddings[[known_text[f.text] for f in copied]] if copied else None
-        items, embeddings = items.take(plan.keep_rows), embeddings[plan.keep_rows]
-        row_of_id = {int(i): r for r, i in enumerate(items.id)}
-        pending_items: list[Items] = []
-        pending_emb: list[np.ndarray] = []
-        dropped_ids: set[int] = set()  # changed files that no longer decode
+            check_spec(self.spec, dim, len(plan.keep_rows) + len(plan.to_embed))
+        self._load_vectors(dim, [known_text[f.text] for f in self.copied])
 
-        def flush():
-            """Fold pending additions and drops into items/embeddings."""
-            nonlocal items, embeddings, row_of_id, pending_items, pending_emb, dropped_ids
-            for part in pending_items:
-                items = Items.concat(items, part)
-            if pending_emb:
-                embeddings = np.concatenate([embeddings] + pending_emb)
-            if dropped_ids:
-                rows = np.flatnonzero(~np.isin(items.id, np.fromiter(dropped_ids, np.int64, len(dropped_ids))))
-                items, embeddings = items.take(rows), embeddings[rows]
-            row_of_id = {int(i): r for r, i in enumerate(items.id)}
-            pending_items, pending_emb, dropped_ids = [], [], set()
-
-        from .hubness import QUERY_OF, load_query_bank
-
-        # hubness of items: the encoder's query bank (an encoder without one has none), loaded without the model
-        bank = getattr(encoder, "query_bank", None) if encoder is not None else load_query_bank(ref)
-        hubness = bank.settings() if bank is not None else None  # what the manifest must say after this run
-        digests = lambda h: {m: v.get("digest") for m, v in (h or {}).items()}  # noqa: E731
-        if digests(base.get("hubness")) != digests(hubness):
-            items.hub[:] = np.nan  # measured with another bank, or none: measure again (if any) at the commit
-        vindex = None  # the faiss index, updated in place between commits (rebuilt only when needed)
-        if existing is not None and len(existing.items) and existing.manifest["index"].get("kind"):
-            if spec_from_manifest(existing.manifest) == spec:
-                vindex = existing.load_index(mmap=False)
+    def _load_vectors(self, dim: int, copied_rows: list[int]) -> None:
+        """The index's vectors in RAM (they are edited in place), the faiss index when it can be updated."""
+        m = self.manifest
+        stored = _read_embeddings(self.path / m.generation_dir / EMBEDDINGS) if m.count else None
+        embeddings = np.array(stored, dtype=np.float32) if stored is not None else np.zeros((0, dim), np.float32)
+        self.copied_emb = embeddings[copied_rows] if copied_rows else None
+        if m.count and m.index.kind:
+            if m.spec == self.spec:
+                self.vindex = Collection(self.path, m, self.items, stored).load_index(mmap=False)
             else:
-                report.index_notes.append("index settings changed: rebuilding the index")
-        reembedded: set[int] = set()  # ids whose vector changed since vindex was last synced
+                self.report.index_notes.append("index settings changed: rebuilding the index")
+        self.items, self.embeddings = self.items.take(self.plan.keep_rows), embeddings[self.plan.keep_rows]
+        self.row_of_id = {int(i): r for r, i in enumerate(self.items.id)}
+        digests = lambda h: {k: v.get("digest") for k, v in (h or {}).items()}  # noqa: E731
+        if digests(m.hubness) != digests(self.hubness):
+            self.items.hub[:] = np.nan  # measured with another bank, or none: measure again (if any) at the commit
 
-        saved = False
-
-        def save():
-            nonlocal base, dirty, vindex, saved
-            flush()
-            dirty, saved = False, True
-            base["failed"] = failures
-            base["index_spec"] = spec_to_manifest(spec)
-            videos = {p for p, k in zip(items.path, items.kind) if k == "video"}
-            base["video_sampled"] = {p: v for p, v in sampled.items() if p in videos}
-            base["video_sampling"] = sampling
-            measure_hubs()
-            vindex = sync_index(vindex, embeddings, items.id, spec, reembedded, report.index_notes)
-            reembedded.clear()
-            base = commit(index_path, items, embeddings, vindex, base)
-
-        def unmeasured() -> np.ndarray:
-            """Rows without a hub value that the bank can measure (it has the modality that searches them)."""
-            if bank is None:
-                return np.zeros(0, np.int64)
-            measurable = np.array([QUERY_OF.get(k) in bank.sides for k in items.kind], dtype=bool)
-            return np.flatnonzero(np.isnan(items.hub) & measurable)
-
-        def measure_hubs():
-            """Hub values of the rows that have none yet (new, re-embedded, or an index built before)."""
-            rows = unmeasured()
-            if len(rows):
-                items.hub[rows] = bank.hubs(embeddings[rows], [items.kind[r] for r in rows])
-            base["hubness"] = hubness
-
-        done, since_commit, n_embedded = 0, 0, 0
-        t_embed = time.perf_counter()
-
-        def progress(n):
-            nonlocal done
-            done += n
-            if on_progress:
-                on_progress(done, len(plan.to_embed))
-
-        def failed(s: Skipped):
-            f = by_path[s.path]
-            failures[s.path] = {"size": f.size, "mtime_ns": f.mtime_ns, "reason": s.reason}
-            if s.path in plan.reuse_ids:  # a changed file that no longer decodes leaves the index
-                dropped_ids.add(plan.reuse_ids[s.path])
-            if s.path in video_ids:  # a video that broke part way: its frames so far go too
-                dropped_ids.update(video_ids.pop(s.path))
-                sampled.pop(s.path, None)
-                if s.path in plan.resampled:
-                    report.updated -= 1
-                else:
-                    report.added -= 1
-            if s.path in plan.reuse_ids or s.path in plan.resampled:
-                report.removed += 1
-                nonlocal dirty
-                dirty = True
-            skip(s)
-
+    def _embed_all(self) -> None:
         def batches():
-            if copied:
-                progress(len(copied))
-                yield copied, copied_emb, True
-            if to_encode:
-                yield from embed_files(to_encode, encoder, config, progress, failed)
+            if self.copied:
+                self._progress(len(self.copied))
+                yield self.copied, self.copied_emb, True
+            if self.to_encode:
+                yield from embed_files(self.to_encode, self.encoder, self.config, self._progress, self._failed)
 
-        by_path = {f.path: f for f in plan.to_embed}
-        video_ids: dict[str, list[int]] = {}  # frame ids of the videos embedded in this run
+        since_commit, n_embedded, t_embed = 0, 0, time.perf_counter()
         for ok, emb, boundary in batches():
-            dirty = dirty or bool(ok)
-            fresh = []
-            for f, vector in zip(ok, emb):
-                if f.kind == "video":  # frames: always new items; counted per video file
-                    if f.path not in video_ids:
-                        video_ids[f.path] = []
-                        sampled[f.path] = sampling
-                        failures.pop(f.path, None)
-                        if f.path in plan.resampled:
-                            report.updated += 1
-                        else:
-                            report.added += 1
-                    fresh.append((f, vector))
-                    continue
-                failures.pop(f.path, None)
-                if f.path in plan.reuse_ids:  # re-embedded in place: same id, same row
-                    r = row_of_id[plan.reuse_ids[f.path]]
-                    embeddings[r] = vector
-                    items.hub[r] = np.nan  # measured again at the next commit
-                    reembedded.add(plan.reuse_ids[f.path])
-                    items.size[r], items.mtime_ns[r], items.text[r] = f.size, f.mtime_ns, f.text
-                    report.updated += 1
-                else:
-                    fresh.append((f, vector))
-            if fresh:
-                ids = np.arange(base["next_id"], base["next_id"] + len(fresh), dtype=np.int64)
-                base["next_id"] += len(fresh)
-                for (f, _), i in zip(fresh, ids.tolist()):
-                    if f.kind == "video" and f.path in video_ids:
-                        video_ids[f.path].append(i)
-                report.added += sum(1 for f, _ in fresh if f.kind != "video")
-                pending_items.append(Items(ids, [f.path for f, _ in fresh],
-                                           np.asarray([f.size for f, _ in fresh], np.int64),
-                                           np.asarray([f.mtime_ns for f, _ in fresh], np.int64),
-                                           [f.kind for f, _ in fresh], [f.text for f, _ in fresh],
-                                           np.asarray([np.nan if f.t is None else f.t for f, _ in fresh], np.float64)))
-                pending_emb.append(np.stack([v for _, v in fresh]))
+            self._apply(ok, emb)
             since_commit += len(ok)
             n_embedded += len(ok)
-            # commit every commit_every images, and at least a quarter of the collection apart,
+            # commit every commit_every items, and at least a quarter of the collection apart,
             # so the rewrites of a long first run add up to a bounded multiple of the data
-            if boundary and since_commit >= max(config.commit_every, len(items) // 4):
+            if boundary and since_commit >= max(self.config.commit_every, len(self.items) // 4):
                 since_commit = 0
-                save()
-        if plan.to_embed:
-            report.embedded_per_second = n_embedded / max(1e-9, time.perf_counter() - t_embed)
+                self._save()
+        if self.plan.to_embed:
+            self.report.embedded_per_second = n_embedded / max(1e-9, time.perf_counter() - t_embed)
 
-        n_final = len(items) + sum(len(p) for p in pending_items) - len(dropped_ids)
-        stale = n_final and (vindex is None or vindex.needs_rebuild(n_final, spec))
-        hubs_due = len(unmeasured()) > 0 or base.get("hubness") != hubness  # values, or settings recalibrated
-        if (existing is None and not saved) or dirty or stale or hubs_due or spec_from_manifest(base) != spec:
-            save()
-        elif failures != old_failures:  # only the failure record changed: no new generation needed
-            base["failed"] = failures
-            write_manifest(index_path, base)
-        report.total = len(items)
-        report.index_kind = base.get("index", {}).get("kind")
-    report.seconds = time.perf_counter() - t0
-    return report
+    def _apply(self, ok: list[MediaFile], emb: np.ndarray) -> None:
+        """Take one batch of embedded records: replace changed files' vectors in place, queue new items."""
+        self.dirty = self.dirty or bool(ok)
+        fresh = []
+        for f, vector in zip(ok, emb):
+            if f.kind == "video":  # frames: always new items; counted per video file
+                self._video_started(f)
+                fresh.append((f, vector))
+            elif f.path in self.plan.reuse_ids:  # re-embedded in place: same id, same row
+                self.failures.pop(f.path, None)
+                item_id = self.plan.reuse_ids[f.path]
+                r = self.row_of_id[item_id]
+                self.embeddings[r] = vector
+                self.items.hub[r] = np.nan  # measured again at the next commit
+                self.items.size[r], self.items.mtime_ns[r], self.items.text[r] = f.size, f.mtime_ns, f.text
+                self.reembedded.add(item_id)
+                self.report.updated += 1
+            else:
+                self.failures.pop(f.path, None)
+                fresh.append((f, vector))
+        if fresh:
+            self._add(fresh)
+
+    def _video_started(self, f: MediaFile) -> None:
+        if f.path in self.video_ids:
+            return
+        self.video_ids[f.path] = []
+        self.sampled[f.path] = self.sampling
+        self.failures.pop(f.path, None)
+        if f.path in self.plan.resampled:
+            self.report.updated += 1
+        else:
+            self.report.added += 1
+
+    def _add(self, fresh: list[tuple[MediaFile, np.ndarray]]) -> None:
+        """New items, with new ids."""
+        start = self.manifest.next_id
+        ids = np.arange(start, start + len(fresh), dtype=np.int64)
+        self.manifest.next_id = start + len(fresh)
+        for (f, _), i in zip(fresh, ids.tolist()):
+            if f.kind == "video" and f.path in self.video_ids:
+                self.video_ids[f.path].append(i)
+        self.report.added += sum(1 for f, _ in fresh if f.kind != "video")
+        files = [f for f, _ in fresh]
+        self.pending.add(Items(ids, [f.path for f in files], np.asarray([f.size for f in files], np.int64),
+                               np.asarray([f.mtime_ns for f in files], np.int64), [f.kind for f in files],
+                               [f.text for f in files],
+                               np.asarray([np.nan if f.t is None else f.t for f in files], np.float64)),
+                         np.stack([v for _, v in fresh]))
+
+    def _failed(self, s: Skipped) -> None:
+        """A file of this run that could not be used. A broken file is remembered (not retried until it
+        changes) and its old vector dropped; one that could not be read now (I/O, permissions) is not:
+        the index keeps what it had and the next run tries again."""
+        f = self.by_path[s.path]
+        if not s.unreadable:
+            self.failures[s.path] = Failure(f.size, f.mtime_ns, s.reason)
+        if s.path in self.video_ids:  # a video that broke part way: its frames so far go too
+            self.pending.dropped.update(self.video_ids.pop(s.path))
+            self.sampled.pop(s.path, None)
+            if s.path in self.plan.resampled:
+                self.report.updated -= 1
+            else:
+                self.report.added -= 1
+        if s.path in self.plan.reuse_ids and not s.unreadable:  # a changed file that no longer decodes leaves
+            self.pending.dropped.add(self.plan.reuse_ids[s.path])
+            self.report.removed += 1
+            self.dirty = True
+        elif s.path in self.plan.resampled:  # its old frames were dropped by the plan
+            self.report.removed += 1
+            self.dirty = True
+        self._skip(s)
+
+    def _save(self) -> None:
+        """Commit: fold pending changes in, measure new items' hubness, sync the faiss index, write a generation."""
+        self.items, self.embeddings = self.pending.fold(self.items, self.embeddings)
+        self.row_of_id = {int(i): r for r, i in enumerate(self.items.id)}
+        self.dirty, self.saved = False, True
+        rows = self._unmeasured()
+        if len(rows):
+            self.items.hub[rows] = self.bank.hubs(self.embeddings[rows], [self.items.kind[r] for r in rows])
+        self.vindex = sync_index(self.vindex, self.embeddings, self.items.id, self.spec, self.reembedded,
+                                 self.report.index_notes)
+        self.reembedded.clear()
+        videos = {p for p, k in zip(self.items.path, self.items.kind) if k == "video"}
+        base = self.manifest.copy(failed=dict(self.failures), index_spec=self.spec, hubness=self.hubness,
+                                  video_sampled={p: v for p, v in self.sampled.items() if p in videos},
+                                  video_sampling=self.sampling)
+        self.manifest = commit(self.path, self.items, self.embeddings, self.vindex, base)
+
+    def _finish(self) -> None:
+        n_final = len(self.items) + self.pending.count()
+        stale = n_final and (self.vindex is None or self.vindex.needs_rebuild(n_final, self.spec))
+        hubs_due = len(self._unmeasured()) > 0 or self.manifest.hubness != self.hubness
+        if (self.new and not self.saved) or self.dirty or stale or hubs_due or self.manifest.spec != self.spec:
+            self._save()
+        else:
+            self._record_failures()
+
+    # ---- small helpers -----------------------------------------------------------------------------
+    def _unmeasured(self) -> np.ndarray:
+        """Rows without a hub value that the bank can measure (it has the modality that searches them)."""
+        rows = np.flatnonzero(np.isnan(self.items.hub))
+        if self.bank is None or not len(rows):
+            return np.zeros(0, np.int64)
+        from .hubness import QUERY_OF
+
+        measurable = {k: QUERY_OF.get(k) in self.bank.sides for k in set(self.items.kind)}
+        return rows[np.fromiter((measurable[self.items.kind[r]] for r in rows.tolist()), bool, len(rows))]
+
+    def _skip(self, s: Skipped) -> None:
+        self.report.skipped.append(s)
+        if self.on_skip:
+            self.on_skip(s)
+
+    def _progress(self, n: int) -> None:
+        self.done += n
+        if self.on_progress:
+            self.on_progress(self.done, len(self.plan.to_embed))

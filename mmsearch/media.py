@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import MAX_IMAGE_PIXELS, IndexingConfig
-from .errors import MediaError
+from .errors import MediaError, MediaReadError
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,18 @@ class Skipped:
     unreadable: bool = False  # could not be read now (permissions, I/O): keep what the index has for it
 
 
+# errno values that say "could not read it now", not "it is broken": worth trying again next run
+TRANSIENT_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "EIO", "EACCES", "EPERM", "EAGAIN", "EBUSY", "EINTR", "ETIMEDOUT", "ESTALE", "ENOTCONN", "ECONNRESET",
+    "ECONNABORTED", "EHOSTDOWN", "EHOSTUNREACH", "ENETDOWN", "ENETUNREACH", "ENETRESET", "ENOLINK",
+    "EREMOTEIO", "ENOMEM", "EMFILE", "ENFILE") if hasattr(errno, name))
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether ``e`` is an OS error about reading a file now rather than about its contents."""
+    return isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS
+
+
 def _os_reason(e: OSError) -> str:
     if isinstance(e, PermissionError):
         return "permission denied"
@@ -54,12 +66,7 @@ def scan(root, config: IndexingConfig = IndexingConfig()) -> tuple[list[MediaFil
     link to an ancestor folder is reported as a "symlink loop" instead of recursing.
     """
     root = os.path.abspath(os.fspath(root))
-    videos = {e.lower() for e in config.video_extensions}
-    exts = {e.lower() for e in config.extensions} | videos
-
-    def kind_of(path: str) -> str:
-        return "video" if os.path.splitext(path)[1].lower() in videos else "image"
-
+    walk = _Walk(config)
     try:
         st = os.stat(root)
     except FileNotFoundError:
@@ -67,89 +74,113 @@ def scan(root, config: IndexingConfig = IndexingConfig()) -> tuple[list[MediaFil
     except OSError as e:
         raise type(e)(f"cannot read {root}: {_os_reason(e)}") from None
     if not stat.S_ISDIR(st.st_mode):
-        if stat.S_ISREG(st.st_mode) and os.path.splitext(root)[1].lower() in exts:
+        if stat.S_ISREG(st.st_mode) and os.path.splitext(root)[1].lower() in walk.exts:
             if st.st_size == 0:
                 return [], [Skipped(root, "zero-byte file")]
-            return [MediaFile(root, st.st_size, st.st_mtime_ns, kind_of(root))], []
+            return [MediaFile(root, st.st_size, st.st_mtime_ns, walk.kind_of(root))], []
         raise NotADirectoryError(f"not a folder, an image or a video file: {root}")
+    walk.run(root, st)
+    return walk.files(), sorted(walk.skipped, key=lambda s: s.path)
 
-    found: list[tuple[bool, str, os.stat_result]] = []  # (reached via a link, path, stat)
-    skipped: list[Skipped] = []
-    visited = {(st.st_dev, st.st_ino): root}  # real folder identity -> first path
-    real_dirs: list[tuple[str, bool]] = [(root, False)]  # (folder, reached via a link)
-    linked_dirs: list[tuple[str, tuple[int, int]]] = []  # symlinked folders, walked last
-    while real_dirs or linked_dirs:
-        if real_dirs:
-            folder, via_link = real_dirs.pop()
-        else:
-            folder, key = linked_dirs.pop(0)
-            target, parent = os.path.realpath(folder), os.path.realpath(os.path.dirname(folder))
-            if os.path.commonpath([target, parent]) == target:  # points at one of its own ancestors
-                skipped.append(Skipped(folder, "symlink loop"))
+
+class _Walk:
+    """The folder walk of ``scan``: real folders first, then symlinked ones, each real folder once."""
+
+    def __init__(self, config: IndexingConfig) -> None:
+        self.videos = {e.lower() for e in config.video_extensions}
+        self.exts = {e.lower() for e in config.extensions} | self.videos
+        self.follow_symlinks = config.follow_symlinks
+        self.found: list[tuple[bool, str, os.stat_result]] = []  # (reached via a link, path, stat)
+        self.skipped: list[Skipped] = []
+        self.visited: dict[tuple[int, int], str] = {}  # real folder identity -> first path
+        self.real_dirs: list[tuple[str, bool]] = []  # (folder, reached via a link)
+        self.linked_dirs: list[tuple[str, tuple[int, int]]] = []  # symlinked folders, walked last
+
+    def kind_of(self, path: str) -> str:
+        return "video" if os.path.splitext(path)[1].lower() in self.videos else "image"
+
+    def run(self, root: str, st: os.stat_result) -> None:
+        self.visited[(st.st_dev, st.st_ino)] = root
+        self.real_dirs.append((root, False))
+        while self.real_dirs or self.linked_dirs:
+            folder, via_link = self.real_dirs.pop() if self.real_dirs else self._next_linked()
+            if folder is None:
                 continue
-            if key in visited:
-                skipped.append(Skipped(folder, f"duplicate of folder {visited[key]}"))
-                continue
-            visited[key], via_link = folder, True
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            skipped.append(Skipped(folder, f"cannot list folder: {_os_reason(e)}", unreadable=True))
-            continue
-        for entry in entries:
-            path, ext = entry.path, os.path.splitext(entry.name)[1].lower()
-            is_link = False
             try:
-                is_link = entry.is_symlink()
-                if is_link and not config.follow_symlinks:
-                    if ext in exts:
-                        skipped.append(Skipped(path, "symlink not followed"))
-                    continue
-                est = entry.stat() if (is_link or entry.is_dir() or ext in exts) else None
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
             except OSError as e:
-                if ext in exts or not ext:  # a broken "notes.txt" link is as uninteresting as notes.txt
-                    broken = is_link and isinstance(e, FileNotFoundError)
-                    skipped.append(Skipped(path, "broken symlink" if broken else _os_reason(e), unreadable=not broken))
+                self.skipped.append(Skipped(folder, f"cannot list folder: {_os_reason(e)}", unreadable=True))
                 continue
-            if est is None:
-                continue
-            if stat.S_ISDIR(est.st_mode):
-                key = (est.st_dev, est.st_ino)
-                if is_link:
-                    linked_dirs.append((path, key))
-                elif key in visited:  # e.g. a bind mount of a folder already walked
-                    skipped.append(Skipped(path, f"duplicate of folder {visited[key]}"))
-                else:
-                    visited[key] = path
-                    real_dirs.append((path, via_link))
-                continue
-            if ext not in exts:
-                continue
-            if entry.name.startswith("._"):
-                skipped.append(Skipped(path, "AppleDouble metadata file"))
-            elif not stat.S_ISREG(est.st_mode):
-                skipped.append(Skipped(path, "not a regular file"))
-            elif est.st_size == 0:
-                skipped.append(Skipped(path, "zero-byte file"))
-            elif not os.access(path, os.R_OK):
-                skipped.append(Skipped(path, "permission denied", unreadable=True))
-            else:
-                found.append((via_link or is_link, path, est))
+            for entry in entries:
+                self._entry(entry, via_link)
 
-    # the same real file reached twice (links, hard links): keep real paths first, then sorted order
-    files: list[MediaFile] = []
-    first_path: dict[tuple[int, int], str] = {}
-    for via_link, path, est in sorted(found, key=lambda t: (t[0], t[1])):
-        key = (est.st_dev, est.st_ino)
-        if key in first_path:
-            skipped.append(Skipped(path, f"duplicate of {first_path[key]}"))
-            continue
-        first_path[key] = path
-        files.append(MediaFile(path, est.st_size, est.st_mtime_ns, kind_of(path)))
-    files.sort(key=lambda f: f.path)
-    skipped.sort(key=lambda s: s.path)
-    return files, skipped
+    def _next_linked(self) -> tuple[str | None, bool]:
+        """The next symlinked folder to walk, or (None, _) when it loops or was walked already."""
+        folder, key = self.linked_dirs.pop(0)
+        target, parent = os.path.realpath(folder), os.path.realpath(os.path.dirname(folder))
+        if os.path.commonpath([target, parent]) == target:  # points at one of its own ancestors
+            self.skipped.append(Skipped(folder, "symlink loop"))
+            return None, True
+        if key in self.visited:
+            self.skipped.append(Skipped(folder, f"duplicate of folder {self.visited[key]}"))
+            return None, True
+        self.visited[key] = folder
+        return folder, True
+
+    def _entry(self, entry: os.DirEntry, via_link: bool) -> None:
+        path, ext = entry.path, os.path.splitext(entry.name)[1].lower()
+        is_link = False
+        try:
+            is_link = entry.is_symlink()
+            if is_link and not self.follow_symlinks:
+                if ext in self.exts:
+                    self.skipped.append(Skipped(path, "symlink not followed"))
+                return
+            est = entry.stat() if (is_link or entry.is_dir() or ext in self.exts) else None
+        except OSError as e:
+            if ext in self.exts or not ext:  # a broken "notes.txt" link is as uninteresting as notes.txt
+                broken = is_link and isinstance(e, FileNotFoundError)
+                self.skipped.append(Skipped(path, "broken symlink" if broken else _os_reason(e), unreadable=not broken))
+            return
+        if est is None:
+            return
+        if stat.S_ISDIR(est.st_mode):
+            key = (est.st_dev, est.st_ino)
+            if is_link:
+                self.linked_dirs.append((path, key))
+            elif key in self.visited:  # e.g. a bind mount of a folder already walked
+                self.skipped.append(Skipped(path, f"duplicate of folder {self.visited[key]}"))
+            else:
+                self.visited[key] = path
+                self.real_dirs.append((path, via_link))
+        elif ext in self.exts:
+            self._file(entry.name, path, est, via_link or is_link)
+
+    def _file(self, name: str, path: str, est: os.stat_result, via_link: bool) -> None:
+        if name.startswith("._"):
+            self.skipped.append(Skipped(path, "AppleDouble metadata file"))
+        elif not stat.S_ISREG(est.st_mode):
+            self.skipped.append(Skipped(path, "not a regular file"))
+        elif est.st_size == 0:
+            self.skipped.append(Skipped(path, "zero-byte file"))
+        elif not os.access(path, os.R_OK):
+            self.skipped.append(Skipped(path, "permission denied", unreadable=True))
+        else:
+            self.found.append((via_link, path, est))
+
+    def files(self) -> list[MediaFile]:
+        """The files found, each real file once: real paths before linked ones, then sorted by path."""
+        files: list[MediaFile] = []
+        first_path: dict[tuple[int, int], str] = {}
+        for via_link, path, est in sorted(self.found, key=lambda t: (t[0], t[1])):
+            key = (est.st_dev, est.st_ino)
+            if key in first_path:
+                self.skipped.append(Skipped(path, f"duplicate of {first_path[key]}"))
+                continue
+            first_path[key] = path
+            files.append(MediaFile(path, est.st_size, est.st_mtime_ns, self.kind_of(path)))
+        return sorted(files, key=lambda f: f.path)
 
 
 def _megapixels(n: float) -> str:
@@ -226,7 +257,7 @@ def load_image(path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int | None = 
     except FileNotFoundError:
         raise FileNotFoundError(f"{name}: file not found") from None
     except OSError as e:
-        raise MediaError(f"{name}: {_os_reason(e)}") from None
+        raise (MediaReadError if is_transient(e) else MediaError)(f"{name}: {_os_reason(e)}") from None
     with f, _QUIET:
         # Pillow warns (not raises) for images between its own limit and twice that, and warns about
         # odd EXIF/TIFF tags etc.; none of that must reach the user's terminal
@@ -271,5 +302,7 @@ def load_image(path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int | None = 
         except MemoryError:
             raise MediaError(f"{name}: out of memory while decoding") from None
         except Exception as e:  # OSError, SyntaxError, ValueError, struct.error ... from decoders
+            if is_transient(e):  # the disk or the network failed, not the file
+                raise MediaReadError(f"{name}: cannot read: {_os_reason(e)}") from None
             msg = " ".join(str(e).split()) or type(e).__name__
             raise MediaError(f"{name}: truncated or corrupt: {msg}") from None

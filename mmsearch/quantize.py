@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._util import fsync_dir, silenced
+from ._util import atomic_path, silenced
 from .errors import ModelLoadError
 from .exported import TOKENIZER_FILE, ExportManifest, graph_files
 from .preprocess import ImageConfig
@@ -115,15 +115,8 @@ def _install_int8(folder: Path, manifest: ExportManifest, write_image, text: str
     if text != "fp32":
         towers["text"] = lambda dest: quantize_text_graph(folder / manifest.graphs["fp32"]["text"], dest, text_batches)
     for tower, write in towers.items():
-        tmp = folder / f".{files[tower]}.{os.getpid()}.tmp"
-        try:
+        with atomic_path(folder / files[tower]) as tmp:
             write(tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, folder / files[tower])
-        finally:
-            tmp.unlink(missing_ok=True)
-    fsync_dir(folder)
     manifest.graphs["int8"] = {"image": files["image"],
                                "text": files["text"] if text != "fp32" else manifest.graphs["fp32"]["text"]}
     manifest.calibration = calibration

@@ -95,7 +95,7 @@ class Searcher:
         if encoder is None and not isinstance(index, Collection):
             from .store import read_manifest
 
-            self._loading = _in_background(self._load_encoder, read_manifest(Path(index))["model"])
+            self._loading = _in_background(self._load_encoder, read_manifest(Path(index)).model)
         self.collection = index if isinstance(index, Collection) else Collection.open(index, load_index=True)
         self.search_options = {"nprobe": nprobe, "ef_search": ef_search, "rerank_factor": rerank_factor}
         if self.collection.count == 0:
@@ -103,7 +103,7 @@ class Searcher:
                 f"index {self.collection.path} is empty: add images with `mmsearch index FOLDER`"
             )
         if encoder is not None:
-            key = self.collection.model["key"]
+            key = self.collection.model.key
             if getattr(encoder, "name", key) != key:
                 raise ModelMismatchError(
                     f"index {self.collection.path} was built with model {key!r}, the encoder is "
@@ -122,12 +122,12 @@ class Searcher:
         self._kind_lookups: dict = {}  # exact search over one modality (<= EXACT_FILTER_MAX items)
         self._corrections: dict[tuple, np.ndarray | None] = {}  # (query modality, kinds) -> per-row correction
 
-    def _load_encoder(self, m: dict):
+    def _load_encoder(self, m):
         """The encoder of the model record ``m``, with its text tower ready (a query comes next)."""
         from .encoder import get_encoder
 
-        encoder = get_encoder(m["name"], pretrained=m["pretrained"], backend=self.backend,
-                              precision=m.get("precision") or "fp32")  # indexes before int8 existed: fp32
+        encoder = get_encoder(m.name, pretrained=m.pretrained, backend=self.backend,
+                              precision=m.precision or "fp32")  # indexes before int8 existed: fp32
         encoder.warm("text")
         return encoder
 
@@ -144,7 +144,7 @@ class Searcher:
         from .models import check_weights
 
         check_weights(self.collection.model, getattr(encoder, "weights", None), self.collection.path)
-        have, got = self.collection.model.get("precision") or "fp32", getattr(encoder, "precision", "fp32")
+        have, got = self.collection.model.precision or "fp32", getattr(encoder, "precision", "fp32")
         if got != have:
             raise ModelMismatchError(f"index {self.collection.path} holds {have} vectors, the encoder embeds at "
                                      f"{got}: query with the index's precision ({have})")
@@ -159,7 +159,7 @@ class Searcher:
             from .hubness import corrections
 
             items = self.collection.items
-            corr = corrections(items.hub, items.kind, query, self.collection.manifest.get("hubness"))
+            corr = corrections(items.hub, items.kind, query, self.collection.manifest.hubness)
             rows = self._rows_of_kind(kind) if kind is not None else slice(None)
             self._corrections[key] = corr if corr is not None and corr[rows].any() else None
         return self._corrections[key]

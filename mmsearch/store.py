@@ -26,14 +26,12 @@ from typing import Iterator
 
 import numpy as np
 
-from ._util import atomic_write_bytes
+from ._util import atomic_file, atomic_write_bytes, fsync_dir
 from .errors import EmptyIndexError, IndexFormatError, IndexLockedError, IndexNotFoundError
+from .manifest import FILES, FORMAT, FORMAT_VERSION, READABLE_VERSIONS, FaissInfo, Manifest  # noqa: F401
 
-FORMAT = "mmsearch-index"
-FORMAT_VERSION = 2  # 2: IVF indexes hold ids themselves, re-ranked from embeddings.npy; tuned nprobe/efSearch
-READABLE_VERSIONS = (1, 2)  # version 1 indexes are searched as they are and rebuilt on their next update
 MANIFEST = "manifest.json"
-ITEMS, EMBEDDINGS, FAISS = "items.parquet", "embeddings.npy", "index.faiss"
+ITEMS, EMBEDDINGS, FAISS = FILES["items"], FILES["embeddings"], FILES["faiss"]
 COLUMNS = ("id", "path", "size", "mtime_ns", "kind")  # required; "text", "t" and "hub" are optional
 GEN_RE = re.compile(r"^gen-\d{6}$")  # committed generation folders
 PARTIAL_RE = re.compile(r"^\.gen-\d{6}\.partial$")  # generations being written
@@ -100,16 +98,7 @@ class Items:
                      np.concatenate([a.t, b.t]), np.concatenate([a.hub, b.hub]))
 
 
-def _sync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def read_manifest(path: str | Path) -> dict:
+def read_manifest(path: str | Path) -> Manifest:
     """The manifest of the index at ``path``; clear errors for a missing or foreign folder."""
     path = Path(path)
     mf = path / MANIFEST
@@ -118,24 +107,31 @@ def read_manifest(path: str | Path) -> dict:
             raise IndexNotFoundError(f"no index at {path}: build one with `mmsearch index FOLDER`")
         raise IndexNotFoundError(f"{path} holds no mmsearch index (no {MANIFEST}): run `mmsearch index FOLDER`")
     try:
-        manifest = json.loads(mf.read_text(encoding="utf-8"))
+        data = json.loads(mf.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise IndexFormatError(f"{mf} is unreadable ({e}): rebuild with `mmsearch index`") from e
-    if manifest.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise IndexFormatError(f"{mf} is not an mmsearch index manifest")
-    version = manifest.get("format_version")
+    version = data.get("format_version")
     if version not in READABLE_VERSIONS:
         raise IndexFormatError(
             f"index {path} has format version {version}, this mmsearch reads version {FORMAT_VERSION}: "
             "rebuild it with `mmsearch index` into a new --index folder"
         )
-    return manifest
+    return Manifest.from_json(data, str(mf))
+
+
+def read_items(path: str | Path, manifest: Manifest) -> Items:
+    """The items table of the committed generation named by ``manifest`` (nothing else is read)."""
+    if not manifest.generation_dir:
+        return Items.empty()
+    return _read_items(Path(path) / manifest.generation_dir / ITEMS)
 
 
 class Collection:
     """A loaded index folder: manifest, items, embeddings and (lazily) the faiss index."""
 
-    def __init__(self, path: Path, manifest: dict, items: Items, embeddings: np.ndarray) -> None:
+    def __init__(self, path: Path, manifest: Manifest, items: Items, embeddings: np.ndarray) -> None:
         self.path = path
         self.manifest = manifest
         self.items = items
@@ -155,16 +151,16 @@ class Collection:
         path = Path(path)
         for attempt in range(3):  # a writer may retire the generation between our reads
             manifest = read_manifest(path)
-            gen = path / manifest["generation_dir"]
+            gen = path / manifest.generation_dir
             try:
                 c = cls(path, manifest, _read_items(gen / ITEMS), _read_embeddings(gen / EMBEDDINGS))
                 if load_index and c.count:
                     c.index  # noqa: B018 - load it now, while the generation exists
                 return c
             except (FileNotFoundError, IndexNotFoundError):
-                if attempt == 2 or read_manifest(path)["generation_dir"] == manifest["generation_dir"]:
+                if attempt == 2 or read_manifest(path).generation_dir == manifest.generation_dir:
                     raise IndexFormatError(
-                        f"index {path} is missing files of {manifest['generation_dir']}: rebuild with "
+                        f"index {path} is missing files of {manifest.generation_dir}: rebuild with "
                         "`mmsearch index` into a new --index folder"
                     ) from None
         raise AssertionError("unreachable")
@@ -174,8 +170,9 @@ class Collection:
         return len(self.items)
 
     @property
-    def model(self) -> dict:
-        return self.manifest["model"]
+    def model(self):
+        """The model whose vectors the index holds (an ``IndexedModel``)."""
+        return self.manifest.model
 
     @property
     def lookup(self):
@@ -199,8 +196,8 @@ class Collection:
 
         if self.count == 0:
             raise EmptyIndexError(f"index {self.path} is empty: add files with `mmsearch index FOLDER`")
-        info = self.manifest["index"]
-        return VectorIndex.load(self.path / self.manifest["generation_dir"] / FAISS, info["kind"], info["params"],
+        info = self.manifest.index
+        return VectorIndex.load(self.path / self.manifest.generation_dir / FAISS, info.kind, info.params,
                                 mmap=mmap, vectors=self.lookup)
 
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
@@ -208,7 +205,7 @@ class Collection:
         return self.lookup.rows(np.ravel(ids))
 
     def disk_bytes(self) -> int:
-        gen = self.path / self.manifest["generation_dir"]
+        gen = self.path / self.manifest.generation_dir
         return sum(f.stat().st_size for f in gen.iterdir() if f.is_file()) + (self.path / MANIFEST).stat().st_size
 
 
@@ -232,29 +229,45 @@ def write_lock(path: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
-def commit(path: str | Path, items: Items, embeddings: np.ndarray, vindex, base_manifest: dict) -> dict:
+def commit(path: str | Path, items: Items, embeddings: np.ndarray, vindex, base: Manifest) -> Manifest:
     """Write a new generation and make it current. Caller holds ``write_lock(path)``.
 
-    ``base_manifest`` carries the fields that describe the collection (model, dim, next_id, ...);
-    counts, index info and generation are filled in here. Returns the committed manifest.
+    ``base`` carries what describes the collection (model, next_id, settings, ...); the counts, the
+    index info and the generation are filled in here. Returns the committed manifest.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     path = Path(path)
     if len(items) != embeddings.shape[0]:
         raise AssertionError("items and embeddings disagree")
     old = read_manifest(path) if (path / MANIFEST).is_file() else None
-    generation = (old["generation"] + 1) if old else 1
+    generation = (old.generation + 1) if old else 1
     name = f"gen-{generation:06d}"
-    gen = path / name
-    if gen.exists():  # left by a writer killed before its commit
-        shutil.rmtree(gen)
-    tmp = path / f".{name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    _write_generation(path, name, items, embeddings, vindex)
 
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    kinds, counts = np.unique(np.asarray(items.kind, dtype=object), return_counts=True) if len(items) else ((), ())
+    manifest = base.copy(
+        format=FORMAT, format_version=FORMAT_VERSION, generation=generation, generation_dir=name,
+        count=int(len(items)), counts_by_kind={k: int(v) for k, v in zip(kinds, counts)},
+        dim=int(embeddings.shape[1]),
+        index=FaissInfo(vindex.kind, vindex.params) if vindex is not None else FaissInfo(),
+        files=dict(FILES), created=(old.created if old else None) or now, updated=now,
+    )
+    atomic_write_bytes(path / MANIFEST, manifest.dumps())
+    sweep(path, keep=name)
+    return manifest
+
+
+def _write_generation(path: Path, name: str, items: Items, embeddings: np.ndarray, vindex) -> None:
+    """Write generation folder ``name`` complete: each file atomically into a partial folder, which
+    is then renamed into place (and the rename made durable)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for stale in (path / name, path / f".{name}.partial"):  # left by a writer killed before its commit
+        if stale.exists():
+            shutil.rmtree(stale)
+    tmp = path / f".{name}.partial"
+    tmp.mkdir(parents=True)
     table = pa.table({
         "id": pa.array(items.id, pa.int64()),
         "path": pa.array(items.path, pa.string()),
@@ -265,45 +278,21 @@ def commit(path: str | Path, items: Items, embeddings: np.ndarray, vindex, base_
         "t": pa.array(items.t, pa.float64()),
         "hub": pa.array(items.hub, pa.float32()),
     })
-    pq.write_table(table, tmp / ITEMS)
-    with open(tmp / EMBEDDINGS, "wb") as f:
+    with atomic_file(tmp / ITEMS) as f:
+        pq.write_table(table, f)
+    with atomic_file(tmp / EMBEDDINGS) as f:
         np.save(f, np.ascontiguousarray(embeddings, dtype=np.float32))
-        f.flush()
-        os.fsync(f.fileno())
     if vindex is not None:
         vindex.save(tmp / FAISS)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _sync_dir(tmp)
-    os.replace(tmp, gen)
-    _sync_dir(path)
-
-    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    manifest = dict(base_manifest)
-    manifest.update({
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "generation": generation,
-        "generation_dir": name,
-        "count": int(len(items)),
-        "counts_by_kind": {k: int(v) for k, v in zip(*np.unique(np.asarray(items.kind, dtype=object), return_counts=True))} if len(items) else {},
-        "dim": int(embeddings.shape[1]),
-        "index": {"kind": vindex.kind, "params": vindex.params} if vindex is not None else {"kind": None, "params": {}},
-        "files": {"items": ITEMS, "embeddings": EMBEDDINGS, "faiss": FAISS},
-        "created": (old or {}).get("created", now),
-        "updated": now,
-    })
-    atomic_write_bytes(path / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-    _sync_dir(path)
-    sweep(path, keep=name)
-    return manifest
+    os.replace(tmp, path / name)
+    fsync_dir(path)
 
 
-def write_manifest(path: str | Path, manifest: dict) -> None:
+def write_manifest(path: str | Path, manifest: Manifest) -> Manifest:
     """Atomically replace the manifest (same generation), e.g. to update the failure record."""
-    manifest = dict(manifest, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    atomic_write_bytes(Path(path) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    manifest = manifest.copy(updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    atomic_write_bytes(Path(path) / MANIFEST, manifest.dumps())
+    return manifest
 
 
 def sweep(path: Path, keep: str) -> None:
@@ -320,25 +309,46 @@ def sweep(path: Path, keep: str) -> None:
 def _read_items(path: Path) -> Items:
     import pyarrow.parquet as pq
 
+    strings = ("path", "kind", "text")
     try:
-        t = pq.read_table(path)
-    except FileNotFoundError:
+        # strings as dictionaries: a video's path (one row per frame) and the kinds become one Python
+        # string each, shared by their rows; one column at a time, so only one is decoded at once
+        f = pq.ParquetFile(path, read_dictionary=list(strings))
+        names = set(f.schema_arrow.names)
+        missing = set(COLUMNS) - names
+        if missing:
+            raise IndexFormatError(f"{path} lacks columns {sorted(missing)}: rebuild with `mmsearch index`")
+        cols = {}
+        for name, dtype in (("id", np.int64), ("path", None), ("size", np.int64), ("mtime_ns", np.int64),
+                            ("kind", None), ("text", None), ("t", np.float64), ("hub", np.float32)):
+            if name in names:
+                col = f.read(columns=[name], use_threads=False).column(0)
+                cols[name] = _strings(col) if dtype is None else np.array(col.to_numpy(), dtype=dtype)
+    except (FileNotFoundError, IndexFormatError):
         raise
     except Exception as e:
         raise IndexFormatError(f"{path} is unreadable ({e}): rebuild with `mmsearch index`") from e
-    missing = set(COLUMNS) - set(t.column_names)
-    if missing:
-        raise IndexFormatError(f"{path} lacks columns {sorted(missing)}: rebuild with `mmsearch index`")
-    return Items(
-        t.column("id").to_numpy().astype(np.int64),
-        t.column("path").to_pylist(),
-        t.column("size").to_numpy().astype(np.int64),
-        t.column("mtime_ns").to_numpy().astype(np.int64),
-        t.column("kind").to_pylist(),
-        t.column("text").to_pylist() if "text" in t.column_names else None,
-        t.column("t").to_numpy(zero_copy_only=False).astype(np.float64) if "t" in t.column_names else None,
-        t.column("hub").to_numpy(zero_copy_only=False).astype(np.float32) if "hub" in t.column_names else None,
-    )
+    return Items(cols["id"], cols["path"], cols["size"], cols["mtime_ns"], cols["kind"], cols.get("text"),
+                 cols.get("t"), cols.get("hub"))
+
+
+def _strings(column) -> list:
+    """A (dictionary-encoded) string column as a list, each distinct value one shared str (None: null)."""
+    import pyarrow as pa
+
+    out: list = []
+    for col in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        if col.null_count == len(col):
+            out += [None] * len(col)
+        elif not pa.types.is_dictionary(col.type):
+            out += col.to_pylist()
+        elif col.null_count:
+            values = col.dictionary.to_pylist()
+            out += [None if i is None else values[i] for i in col.indices.to_pylist()]
+        else:
+            values = col.dictionary.to_pylist()
+            out += map(values.__getitem__, col.indices.to_numpy().tolist())
+    return out
 
 
 def _read_embeddings(path: Path) -> np.ndarray:

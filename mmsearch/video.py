@@ -14,7 +14,8 @@ from typing import Iterator
 import numpy as np
 
 from .config import VIDEO_EXTENSIONS  # noqa: F401 - re-exported
-from .errors import MediaError
+from .errors import MediaError, MediaReadError
+from .media import is_transient
 
 
 @dataclass
@@ -35,6 +36,8 @@ def _open(path: str):
     try:
         container = av.open(path)
     except (av.error.FFmpegError, OSError, ValueError) as e:
+        if is_transient(e):  # the disk or the network failed, not the file
+            raise MediaReadError(f"{path}: cannot read: {_reason(e)}") from None
         raise MediaError(f"{path}: not a readable video ({_reason(e)})") from None
     if not container.streams.video:
         container.close()
@@ -104,6 +107,8 @@ def sample_frames(path: str, interval: float = 1.0, skip_similar: float | None =
             except StopIteration:
                 break
             except Exception as e:  # av raises its own FFmpeg errors for broken streams
+                if is_transient(e):
+                    raise MediaReadError(f"{path}: cannot read after {last_t:.1f}s: {_reason(e)}") from None
                 raise MediaError(f"{path}: cannot decode video after {last_t:.1f}s ({_reason(e)})") from None
             t = _seconds(frame, stream, start)
             if t is None:  # no timestamp: count frames at the nominal rate

@@ -4,6 +4,7 @@ re-ranked exactly, `--plain` turns it off, eval reports both, and stale weights 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ def naive_top(searcher, q, query, k, kind=None):
     """Every item (of ``kind``) scored: cosine plus its correction, best first (the reference)."""
     c = searcher.collection
     emb = np.asarray(c.embeddings)
-    corr = corrections(c.items.hub, c.items.kind, query, c.manifest["hubness"])
+    corr = corrections(c.items.hub, c.items.kind, query, c.manifest.hubness)
     full = q @ emb.T + corr[None, :]
     if kind is not None:
         full[:, np.asarray(c.items.kind) != kind] = -np.inf
@@ -35,8 +36,8 @@ def test_the_built_in_model_ships_a_bank_and_indexes_store_hub_values(built_inde
     bank = encoder.query_bank
     assert bank is not None and bank.sides["text"].beta > 0  # calibrated on Flickr8k dev: it helps there
     c = Collection.open(built_index[0])
-    assert c.manifest["hubness"] == bank.settings()
-    assert c.manifest["model"]["weights"] == encoder.weights
+    assert c.manifest.hubness == bank.settings()
+    assert c.manifest.model.weights == encoder.weights
     assert np.isfinite(c.items.hub).all()
     assert np.allclose(c.items.hub, bank.hubs(np.asarray(c.embeddings), c.items.kind), atol=1e-5)
 
@@ -98,7 +99,7 @@ def test_an_index_without_hub_values_gets_them_without_re_embedding(photo_dir, e
     index = tmp_path / "idx"
     index_folder(folder, index, encoder=NoBank(encoder))
     c = Collection.open(index)
-    assert c.manifest["hubness"] is None and np.isnan(c.items.hub).all()
+    assert c.manifest.hubness is None and np.isnan(c.items.hub).all()
     s = Searcher(index, encoder=encoder)
     q = encoder.embed_texts(["a dog"])
     assert np.allclose(s.search_vectors(q, 5, query="text")[0], s.search_vectors(q, 5)[0])  # nothing to apply
@@ -106,10 +107,10 @@ def test_an_index_without_hub_values_gets_them_without_re_embedding(photo_dir, e
     report = index_folder(folder, index, encoder=counting)
     assert counting.embedded == 0 and report.added == 0
     c = Collection.open(index)
-    assert c.manifest["hubness"] == encoder.query_bank.settings() and np.isfinite(c.items.hub).all()
-    gen = c.manifest["generation"]
+    assert c.manifest.hubness == encoder.query_bank.settings() and np.isfinite(c.items.hub).all()
+    gen = c.manifest.generation
     index_folder(folder, index, encoder=counting)  # now nothing is due: no new generation
-    assert Collection.open(index).manifest["generation"] == gen
+    assert Collection.open(index).manifest.generation == gen
 
 
 def test_an_index_embedded_with_other_weights_is_refused(built_index, encoder, tmp_path):
@@ -121,7 +122,7 @@ def test_an_index_embedded_with_other_weights_is_refused(built_index, encoder, t
     idx = tmp_path / "copy"
     shutil.copytree(built_index[0], idx)
     m = read_manifest(idx)
-    m["model"]["weights"] = "0123456789abcdef"  # as if built before the shipped heads changed
+    m.model = replace(m.model, weights="0123456789abcdef")  # as if built before the shipped heads changed
     write_manifest(idx, m)
     with pytest.raises(ModelMismatchError, match="other weights of mmsearch-lite2"):
         index_folder(built_index[0].parent / "photos", idx, encoder=encoder)
@@ -129,8 +130,9 @@ def test_an_index_embedded_with_other_weights_is_refused(built_index, encoder, t
         Searcher(idx, encoder=encoder)
     r = runner.invoke(app, ["query", "a dog", "--index", str(idx)])
     assert r.exit_code == 1 and "other weights" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    del m["model"]["weights"]  # built by an mmsearch before weights were recorded: other heads than now
-    write_manifest(idx, m)
+    manifest = json.loads((idx / "manifest.json").read_text())
+    del manifest["model"]["weights"]  # built by an mmsearch before weights were recorded: other heads than now
+    (idx / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelMismatchError, match="other weights"):
         Searcher(idx, encoder=encoder)
     assert Collection.open(idx).count == Collection.open(built_index[0]).count  # refused, not touched
@@ -157,17 +159,18 @@ def test_eval_reports_the_corrected_and_the_plain_recall(pairs, encoder):
 def test_indexes_without_a_weights_record_are_judged_per_built_in_model():
     """mmsearch-lite2's weights changed after such indexes were written; mmsearch-lite's did not."""
     from mmsearch.errors import ModelMismatchError
+    from mmsearch.manifest import IndexedModel
     from mmsearch.models import check_weights, fingerprint
 
     for name in ("mmsearch-lite", "mmsearch-lite2"):
-        record = {"name": name, "key": name, "pretrained": None}
+        record = IndexedModel(name=name, pretrained=None, key=name, weights=None)
         if name == "mmsearch-lite":
             check_weights(record, fingerprint(name), "idx")
         else:
             with pytest.raises(ModelMismatchError, match="index idx was embedded with other weights"):
                 check_weights(record, fingerprint(name), "idx")
-        check_weights(dict(record, weights=fingerprint(name)), fingerprint(name), "idx")  # recorded and equal
-    folder = {"name": "/models/mine", "key": "/models/mine", "pretrained": None}
+        check_weights(replace(record, weights=fingerprint(name)), fingerprint(name), "idx")  # recorded and equal
+    folder = IndexedModel(name="/models/mine", pretrained=None, key="/models/mine", weights=None)
     check_weights(folder, "abc", "idx")  # a checkpoint folder's old index: nothing to judge by
 
 
@@ -236,14 +239,14 @@ def test_hub_values_follow_the_bank_a_model_has_now(tmp_path):
     assert np.allclose(c.items.hub, a.hubs(np.asarray(c.embeddings), c.items.kind))
     index_texts(texts, idx, encoder=TextsOnly(None))  # the bank went away (being rebuilt, say)
     c = Collection.open(idx)
-    assert c.manifest["hubness"] is None and np.isnan(c.items.hub).all()
+    assert c.manifest.hubness is None and np.isnan(c.items.hub).all()
     index_texts(texts, idx, encoder=TextsOnly(b))  # a new bank: measured with it, not the old values
     c = Collection.open(idx)
     assert np.allclose(c.items.hub, b.hubs(np.asarray(c.embeddings), c.items.kind))
-    assert c.manifest["hubness"] == b.settings()
+    assert c.manifest.hubness == b.settings()
     b.sides["image"] = Side(k=10, beta=0.0, threshold=0.3)  # recalibrated: same vectors, correction off
     index_texts(texts, idx, encoder=TextsOnly(b))
-    assert Collection.open(idx).manifest["hubness"]["image"]["beta"] == 0.0
-    gen = Collection.open(idx).manifest["generation"]
+    assert Collection.open(idx).manifest.hubness["image"]["beta"] == 0.0
+    gen = Collection.open(idx).manifest.generation
     index_texts(texts, idx, encoder=TextsOnly(b))  # nothing due: no new generation
-    assert Collection.open(idx).manifest["generation"] == gen
+    assert Collection.open(idx).manifest.generation == gen

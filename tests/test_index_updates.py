@@ -78,7 +78,7 @@ def test_ivf_index_is_updated_in_place_with_stable_ids(tmp_path, kind):
     r = index_texts(src, idx, encoder=enc, spec=spec)
     assert r.index_kind == kind and any(f"built a {kind} index over 3000" in n for n in r.index_notes)
     first = Collection.open(idx)
-    params = first.manifest["index"]["params"]
+    params = first.manifest.index.params
     assert params["n_trained"] == 3000 and params["tuning"]["reached"]
     id_of = dict(zip(first.items.text, first.items.id.tolist()))
 
@@ -91,8 +91,8 @@ def test_ivf_index_is_updated_in_place_with_stable_ids(tmp_path, kind):
     r = index_texts(src, idx, encoder=enc)  # settings remembered: no spec given
     assert r.index_kind == kind and r.index_notes == [], r.index_notes
     c = Collection.open(idx)
-    assert c.manifest["index"]["params"]["n_trained"] == 3000  # the quantizer was not retrained
-    assert c.manifest["index_spec"]["index_type"] == kind
+    assert c.manifest.index.params["n_trained"] == 3000  # the quantizer was not retrained
+    assert c.manifest.index_spec.index_type == kind
     assert c.count == len(new_texts) == c.index.ntotal
     np.testing.assert_array_equal(np.sort(c.index.ids()), np.sort(c.items.id))
     kept = [t for i, t in enumerate(texts) if i % 10 and i not in edited]
@@ -118,7 +118,7 @@ def test_outgrown_ivf_index_is_rebuilt_and_says_why(tmp_path):
     write(src, lines(8100))
     r = index_texts(src, idx, encoder=enc)
     assert any("grew from 2000 to 8100" in n for n in r.index_notes), r.index_notes
-    assert Collection.open(idx).manifest["index"]["params"]["n_trained"] == 8100
+    assert Collection.open(idx).manifest.index.params["n_trained"] == 8100
 
 
 def test_new_settings_rebuild_and_hnsw_removal_rebuilds(tmp_path):
@@ -131,7 +131,7 @@ def test_new_settings_rebuild_and_hnsw_removal_rebuilds(tmp_path):
     r = index_texts(src, idx, encoder=enc, spec=IndexSpec(factory="IVF16,SQ8"))
     assert r.index_kind == "factory" and any("settings changed" in n for n in r.index_notes)
     m = Collection.open(idx).manifest
-    assert m["index_spec"]["factory"] == "IVF16,SQ8" and m["index"]["params"]["factory"] == "IVF16,SQ8"
+    assert m.index_spec.factory == "IVF16,SQ8" and m.index.params["factory"] == "IVF16,SQ8"
 
 
 def test_a_bad_factory_string_leaves_the_index_untouched(tmp_path):
@@ -142,7 +142,7 @@ def test_a_bad_factory_string_leaves_the_index_untouched(tmp_path):
     with pytest.raises(ValueError, match="bad index factory string 'IVF16,PQ5'"):
         index_texts(src, idx, encoder=enc, spec=IndexSpec(factory="IVF16,PQ5"))
     after = Collection.open(idx)
-    assert after.manifest["generation"] == before["generation"] and after.count == 500
+    assert after.manifest.generation == before.generation and after.count == 500
 
 
 def test_queries_memory_map_the_index(tmp_path):
@@ -195,8 +195,8 @@ def test_cli_style_overrides_keep_the_other_settings(tmp_path):
     index_texts(src, idx, encoder=enc, spec=IndexSpec(factory="IVF8,Flat", memory="1G"))
     r = index_texts(src, idx, encoder=enc, spec={"target_recall": 0.9})
     m = Collection.open(idx).manifest
-    assert m["index_spec"]["factory"] == "IVF8,Flat" and m["index_spec"]["memory"] == 2**30
-    assert m["index_spec"]["target_recall"] == 0.9 and r.index_kind == "factory"
+    assert m.index_spec.factory == "IVF8,Flat" and m.index_spec.memory == 2**30
+    assert m.index_spec.target_recall == 0.9 and r.index_kind == "factory"
     write(src, lines(1200))
     r = index_texts(src, idx, encoder=enc, spec={"memory": "1024M"})  # the same budget, spelt differently
     assert r.index_notes == [] and not r.changed
@@ -206,7 +206,7 @@ def test_shrinking_back_to_flat_says_so(tmp_path):
     enc, src, idx = HashEncoder(), tmp_path / "texts.txt", tmp_path / "idx"
     write(src, lines(3000))
     index_texts(src, idx, encoder=enc, spec=IndexSpec(flat_max=2000))
-    assert Collection.open(idx).manifest["index"]["kind"] == "ivfflat"
+    assert Collection.open(idx).manifest.index.kind == "ivfflat"
     write(src, lines(500))
     r = index_texts(src, idx, encoder=enc)
     assert r.index_kind == "flat" and any("built a flat index over 500" in n for n in r.index_notes), r.index_notes

@@ -36,7 +36,7 @@ def test_add_change_delete_reembeds_only_what_changed(photo_dir, pairs, encoder,
     enc.embedded = 0
     again = index_folder(folder, idx, encoder=enc)
     assert (again.added, again.updated, again.removed, again.unchanged, enc.embedded) == (0, 0, 0, 12, 0)
-    assert Collection.open(idx).manifest["generation"] == before.manifest["generation"]
+    assert Collection.open(idx).manifest.generation == before.manifest.generation
 
     paths = [mapping[p] for p in pairs.images]
     deleted, changed = paths[1], paths[2]
@@ -146,10 +146,10 @@ def test_kill_9_during_indexing_keeps_a_usable_index(tmp_path, pairs):
     copy_photos(load_flickr8k(FLICKR, "dev").subset(60), folder / "more")
     counts = [12]
     for _ in range(2):
-        generation = Collection.open(idx).manifest["generation"]
+        generation = Collection.open(idx).manifest.generation
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
-        while Collection.open(idx).manifest["generation"] < generation + 2 and time.time() < deadline:
+        while Collection.open(idx).manifest.generation < generation + 2 and time.time() < deadline:
             time.sleep(0.05)  # wait until it has committed twice, then kill it mid-stream
         p.send_signal(signal.SIGKILL)
         p.wait()
@@ -206,11 +206,11 @@ def test_a_bad_file_does_not_make_every_run_rebuild(photo_dir, encoder, tmp_path
     enc = CountingEncoder(encoder)
     first = index_folder(folder, idx, encoder=enc)
     assert [s.path for s in first.skipped] == [str(folder / "broken.jpg")] and first.total == 12
-    gen = Collection.open(idx).manifest["generation"]
+    gen = Collection.open(idx).manifest.generation
     enc.embedded = 0
     again = index_folder(folder, idx, model=ModelRef())  # no encoder given: it must not need one
     assert (again.added, again.updated, again.removed) == (0, 0, 0)
-    assert "not retried" in again.skipped[0].reason and Collection.open(idx).manifest["generation"] == gen
+    assert "not retried" in again.skipped[0].reason and Collection.open(idx).manifest.generation == gen
     shutil.copyfile(next(iter(_photos(folder))), folder / "broken.jpg")  # fixed: retried and added
     assert index_folder(folder, idx, encoder=enc).added == 1
 
@@ -228,7 +228,7 @@ def test_the_index_type_a_user_chose_is_kept(photo_dir, pairs, encoder, tmp_path
     shutil.copyfile(pairs.images[0], folder / "one-more.jpg")
     assert index_folder(folder, idx, encoder=encoder).index_kind == "ivfpq"  # not silently flat again
     r = index_folder(folder, idx, encoder=encoder, spec=IndexSpec(index_type="flat"))  # nothing changed
-    assert r.index_kind == "flat" and Collection.open(idx).manifest["index"]["kind"] == "flat"
+    assert r.index_kind == "flat" and Collection.open(idx).manifest.index.kind == "flat"
 
 
 def test_one_folder_reached_through_a_symlink_is_indexed_once(photo_dir, encoder, tmp_path):

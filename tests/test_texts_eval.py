@@ -96,7 +96,7 @@ def test_texts_inside_an_image_folder_survive_re_indexing_the_folder(photo_dir, 
     index_texts(captions, idx, encoder=encoder)
     r = index_folder(folder, idx, encoder=encoder)  # the folder scan finds no "captions.txt#1" files
     assert (r.removed, r.total) == (0, 17)
-    counts = Collection.open(idx).manifest["counts_by_kind"]
+    counts = Collection.open(idx).manifest.counts_by_kind
     assert counts == {"image": 12, "text": 5}
     next(folder.glob("*.jpg")).unlink()
     r = index_folder(folder, idx, encoder=encoder)

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from mmsearch.cli import app
 from mmsearch.config import IndexingConfig
 from mmsearch.errors import MediaError
+from mmsearch.manifest import Sampling
 from mmsearch.indexing import index_folder
 from mmsearch.search import Searcher
 from mmsearch.store import Collection
@@ -267,8 +268,8 @@ def test_indexing_texts_does_not_reset_how_videos_were_sampled(tmp_path, encoder
     index_texts(tmp_path / "captions.txt", idx, encoder=encoder)  # default config: 1 s interval
     r = index_folder(folder, idx, encoder=encoder, config=cfg)
     assert (r.unchanged, r.updated, r.changed) == (1, 0, False)
-    assert Collection.open(idx).manifest["video_sampled"] == {
-        str(folder / "chaplin.mp4"): {"frame_interval": 3.0, "skip_similar": 0.0}}
+    assert Collection.open(idx).manifest.video_sampled == {
+        str(folder / "chaplin.mp4"): Sampling(frame_interval=3.0, skip_similar=0.0)}
     # a later run that does not mention the interval keeps the index's (no re-sampling at 1 s)
     r = index_folder(folder, idx, encoder=encoder)
     assert (r.unchanged, r.updated) == (1, 0)

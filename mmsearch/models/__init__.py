@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._util import atomic_path, atomic_write_text
 from ..config import DEFAULT_MODEL
 from ..errors import ModelLoadError, ModelMismatchError
 
@@ -172,17 +173,17 @@ def default_precision(name: str, weights: str | None) -> str:
     return "fp32"
 
 
-def check_weights(record: dict, now: str | None, index_path) -> None:
+def check_weights(record, now: str | None, index_path) -> None:
     """Refuse an index whose vectors came from other weights than the model has ``now``
     (``fingerprint``): new vectors would not be comparable with them. ``record`` is the manifest's
-    model record; one without a fingerprint for a built-in model predates the heads shipped now."""
-    was = record.get("weights")
-    name = record.get("name")
-    if was is None and name in BUILTINS and record.get("pretrained") is None and not BUILTINS[name].unrecorded_weights_match:
+    model record (an ``IndexedModel``); one without a fingerprint for a built-in model predates the
+    heads shipped now."""
+    was, name = record.weights, record.name
+    if was is None and name in BUILTINS and record.pretrained is None and not BUILTINS[name].unrecorded_weights_match:
         was = "from an earlier mmsearch"
     if was and now and was != now:
         raise ModelMismatchError(
-            f"index {index_path} was embedded with other weights of {record.get('key')} than it has now (retrained, "
+            f"index {index_path} was embedded with other weights of {record.key} than it has now (retrained, "
             f"or a new mmsearch release): index into a new --index folder (or delete {index_path} and index again)"
         )
 
@@ -351,10 +352,9 @@ def save_open_clip_folder(model, folder: str | Path, model_config: dict | None =
         "preprocess_cfg": preprocess_cfg or preprocess_config(name),
     }
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = folder / ".open_clip_model.safetensors.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(folder / "open_clip_model.safetensors")
-    with quiet_transformers():
+    with atomic_path(folder / "open_clip_model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    with quiet_transformers():  # the tokenizer's own files, written by transformers
         (hf_tokenizer or tokenizer()).tokenizer.save_pretrained(str(folder))
-    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    atomic_write_text(folder / "open_clip_config.json", json.dumps(config, indent=2) + "\n")  # last: the folder is complete
     return folder

@@ -1,0 +1,177 @@
+"""``<index>/manifest.json``: one definition of every field an index's manifest holds.
+
+The manifest is the commit point of an index (see ``mmsearch.store``): it names the generation
+folder that holds the items, the embeddings and the faiss index, and records what a later run needs
+to update the index the same way (the model and its weights, the index settings, the video
+sampling, the files that failed). ``Manifest.from_json`` reads every manifest written since format
+version 1; ``to_json`` writes the current format. Fields this version does not know are kept as they
+were (``extra``), so an older mmsearch updating a newer index does not drop them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from .config import DEFAULT_FRAME_INTERVAL, IndexSpec
+from .errors import IndexFormatError
+from .exported import ModelRecord
+
+FORMAT = "mmsearch-index"
+FORMAT_VERSION = 2  # 2: IVF indexes hold ids themselves, re-ranked from embeddings.npy; tuned nprobe/efSearch
+READABLE_VERSIONS = (1, 2)  # version 1 indexes are searched as they are and rebuilt on their next update
+FILES = {"items": "items.parquet", "embeddings": "embeddings.npy", "faiss": "index.faiss"}
+
+
+@dataclass(frozen=True)
+class IndexedModel(ModelRecord):
+    """The model whose vectors the index holds: what ``ModelRecord`` says, plus what the vectors are."""
+
+    dim: int | None = None  # None until the model has been loaded once
+    precision: str | None = None  # "fp32" or "int8"; None in indexes made before int8 existed (fp32)
+
+    @classmethod
+    def from_record(cls, record: ModelRecord, dim: int | None = None, precision: str | None = None) -> "IndexedModel":
+        return cls(record.name, record.pretrained, record.key, record.weights, dim, precision)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A file that could not be used; it is not retried until its size or mtime changes."""
+
+    size: int
+    mtime_ns: int
+    reason: str
+
+    def same_file(self, size: int, mtime_ns: int) -> bool:
+        return self.size == size and self.mtime_ns == mtime_ns
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a video's frames are sampled: one every ``frame_interval`` seconds, dropping a frame that
+    differs from the last kept one by less than ``skip_similar`` grey levels (0: keep all)."""
+
+    frame_interval: float = DEFAULT_FRAME_INTERVAL
+    skip_similar: float = 0.0
+
+
+@dataclass
+class FaissInfo:
+    """The faiss index of the generation: its kind and its parameters (as ``VectorIndex.params``)."""
+
+    kind: str | None = None  # None while the index holds no vector
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    model: IndexedModel
+    next_id: int = 0  # the next item id to hand out; ids are never reused
+    failed: dict[str, Failure] = field(default_factory=dict)  # path -> why it failed
+    index_spec: IndexSpec | None = None  # the settings the faiss index is built with (format 1: None)
+    video_sampled: dict[str, Sampling] = field(default_factory=dict)  # video path -> how its frames were sampled
+    video_sampling: Sampling | None = None  # the sampling of the last run: later runs keep it
+    hubness: dict | None = None  # QueryBank.settings() the items' hub values were measured with
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    generation: int = 0  # 0: nothing committed yet
+    generation_dir: str | None = None
+    count: int = 0
+    counts_by_kind: dict[str, int] = field(default_factory=dict)
+    dim: int | None = None
+    index: FaissInfo = field(default_factory=FaissInfo)
+    files: dict[str, str] = field(default_factory=lambda: dict(FILES))
+    created: str | None = None
+    updated: str | None = None
+    index_type: str | None = None  # format 1 kept only this of the index settings
+    extra: dict[str, Any] = field(default_factory=dict)  # fields of a newer format, kept as they were
+
+    # ---- derived facts ---------------------------------------------------------------------------
+    @property
+    def precision(self) -> str | None:
+        """The precision the vectors were embedded at (indexes before int8 existed: fp32); None for
+        an index that has never held a vector (its first run picks the model's default)."""
+        return self.model.precision or ("fp32" if self.count else None)
+
+    @property
+    def spec(self) -> IndexSpec:
+        """The index settings this index is built with, memory budget in bytes."""
+        return normalise_spec(self.index_spec or IndexSpec(index_type=self.index_type or "auto"))
+
+    # ---- JSON --------------------------------------------------------------------------------------
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str = "manifest") -> "Manifest":
+        """The manifest of a parsed manifest.json (any readable format version)."""
+        if data.get("format") != FORMAT:
+            raise IndexFormatError(f"{where} is not an mmsearch index manifest")
+        try:
+            return cls._from_json(dict(data))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise IndexFormatError(f"{where} is damaged ({type(e).__name__}: {e}): rebuild with `mmsearch index`") from e
+
+    @classmethod
+    def _from_json(cls, d: dict[str, Any]) -> "Manifest":
+        known_model = {f.name for f in fields(IndexedModel)}
+        model = d.pop("model")
+        spec = d.pop("index_spec", None)
+        known_spec = {f.name for f in fields(IndexSpec)}
+        sampling = d.pop("video_sampling", None)
+        index = d.pop("index", None) or {}
+        m = cls(
+            model=IndexedModel(**{"weights": None, **{k: v for k, v in model.items() if k in known_model}}),
+            failed={p: Failure(**f) for p, f in d.pop("failed", {}).items()},
+            index_spec=IndexSpec(**{k: v for k, v in spec.items() if k in known_spec}) if spec is not None else None,
+            video_sampled={p: Sampling(**s) for p, s in d.pop("video_sampled", {}).items()},
+            video_sampling=Sampling(**sampling) if sampling else None,
+            index=FaissInfo(index.get("kind"), dict(index.get("params") or {})),
+        )
+        simple = {f.name for f in fields(cls)} - {"model", "failed", "index_spec", "video_sampled",
+                                                  "video_sampling", "index", "extra"}
+        for name in simple & d.keys():
+            setattr(m, name, d.pop(name))
+        m.extra = d
+        return m
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest as manifest.json stores it."""
+        out: dict[str, Any] = {
+            "model": asdict(self.model),
+            "next_id": self.next_id,
+            "failed": {p: asdict(f) for p, f in self.failed.items()},
+            "index_spec": asdict(self.index_spec) if self.index_spec is not None else None,
+            "video_sampled": {p: asdict(s) for p, s in self.video_sampled.items()},
+            "video_sampling": asdict(self.video_sampling) if self.video_sampling is not None else None,
+            "hubness": self.hubness,
+            "format": self.format,
+            "format_version": self.format_version,
+            "generation": self.generation,
+            "generation_dir": self.generation_dir,
+            "count": self.count,
+            "counts_by_kind": self.counts_by_kind,
+            "dim": self.dim,
+            "index": {"kind": self.index.kind, "params": self.index.params},
+            "files": self.files,
+            "created": self.created,
+            "updated": self.updated,
+        }
+        if self.index_type is not None:
+            out["index_type"] = self.index_type
+        if self.index_spec is None:
+            del out["index_spec"]
+        return {**out, **self.extra}
+
+    def dumps(self) -> bytes:
+        return (json.dumps(self.to_json(), indent=2) + "\n").encode()
+
+    def copy(self, **changes) -> "Manifest":
+        return replace(self, **changes)
+
+
+def normalise_spec(spec: IndexSpec) -> IndexSpec:
+    """``spec`` with its memory budget in bytes, so "4G" and the default compare equal."""
+    from .config import DEFAULT_INDEX_MEMORY
+    from .index import parse_size
+
+    return replace(spec, memory=parse_size(spec.memory) or DEFAULT_INDEX_MEMORY)
