@@ -18,7 +18,7 @@ import numpy as np
 
 from ._util import batched, ordered_map, prefetch_iter
 from .config import DEFAULT_FRAME_INTERVAL, DEFAULT_MODEL, IndexingConfig, IndexSpec, ModelRef
-from .errors import MediaError, ModelMismatchError
+from .errors import BadArgumentError, DataError, MediaError, ModelMismatchError, PathNotFoundError
 from .exported import is_export
 from .media import MediaFile, Skipped, load_image, scan
 from .store import Collection, Items, check_index_folder, commit, write_lock, write_manifest
@@ -299,20 +299,20 @@ def read_texts(source: str | os.PathLike, column: str | None = None) -> list[Med
 
     path = os.path.realpath(os.fspath(source))
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"texts file not found: {source}")
+        raise PathNotFoundError(f"texts file not found: {source}")
     if Path(path).suffix.lower() in TABLE_SUFFIXES:
         values = read_table_column(path, column)
     else:
         if column:
-            raise ValueError(f"--text-column applies to .csv/.tsv/.parquet tables, not {source}")
+            raise BadArgumentError(f"--text-column applies to .csv/.tsv/.parquet tables, not {source}")
         with open(path, "rb") as f:
             data = f.read()
         if b"\0" in data[:1 << 20]:
-            raise ValueError(f"{source} is not a text file (it holds binary data): pass a UTF-8 .txt, one text per line")
+            raise DataError(f"{source} is not a text file (it holds binary data): pass a UTF-8 .txt, one text per line")
         try:
             values = data.decode("utf-8-sig").splitlines()
         except UnicodeDecodeError as e:
-            raise ValueError(f"{source} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+            raise DataError(f"{source} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     out = []
     for n, text in enumerate(values, start=1):
         text = " ".join(str(text or "").split())
@@ -340,7 +340,7 @@ def index_texts(
     if not records:  # an emptied file removes its texts; a file that never had any is a mistake
         items = Collection.open(index_path).items if Collection.exists(index_path) else Items.empty()
         if not any(k == "text" and p.startswith(prefix) for p, k in zip(items.path, items.kind)):
-            raise ValueError(f"no texts in {source}: it has no non-blank lines (or the column is empty)")
+            raise DataError(f"no texts in {source}: it has no non-blank lines (or the column is empty)")
     return _update(records, [], lambda p, kind: kind == "text" and p.startswith(prefix), index_path, encoder, model, spec, config,
                    on_progress, None, t0)
 

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import MAX_IMAGE_PIXELS, IndexingConfig
-from .errors import MediaError
+from .errors import MediaError, NotAFolderError, PathAccessError, PathError, PathNotFoundError
 
 
 @dataclass(frozen=True)
@@ -63,15 +63,16 @@ def scan(root, config: IndexingConfig = IndexingConfig()) -> tuple[list[MediaFil
     try:
         st = os.stat(root)
     except FileNotFoundError:
-        raise FileNotFoundError(f"folder not found: {root}") from None
+        raise PathNotFoundError(f"folder not found: {root}") from None
     except OSError as e:
-        raise type(e)(f"cannot read {root}: {_os_reason(e)}") from None
+        error = {PermissionError: PathAccessError, NotADirectoryError: NotAFolderError}.get(type(e), PathError)
+        raise error(f"cannot read {root}: {_os_reason(e)}") from None
     if not stat.S_ISDIR(st.st_mode):
         if stat.S_ISREG(st.st_mode) and os.path.splitext(root)[1].lower() in exts:
             if st.st_size == 0:
                 return [], [Skipped(root, "zero-byte file")]
             return [MediaFile(root, st.st_size, st.st_mtime_ns, kind_of(root))], []
-        raise NotADirectoryError(f"not a folder, an image or a video file: {root}")
+        raise NotAFolderError(f"not a folder, an image or a video file: {root}")
 
     found: list[tuple[bool, str, os.stat_result]] = []  # (reached via a link, path, stat)
     skipped: list[Skipped] = []
@@ -224,7 +225,7 @@ def load_image(path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int | None = 
     try:
         f = open(name, "rb")
     except FileNotFoundError:
-        raise FileNotFoundError(f"{name}: file not found") from None
+        raise PathNotFoundError(f"{name}: file not found") from None
     except OSError as e:
         raise MediaError(f"{name}: {_os_reason(e)}") from None
     with f, _QUIET:
