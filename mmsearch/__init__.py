@@ -9,7 +9,9 @@ from __future__ import annotations
 from importlib import import_module
 
 from .errors import (  # noqa: F401
+    BadArgumentError,
     BadQueryError,
+    DataError,
     EmptyIndexError,
     IndexFormatError,
     IndexLockedError,
@@ -18,6 +20,10 @@ from .errors import (  # noqa: F401
     MmsearchError,
     ModelLoadError,
     ModelMismatchError,
+    NotAFolderError,
+    PathAccessError,
+    PathError,
+    PathNotFoundError,
 )
 
 __version__ = "0.1.0"

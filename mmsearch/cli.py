@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
 import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -20,10 +23,28 @@ app = typer.Typer(
     help="Search photos by meaning: `mmsearch index ./photos`, then `mmsearch query \"a dog on grass\"`.",
 )
 
-IndexOpt = typer.Option(
-    None, "--index", envvar=INDEX_ENV_VAR, show_envvar=True,
-    help="Index folder [default: ./indexes/default].",
-)
+#: exit codes: 1 for a user's mistake (one `error:` line), 130 for Ctrl-C, EXIT_INTERNAL for a bug in mmsearch
+EXIT_INTERNAL = 70  # sysexits.h EX_SOFTWARE
+DEBUG_ENV_VAR = "MMSEARCH_DEBUG"
+
+
+@dataclass
+class _Globals:
+    """The global options of the running command (set by the root callback before the command runs)."""
+
+    debug: bool = False
+
+
+_GLOBALS = _Globals()
+
+# ---- options shared by several commands ----------------------------------------------------------
+IndexOpt = Annotated[Optional[Path], typer.Option(
+    "--index", envvar=INDEX_ENV_VAR, show_envvar=True, help="Index folder [default: ./indexes/default].")]
+PretrainedOpt = Annotated[Optional[str], typer.Option("--pretrained", help="open_clip pretrained tag or weights file.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="auto (ONNX Runtime when the model has an export), onnx or torch.")]
+PairsArg = Annotated[Path, typer.Argument(
+    help="Flickr8k-style folder, or a .csv/.tsv/.parquet table with image,caption columns.")]
 
 
 def _index_dir(index: Optional[Path]) -> Path:
@@ -43,22 +64,160 @@ def _warn(bar, message: str) -> None:
         typer.echo(message, err=True)
 
 
+# ---- errors: a user's mistake is one line; a bug says so, with its traceback on --debug ----------
+def _within(name, roots: list[Path]) -> bool:
+    """Whether the path ``name`` is one of ``roots`` or lies under one (as written or with links resolved)."""
+    if isinstance(name, int):  # a file descriptor
+        return False
+    forms = {os.path.abspath(os.fsdecode(name)), os.path.realpath(os.fsdecode(name))}
+    for root in roots:
+        for base in {os.path.abspath(root), os.path.realpath(root)}:
+            if any(f == base or f.startswith(base.rstrip(os.sep) + os.sep) for f in forms):
+                return True
+    return False
+
+
+def user_paths(params: dict) -> list[Path]:
+    """The paths a command's user chose: its path arguments and options, the index folder in use
+    ($MMSEARCH_INDEX or ./indexes/default without --index) and the cache ($MMSEARCH_CACHE or ~/.cache/mmsearch)."""
+    from .exported import cache_root
+
+    return [v for v in params.values() if isinstance(v, Path)] + [default_index_dir(), cache_root()]
+
+
+def is_user_error(e: BaseException, paths: list[Path]) -> bool:
+    """The rule for one-line errors: mmsearch's own errors (``MmsearchError``), a full disk, and OS
+    errors (missing file, permission denied, not a folder, ...) about one of ``paths`` or anything
+    under them. Everything else is a bug in mmsearch."""
+    if isinstance(e, MmsearchError):
+        return True
+    if not isinstance(e, OSError):
+        return False
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(_within(name, paths) for name in (e.filename, e.filename2) if name is not None)
+
+
+def _report(e: Exception, paths: list[Path]) -> None:
+    """Print ``e`` as one `error:` line (its traceback first with --debug) and exit."""
+    if _GLOBALS.debug:
+        typer.echo(traceback.format_exc(), err=True, nl=False)
+    message = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    if is_user_error(e, paths):
+        _fail(message)
+    _fail(f"internal error: {type(e).__name__}: {message} (run with --debug or {DEBUG_ENV_VAR}=1 for the traceback)",
+          code=EXIT_INTERNAL)
+
+
 def handle_errors(fn):
-    """Expected failures become one `error: ...` line on stderr and exit code 1, no traceback."""
+    """Turn what a command raises into one `error: ...` line on stderr (see ``is_user_error``):
+    exit code 1 for a user's mistake, EXIT_INTERNAL for a bug, 130 for Ctrl-C."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own exits and usage errors
+            raise
         except BrokenPipeError:  # `mmsearch query ... | head`: the reader has all it wants
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(0)
-        except (MmsearchError, OSError, ValueError) as e:  # bad input, bad files, bad index
-            _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
         except KeyboardInterrupt:
             _fail("interrupted; the index is unchanged since its last commit", code=130)
+        except Exception as e:
+            _report(e, user_paths(kwargs))
 
     return wrapper
+
+
+class _Bar:
+    """A progress bar on stderr, opened at the first report (never with --quiet); warnings print above it."""
+
+    def __init__(self, desc: str, unit: str, quiet: bool) -> None:
+        self.desc, self.unit, self.quiet, self.bar = desc, unit, quiet, None
+
+    def update(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit=self.unit, desc=self.desc, file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def warn(self, message: str) -> None:
+        _warn(self.bar, message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "_Bar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---- index -----------------------------------------------------------------------------------------
+IndexTypeOpt = Annotated[Optional[str], typer.Option(
+    "--index-type", help="auto, flat (exact), hnsw, ivfflat or ivfpq (IVF-PQ + exact re-rank) [default: the index's, else auto].")]
+FactoryOpt = Annotated[Optional[str], typer.Option(
+    "--index-factory", help="Force a faiss index_factory string, e.g. 'IVF4096,PQ32' or 'HNSW32'.")]
+MemoryOpt = Annotated[Optional[str], typer.Option(
+    "--memory", help="RAM budget for the index, e.g. 4G; picks IVF-PQ and its code size to fit [default: 4G].")]
+TargetRecallOpt = Annotated[Optional[float], typer.Option(
+    "--target-recall", min=0.01, max=1.0, help="Tune nprobe/efSearch to this recall@10 against exact search [default: 0.95].")]
+BuildRerankOpt = Annotated[Optional[int], typer.Option(
+    "--rerank", min=1, help="IVF-PQ: re-rank k x this many candidates with the exact vectors [default: 4, deeper if tuning needs it].")]
+FrameIntervalOpt = Annotated[Optional[float], typer.Option(
+    "--frame-interval", min=0.01, help="Seconds between sampled video frames (plus the first frame) [default: the index's, else 1].")]
+SkipSimilarOpt = Annotated[Optional[float], typer.Option(
+    "--skip-similar", min=0.0,
+    help="Drop video frames this close to the last kept one (mean grey levels, e.g. 3; 0 = off) [default: the index's, else off].")]
+
+
+def _spec_changes(index_type: Optional[str], factory: Optional[str], memory: Optional[str],
+                  target_recall: Optional[float], rerank: Optional[int]) -> Optional[dict]:
+    """The changes `mmsearch index` options make to the index's settings (None: keep them all)."""
+    from .index import INDEX_TYPES, parse_size
+
+    if index_type not in (None,) + INDEX_TYPES:
+        _fail(f"unknown --index-type {index_type!r}: use {', '.join(INDEX_TYPES)}")
+    if factory is not None and index_type is not None:
+        _fail("give either --index-type or --index-factory, not both")
+    if memory is not None:
+        parse_size(memory)  # a bad size fails here, before any work
+    options = {"index_type": index_type, "factory": factory, "memory": memory, "target_recall": target_recall,
+               "rerank_factor": rerank}
+    spec = {k: v for k, v in options.items() if v is not None} or None
+    if factory is not None:
+        spec["index_type"] = "auto"
+    elif index_type is not None:
+        spec["factory"] = None  # choosing a kind drops a factory string given before
+    return spec
+
+
+def _check_sources(folder: Optional[Path], texts: Optional[Path]) -> None:
+    if folder is None and texts is None:
+        _fail("nothing to index: give a FOLDER of images and/or --texts FILE")
+    if folder is not None and not folder.exists():
+        _fail(f"folder not found: {folder}")
+    if texts is not None and not texts.is_file():
+        _fail(f"texts file not found: {texts}")
+
+
+def _echo_index_report(what: str, report) -> None:
+    speed = f", {report.embedded_per_second:.1f} items/s" if report.embedded_per_second else ""
+    typer.echo(
+        f"{report.total} items in {report.index_path} ({report.index_kind or 'empty'}): {what} "
+        f"{report.added} added, {report.updated} updated, {report.removed} removed, "
+        f"{report.unchanged} unchanged, {len(report.skipped)} skipped in {report.seconds:.1f}s{speed}",
+        err=True,
+    )
+    for note in report.index_notes:
+        typer.echo(f"note: {note}", err=True)
 
 
 @app.command()
@@ -68,107 +227,49 @@ def index(
     texts: Optional[Path] = typer.Option(
         None, "--texts", help="Also index texts: a .txt file (one per line) or a .csv/.tsv/.parquet column."),
     text_column: Optional[str] = typer.Option(None, "--text-column", help="Column of --texts table [default: text, else caption]."),
-    index: Optional[Path] = IndexOpt,
+    index: IndexOpt = None,
     model: Optional[str] = typer.Option(
         None, "--model", help=f"open_clip model name, hf-hub: id or checkpoint folder [default: the index's, else {DEFAULT_MODEL}]."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag or weights file."),
-    index_type: Optional[str] = typer.Option(
-        None, "--index-type", help="auto, flat (exact), hnsw, ivfflat or ivfpq (IVF-PQ + exact re-rank) [default: the index's, else auto]."),
-    factory: Optional[str] = typer.Option(
-        None, "--index-factory", help="Force a faiss index_factory string, e.g. 'IVF4096,PQ32' or 'HNSW32'."),
-    memory: Optional[str] = typer.Option(
-        None, "--memory", help="RAM budget for the index, e.g. 4G; picks IVF-PQ and its code size to fit [default: 4G]."),
-    target_recall: Optional[float] = typer.Option(
-        None, "--target-recall", min=0.01, max=1.0, help="Tune nprobe/efSearch to this recall@10 against exact search [default: 0.95]."),
-    rerank: Optional[int] = typer.Option(
-        None, "--rerank", min=1, help="IVF-PQ: re-rank k x this many candidates with the exact vectors [default: 4, deeper if tuning needs it]."),
-    frame_interval: Optional[float] = typer.Option(
-        None, "--frame-interval", min=0.01,
-        help="Seconds between sampled video frames (plus the first frame) [default: the index's, else 1]."),
-    skip_similar: Optional[float] = typer.Option(
-        None, "--skip-similar", min=0.0,
-        help="Drop video frames this close to the last kept one (mean grey levels, e.g. 3; 0 = off) [default: the index's, else off]."),
+    pretrained: PretrainedOpt = None,
+    index_type: IndexTypeOpt = None,
+    factory: FactoryOpt = None,
+    memory: MemoryOpt = None,
+    target_recall: TargetRecallOpt = None,
+    rerank: BuildRerankOpt = None,
+    frame_interval: FrameIntervalOpt = None,
+    skip_similar: SkipSimilarOpt = None,
     backend: str = typer.Option(
         "auto", "--backend", help="auto (ONNX Runtime when the model has an export; built-in models are exported on first use), onnx or torch."),
     precision: Optional[str] = typer.Option(
         None, "--precision", help="fp32 or int8 (ONNX Runtime) [default: the index's, else the model's: int8 for mmsearch-lite2, else fp32]."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     commit_every: int = typer.Option(2048, "--commit-every", min=1, help="Save progress to disk every N images."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: QuietOpt = False,
 ) -> None:
     """Add new, re-embed changed and drop deleted images and videos of FOLDER (and texts of --texts) in the index."""
-    from dataclasses import replace
-
-    from tqdm import tqdm
-
     from .config import IndexingConfig
     from .indexing import index_folder, index_texts
 
-    from .index import INDEX_TYPES, parse_size
-
-    if index_type not in (None,) + INDEX_TYPES:
-        _fail(f"unknown --index-type {index_type!r}: use {', '.join(INDEX_TYPES)}")
-    if factory is not None and index_type is not None:
-        _fail("give either --index-type or --index-factory, not both")
-    if memory is not None:
-        parse_size(memory)  # a bad size fails here, before any work
+    spec = _spec_changes(index_type, factory, memory, target_recall, rerank)
     _check_backend(backend, precision)
-    if folder is None and texts is None:
-        _fail("nothing to index: give a FOLDER of images and/or --texts FILE")
-    if folder is not None and not folder.exists():
-        _fail(f"folder not found: {folder}")
-    if texts is not None and not texts.is_file():
-        _fail(f"texts file not found: {texts}")
-    bar = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if quiet:
-            return
-        if bar is None:
-            bar = tqdm(total=total, unit="file", desc="embedding", file=sys.stderr, dynamic_ncols=True)
-        bar.update(done - bar.n)
-
-    def skip(s) -> None:
-        _warn(bar, f"warning: skipped {s.path}: {s.reason}")
-
-
-    ref = ModelRef(model, pretrained) if model else None
-    index_opts = {"index_type": index_type, "factory": factory, "memory": memory, "target_recall": target_recall,
-                  "rerank_factor": rerank}
-    spec = {k: v for k, v in index_opts.items() if v is not None} or None  # changes to the index's settings
-    if factory is not None:
-        spec["index_type"] = "auto"
-    elif index_type is not None:
-        spec["factory"] = None  # choosing a kind drops a factory string given before
-    config = replace(IndexingConfig(), batch_size=batch_size, commit_every=commit_every,
-                     frame_interval=frame_interval, skip_similar=skip_similar, backend=backend, precision=precision)
+    _check_sources(folder, texts)
+    config = IndexingConfig(batch_size=batch_size, commit_every=commit_every, frame_interval=frame_interval,
+                            skip_similar=skip_similar, backend=backend, precision=precision)
+    where, ref = _index_dir(index), (ModelRef(model, pretrained) if model else None)
     reports = []
-    try:
+    with _Bar("embedding", "file", quiet) as bar:
         if folder is not None:
-            reports.append(("files", index_folder(folder, _index_dir(index), model=ref, spec=spec, config=config,
-                                                  on_progress=progress, on_skip=skip)))
+            reports.append(("files", index_folder(folder, where, model=ref, spec=spec, config=config, on_progress=bar.update,
+                                                  on_skip=lambda s: bar.warn(f"warning: skipped {s.path}: {s.reason}"))))
         if texts is not None:
-            if bar is not None:
-                bar.close()
-                bar = None
-            reports.append(("texts", index_texts(texts, _index_dir(index), column=text_column, model=ref, spec=spec,
-                                                 config=config, on_progress=progress)))
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.close()  # the texts get a bar of their own
+            reports.append(("texts", index_texts(texts, where, column=text_column, model=ref, spec=spec, config=config,
+                                                 on_progress=bar.update)))
     for what, report in reports:
-        speed = f", {report.embedded_per_second:.1f} items/s" if report.embedded_per_second else ""
-        typer.echo(
-            f"{report.total} items in {report.index_path} ({report.index_kind or 'empty'}): {what} "
-            f"{report.added} added, {report.updated} updated, {report.removed} removed, "
-            f"{report.unchanged} unchanged, {len(report.skipped)} skipped in {report.seconds:.1f}s{speed}",
-            err=True,
-        )
-        for note in report.index_notes:
-            typer.echo(f"note: {note}", err=True)
+        _echo_index_report(what, report)
 
 
+# ---- query -----------------------------------------------------------------------------------------
 KINDS = ("auto", "all", "image", "video", "text")
 
 
@@ -218,6 +319,38 @@ def _searcher(index: Optional[Path], model: Optional[Path], backend: str, **opti
     return Searcher(_index_dir(index), backend=backend, **options)
 
 
+def _check_query(text: Optional[str], image: Optional[Path], batch: Optional[Path]) -> Optional[list[str]]:
+    """The queries of --batch FILE (None without it), after checking that the query makes sense."""
+    if sum(x is not None for x in (text, image, batch)) > 1:
+        _fail("give one of: a text query, --image PATH or --batch FILE")
+    if batch is None:
+        if image is None and (text is None or not text.strip()):
+            _fail("empty query: give some text to search for, or --image PATH")
+        if image is not None and not image.is_file():
+            _fail(f"query image not found: {image}")
+        return None
+    if not batch.is_file():
+        _fail(f"queries file not found: {batch}")
+    from .indexing import read_texts
+
+    queries = [r.text for r in read_texts(batch)]
+    if not queries:
+        _fail(f"no queries in {batch}: it has no non-blank lines")
+    return queries
+
+
+def _echo_batch(searcher, queries: list[str], k: int, kind: str, as_json: bool) -> None:
+    """Answer the queries 1024 at a time: `query<TAB>score<TAB>result` lines, or one JSON object a query."""
+    for start in range(0, len(queries), 1024):
+        chunk = queries[start:start + 1024]
+        for q, hits in zip(chunk, searcher.search_texts(chunk, k, kind)):
+            if as_json:
+                typer.echo(json.dumps({"query": q, "hits": [_hit_json(h) for h in hits]}))
+            else:
+                for h in hits:
+                    typer.echo(f"{q}\t{_hit_line(h)}")
+
+
 @app.command()
 @handle_errors
 def query(
@@ -235,43 +368,18 @@ def query(
     plain: bool = typer.Option(False, "--plain", help="Rank by plain cosine, without the model's hubness correction."),
     model: Optional[Path] = typer.Option(
         None, "--model", help="An exported model folder (`mmsearch export`) of the index's model [default: the index's model]."),
-    backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime when the model has an export), onnx or torch."),
-    index: Optional[Path] = IndexOpt,
+    backend: BackendOpt = "auto",
+    index: IndexOpt = None,
 ) -> None:
     """Print the best matches, best first: `score<TAB>path` for images, `score<TAB>path<TAB>start-end`
     for videos (seconds), `score<TAB>text` for texts."""
-    given = sum(x is not None for x in (text, image, batch))
-    if given > 1:
-        _fail("give one of: a text query, --image PATH or --batch FILE")
-    if batch is not None:
-        if not batch.is_file():
-            _fail(f"queries file not found: {batch}")
-        from .indexing import read_texts
-
-        queries = [r.text for r in read_texts(batch)]
-        if not queries:
-            _fail(f"no queries in {batch}: it has no non-blank lines")
-        if kind not in KINDS:
-            _fail(f"unknown --kind {kind!r}: use image, video, text, all or auto")
-        searcher = _searcher(index, model, backend, nprobe=nprobe, ef_search=ef_search, rerank_factor=rerank,
-                             hubness=not plain)
-        for start in range(0, len(queries), 1024):
-            chunk = queries[start:start + 1024]
-            for q, hits in zip(chunk, searcher.search_texts(chunk, k, kind)):
-                if as_json:
-                    typer.echo(json.dumps({"query": q, "hits": [_hit_json(h) for h in hits]}))
-                else:
-                    for h in hits:
-                        typer.echo(f"{q}\t{_hit_line(h)}")
-        return
-    if image is None and (text is None or not text.strip()):
-        _fail("empty query: give some text to search for, or --image PATH")
-    if image is not None and not image.is_file():
-        _fail(f"query image not found: {image}")
+    queries = _check_query(text, image, batch)
     if kind not in KINDS:
         _fail(f"unknown --kind {kind!r}: use image, video, text, all or auto")
     searcher = _searcher(index, model, backend, nprobe=nprobe, ef_search=ef_search, rerank_factor=rerank,
                          hubness=not plain)
+    if queries is not None:
+        return _echo_batch(searcher, queries, k, kind, as_json)
     hits = searcher.search_image(image, k, kind) if image is not None else searcher.search_text(text, k, kind)
     if as_json:
         typer.echo(json.dumps([_hit_json(h) for h in hits]))
@@ -283,7 +391,7 @@ def query(
 @app.command()
 @handle_errors
 def info(
-    index: Optional[Path] = IndexOpt,
+    index: IndexOpt = None,
     as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON."),
 ) -> None:
     """What the index holds: model, count, dimension, index type, size on disk."""
@@ -351,17 +459,17 @@ def _load_pairs_or_fail(data: Path, split: Optional[str]):
 @app.command("eval")
 @handle_errors
 def eval_(
-    data: Path = typer.Argument(..., help="Flickr8k-style folder, or a .csv/.tsv/.parquet table with image,caption columns."),
+    data: PairsArg,
     split: Optional[str] = typer.Option(None, "--split", help="train, dev or test (Flickr8k folders) [default: test]."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", help="Model name, hf-hub: id or checkpoint folder."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag or weights file."),
+    pretrained: PretrainedOpt = None,
     as_json: bool = typer.Option(False, "--json", help="Print the recalls as JSON."),
     via_index: bool = typer.Option(False, "--via-index", help="Also answer text->image through a faiss index; report its ANN recall."),
     index_type: str = typer.Option("ivfpq", "--index-type", help="Index kind for --via-index: auto, flat or ivfpq."),
     plain: bool = typer.Option(False, "--plain", help="Rank by plain cosine only, without the model's hubness correction."),
-    backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime when the model has an export), onnx or torch."),
+    backend: BackendOpt = "auto",
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or int8 (ONNX Runtime) [default: the model's, as new indexes get]."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: QuietOpt = False,
 ) -> None:
     """Recall@1/5/10 text->image and image->text on image-caption pairs, ranked as `mmsearch query`
     ranks (with the model's hubness correction, and by plain cosine beside it)."""
@@ -395,82 +503,45 @@ def eval_(
                    + "   ANN recall " + "  ".join(f"@{k} {x:.3f}" for k, x in v["ann_recall"].items()))
 
 
-@app.command()
-@handle_errors
-def train(
-    data: Path = typer.Argument(..., help="Flickr8k-style folder, or a .csv/.tsv/.parquet table with image,caption columns."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the trained open_clip checkpoint to."),
-    val: Optional[Path] = typer.Option(None, "--val", help="Validation pairs (table) [default: the folder's dev split]."),
-    split: str = typer.Option("train", "--split", help="Training split of a Flickr8k-style folder."),
-    val_split: str = typer.Option("dev", "--val-split", help="Validation split of a Flickr8k-style folder."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Model to start from: name, hf-hub: id or checkpoint folder."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag or weights file."),
-    unlock_image: int = typer.Option(0, "--unlock-image", min=0, help="Train the last N layer groups of the image tower (0: locked)."),
-    unlock_text: int = typer.Option(0, "--unlock-text", min=0, help="Train the last N layers of the text tower (0: locked); with the image tower locked they train on cached states."),
-    epochs: int = typer.Option(TrainConfig.epochs, "--epochs", min=1, help="Most epochs; stops early without progress."),
-    batch_size: int = typer.Option(TrainConfig.batch_size, "--batch-size", min=2, help="Pairs per step."),
-    lr: float = typer.Option(TrainConfig.lr, "--lr", help="Peak learning rate."),
-    patience: int = typer.Option(TrainConfig.patience, "--patience", min=1, help="Epochs without a better validation score before stopping."),
-    seed: int = typer.Option(TrainConfig.seed, "--seed", help="Random seed (runs are deterministic on CPU)."),
-    tower_lr_scale: float = typer.Option(TrainConfig.tower_lr_scale, "--tower-lr-scale",
-                                         help="Unlocked tower layers learn at --lr times this."),
-    captions_per_step: int = typer.Option(TrainConfig.captions_per_step, "--captions-per-step", min=1,
-                                          help="Captions of each image per step (locked towers)."),
-    flip: bool = typer.Option(TrainConfig.flip_views, "--flip/--no-flip",
-                              help="Also train on mirrored images (locked towers; caches their features too)."),
-    zoom: bool = typer.Option(TrainConfig.zoom_views, "--zoom/--no-zoom",
-                              help="Also train on the images' centres, zoomed in (locked towers)."),
-    query_bank: int = typer.Option(TrainConfig.query_bank, "--query-bank", min=0,
-                                   help="Training images (one caption each) kept as the model's query bank for the hubness correction; 0: none."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Feature cache folder [default: ~/.cache/mmsearch/features]."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-) -> None:
-    """Fine-tune a model on image-caption pairs with InfoNCE; writes a checkpoint --model accepts."""
-    from dataclasses import replace
+class _TrainBars:
+    """`mmsearch train`'s progress on stderr: a bar per feature cache being filled and the epochs' bar."""
 
-    from tqdm import tqdm
+    def __init__(self, epochs: int, quiet: bool) -> None:
+        self.quiet, self.features = quiet, {}
+        self.epochs = _Bar("training", "epoch", quiet)
+        self.epochs.update(0, epochs)  # shown from the start
 
-    from .train import train_model
+    def feature(self, name: str, done: int, total: int) -> None:
+        self.features.setdefault(name, _Bar(f"features ({name})", "img", self.quiet)).update(done, total)
 
-    if data.is_dir():
-        train_pairs = _load_pairs_or_fail(data, split)
-        val_pairs = _load_pairs_or_fail(val, val_split if val.is_dir() else None) if val else _load_pairs_or_fail(data, val_split)
-    else:
-        if val is None:
-            _fail("a pairs table needs --val VALIDATION_TABLE (pairs kept out of training)")
-        train_pairs, val_pairs = _load_pairs_or_fail(data, None), _load_pairs_or_fail(val, val_split if val.is_dir() else None)
-    cfg = replace(TrainConfig(), epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
-                  captions_per_step=captions_per_step, flip_views=flip, zoom_views=zoom, tower_lr_scale=tower_lr_scale,
-                  query_bank=query_bank)
-    bars: dict = {}
+    def epoch(self, r: dict) -> None:
+        if self.epochs.bar is not None:
+            self.epochs.bar.update(1)
+            self.epochs.bar.set_postfix(loss=f"{r['loss']:.3f}", val_t2i_R10=f"{r['val']['t2i'][10]:.3f}",
+                                        val_i2t_R10=f"{r['val']['i2t'][10]:.3f}")
 
-    def progress(name: str, done: int, total: int) -> None:
-        if quiet:
-            return
-        if name not in bars:
-            bars[name] = tqdm(total=total, unit="img", desc=f"features ({name})", file=sys.stderr, dynamic_ncols=True)
-        bars[name].update(done - bars[name].n)
+    def skipped(self, path: str, reason: str) -> None:
+        bar = next((b.bar for b in self.features.values() if b.bar is not None), None) or self.epochs.bar
+        _warn(bar, f"warning: skipped {path}: {reason.removeprefix(path + ': ')}")
 
-    epoch_bar = None if quiet else tqdm(total=epochs, unit="epoch", desc="training", file=sys.stderr, dynamic_ncols=True)
+    def __enter__(self) -> "_TrainBars":
+        return self
 
-    def on_epoch(r: dict) -> None:
-        if epoch_bar is not None:
-            epoch_bar.update(1)
-            epoch_bar.set_postfix(loss=f"{r['loss']:.3f}", val_t2i_R10=f"{r['val']['t2i'][10]:.3f}",
-                                  val_i2t_R10=f"{r['val']['i2t'][10]:.3f}")
-
-    def skipped(path: str, reason: str) -> None:
-        bar = next(iter(bars.values()), None) or epoch_bar
-        message = f"warning: skipped {path}: {reason.removeprefix(path + ': ')}"
-        _warn(bar, message)
-
-    try:
-        record = train_model(train_pairs, val_pairs, out, model_name=model, pretrained=pretrained, cfg=cfg,
-                             unlock_image=unlock_image, unlock_text=unlock_text, cache_dir=cache,
-                             on_epoch=on_epoch, on_progress=progress, on_skip=skipped)
-    finally:
-        for bar in list(bars.values()) + ([epoch_bar] if epoch_bar is not None else []):
+    def __exit__(self, *exc) -> None:
+        for bar in [*self.features.values(), self.epochs]:
             bar.close()
+
+
+def _train_val_pairs(data: Path, val: Optional[Path], split: str, val_split: str):
+    """The training pairs and the validation pairs: those of --val, else the folder's --val-split."""
+    if not data.is_dir() and val is None:
+        _fail("a pairs table needs --val VALIDATION_TABLE (pairs kept out of training)")
+    train_pairs = _load_pairs_or_fail(data, split if data.is_dir() else None)
+    source = val if val is not None else data
+    return train_pairs, _load_pairs_or_fail(source, val_split if source.is_dir() else None)
+
+
+def _echo_trained(record: dict, out: Path) -> None:
     v = record["best_val"]
     typer.echo(f"wrote {out} (best epoch {record['best_epoch']} of {len(record['history'])}, {record['mode']}): "
                f"validation text->image R@1/5/10 {v['t2i'][1]:.3f}/{v['t2i'][5]:.3f}/{v['t2i'][10]:.3f}, "
@@ -480,9 +551,49 @@ def train(
 
 @app.command()
 @handle_errors
+def train(
+    data: PairsArg,
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the trained open_clip checkpoint to."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Validation pairs (table) [default: the folder's dev split]."),
+    split: str = typer.Option("train", "--split", help="Training split of a Flickr8k-style folder."),
+    val_split: str = typer.Option("dev", "--val-split", help="Validation split of a Flickr8k-style folder."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Model to start from: name, hf-hub: id or checkpoint folder."),
+    pretrained: PretrainedOpt = None,
+    unlock_image: int = typer.Option(0, "--unlock-image", min=0, help="Train the last N layer groups of the image tower (0: locked)."),
+    unlock_text: int = typer.Option(0, "--unlock-text", min=0, help="Train the last N layers of the text tower (0: locked); with the image tower locked they train on cached states."),
+    epochs: int = typer.Option(TrainConfig.epochs, "--epochs", min=1, help="Most epochs; stops early without progress."),
+    batch_size: int = typer.Option(TrainConfig.batch_size, "--batch-size", min=2, help="Pairs per step."),
+    lr: float = typer.Option(TrainConfig.lr, "--lr", help="Peak learning rate."),
+    patience: int = typer.Option(TrainConfig.patience, "--patience", min=1, help="Epochs without a better validation score before stopping."),
+    seed: int = typer.Option(TrainConfig.seed, "--seed", help="Random seed (runs are deterministic on CPU)."),
+    tower_lr_scale: float = typer.Option(TrainConfig.tower_lr_scale, "--tower-lr-scale", help="Unlocked tower layers learn at --lr times this."),
+    captions_per_step: int = typer.Option(TrainConfig.captions_per_step, "--captions-per-step", min=1, help="Captions of each image per step (locked towers)."),
+    flip: bool = typer.Option(TrainConfig.flip_views, "--flip/--no-flip", help="Also train on mirrored images (locked towers; caches their features too)."),
+    zoom: bool = typer.Option(TrainConfig.zoom_views, "--zoom/--no-zoom", help="Also train on the images' centres, zoomed in (locked towers)."),
+    query_bank: int = typer.Option(TrainConfig.query_bank, "--query-bank", min=0,
+                                   help="Training images (one caption each) kept as the model's query bank for the hubness correction; 0: none."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Feature cache folder [default: ~/.cache/mmsearch/features]."),
+    quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune a model on image-caption pairs with InfoNCE; writes a checkpoint --model accepts."""
+    from .train import train_model
+
+    train_pairs, val_pairs = _train_val_pairs(data, val, split, val_split)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
+                      captions_per_step=captions_per_step, flip_views=flip, zoom_views=zoom,
+                      tower_lr_scale=tower_lr_scale, query_bank=query_bank)
+    with _TrainBars(epochs, quiet) as bars:
+        record = train_model(train_pairs, val_pairs, out, model_name=model, pretrained=pretrained, cfg=cfg,
+                             unlock_image=unlock_image, unlock_text=unlock_text, cache_dir=cache,
+                             on_epoch=bars.epoch, on_progress=bars.feature, on_skip=bars.skipped)
+    _echo_trained(record, out)
+
+
+@app.command()
+@handle_errors
 def export(
     model: str = typer.Argument(DEFAULT_MODEL, help="Model to export: built-in name, open_clip name, hf-hub: id or checkpoint folder."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag or weights file."),
+    pretrained: PretrainedOpt = None,
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Folder to write [default: the cache, ~/.cache/mmsearch/onnx/<fingerprint>, or $MMSEARCH_CACHE/onnx/...]."),
     precision: str = typer.Option(
@@ -543,8 +654,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+    debug: bool = typer.Option(
+        False, "--debug", envvar=DEBUG_ENV_VAR, show_envvar=True,
+        help="On an error, print its full traceback (to report a bug: an `internal error` is one)."),
 ) -> None:
     """Search photos by meaning, offline."""
+    _GLOBALS.debug = debug
 
 
 def main() -> None:

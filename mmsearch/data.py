@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .errors import BadArgumentError, DataError, PathNotFoundError
+
 SPLIT_FILES = {
     "train": "Flickr_8k.trainImages.txt",
     "dev": "Flickr_8k.devImages.txt",
@@ -63,13 +65,13 @@ def load_flickr8k(root: str | Path, split: str) -> Pairs:
     """
     root = Path(root)
     if split not in SPLIT_FILES:
-        raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLIT_FILES)}")
+        raise BadArgumentError(f"unknown split {split!r}: use one of {', '.join(SPLIT_FILES)}")
     for name in (TOKEN_FILE, SPLIT_FILES[split]):
         if not (root / name).is_file():
-            raise FileNotFoundError(f"{root / name} not found: pass a Flickr8k folder")
+            raise PathNotFoundError(f"{root / name} not found: pass a Flickr8k folder")
     caps: dict[str, list[str]] = {}
     empty = 0
-    for line in (root / TOKEN_FILE).read_text(encoding="utf-8-sig").splitlines():
+    for line in _read_text(root / TOKEN_FILE).splitlines():
         if "\t" not in line:
             continue
         key, text = line.split("\t", 1)
@@ -78,7 +80,7 @@ def load_flickr8k(root: str | Path, split: str) -> Pairs:
             caps[key.split("#", 1)[0]].append(text.strip())
         else:
             empty += 1
-    names = [n.strip() for n in (root / SPLIT_FILES[split]).read_text(encoding="utf-8-sig").splitlines() if n.strip()]
+    names = [n.strip() for n in _read_text(root / SPLIT_FILES[split]).splitlines() if n.strip()]
     images, captions, missing, uncaptioned = [], [], [], []
     for name in names:
         path = root / "images" / name
@@ -93,6 +95,13 @@ def load_flickr8k(root: str | Path, split: str) -> Pairs:
     return Pairs(images, captions, missing, empty, uncaptioned)
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+
+
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".parquet": None}
 
 
@@ -100,19 +109,27 @@ def _read_columns(path: Path) -> tuple[dict[str, str], Callable[[str], list]]:
     """(lower-case name -> column name, getter of a column's values) of a csv/tsv/parquet table."""
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
-        raise ValueError(f"{path}: unsupported table type {suffix or '(none)'}: use .csv, .tsv or .parquet")
+        raise DataError(f"{path}: unsupported table type {suffix or '(none)'}: use .csv, .tsv or .parquet")
     if not path.is_file():
-        raise FileNotFoundError(f"table not found: {path}")
+        raise PathNotFoundError(f"table not found: {path}")
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
+            raise DataError(f"{path}: not a readable parquet table ({str(e).splitlines()[0][:120]})") from None
         columns = {c.lower(): c for c in table.column_names}
         return columns, lambda c: table.column(columns[c]).to_pylist()
     import csv
 
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tables saved by Excel start with a BOM
-        rows = list(csv.DictReader(f, delimiter=TABLE_SUFFIXES[suffix]))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tables saved by Excel start with a BOM
+            rows = list(csv.DictReader(f, delimiter=TABLE_SUFFIXES[suffix]))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable {suffix[1:]} table ({e})") from None
     columns = {(c or "").strip().lower(): c for c in (rows[0].keys() if rows else [])}
     return columns, lambda c: [r[columns[c]] for r in rows]
 
@@ -123,7 +140,7 @@ def read_table_column(path: str | Path, column: str | None = None) -> list:
     columns, get = _read_columns(path)
     name = (column or next((c for c in ("text", "caption") if c in columns), "text")).lower()
     if name not in columns:
-        raise ValueError(f"{path}: no column {name!r} (columns: {', '.join(columns) or 'none'}); "
+        raise DataError(f"{path}: no column {name!r} (columns: {', '.join(columns) or 'none'}); "
                          "name one with --text-column")
     return get(name)
 
@@ -138,7 +155,7 @@ def load_table(path: str | Path, image_column: str = "image", caption_column: st
     columns, get = _read_columns(path)
     need = [c for c in (image_column, caption_column) if c not in columns]
     if need:
-        raise ValueError(f"{path}: no column {', '.join(map(repr, need))} (columns: {', '.join(columns) or 'none'}); "
+        raise DataError(f"{path}: no column {', '.join(map(repr, need))} (columns: {', '.join(columns) or 'none'}); "
                          f"a pairs table needs '{image_column}' and '{caption_column}'")
     by_image: dict[str, list[str]] = {}
     missing: dict[str, None] = {}  # ordered set
@@ -146,7 +163,7 @@ def load_table(path: str | Path, image_column: str = "image", caption_column: st
     exists: dict[str, bool] = {}
     for row, (image, caption) in enumerate(zip(get(image_column), get(caption_column)), start=1):
         if image is not None and not isinstance(image, str):
-            raise ValueError(f"{path}: row {row}: column {image_column!r} must hold image paths (text), "
+            raise DataError(f"{path}: row {row}: column {image_column!r} must hold image paths (text), "
                              f"not {type(image).__name__}")
         image = (image or "").strip()
         if not image:
@@ -169,11 +186,11 @@ def load_pairs(source: str | Path, split: str | None = None) -> Pairs:
     """Pairs from a Flickr8k-style folder (``split`` picks train/dev/test) or a pairs table."""
     source = Path(source)
     if not source.exists():
-        raise FileNotFoundError(f"{source} not found: pass a Flickr8k-style folder or a .csv/.tsv/.parquet pairs table")
+        raise PathNotFoundError(f"{source} not found: pass a Flickr8k-style folder or a .csv/.tsv/.parquet pairs table")
     if source.is_dir():
         if not (source / TOKEN_FILE).is_file():
-            raise FileNotFoundError(f"{source} has no {TOKEN_FILE}: pass a Flickr8k-style folder or a .csv/.tsv/.parquet table")
+            raise PathNotFoundError(f"{source} has no {TOKEN_FILE}: pass a Flickr8k-style folder or a .csv/.tsv/.parquet table")
         return load_flickr8k(source, split or "test")
     if split is not None:
-        raise ValueError(f"--split applies to Flickr8k-style folders, not to the table {source}")
+        raise BadArgumentError(f"--split applies to Flickr8k-style folders, not to the table {source}")
     return load_table(source)

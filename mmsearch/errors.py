@@ -47,3 +47,30 @@ class MediaReadError(MediaError):
 
 class BadQueryError(MmsearchError, ValueError):
     """The query is empty or malformed."""
+
+
+class BadArgumentError(MmsearchError, ValueError):
+    """An argument or option has a value mmsearch cannot use (unknown --split or --index-type, a bad
+    size or factory string, more layers than the model has)."""
+
+
+class DataError(MmsearchError, ValueError):
+    """A data file the caller named cannot be used (unreadable table, missing column, not UTF-8
+    text, no usable rows)."""
+
+
+
+class PathError(MmsearchError, OSError):
+    """A file or folder the caller named cannot be used (missing, not a folder, unreadable)."""
+
+
+class PathNotFoundError(PathError, FileNotFoundError):
+    """A file or folder the caller named does not exist."""
+
+
+class NotAFolderError(PathError, NotADirectoryError):
+    """A path the caller named is neither a folder nor a file mmsearch can use there."""
+
+
+class PathAccessError(PathError, PermissionError):
+    """A file or folder the caller named cannot be read: permission denied."""

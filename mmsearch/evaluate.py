@@ -12,6 +12,7 @@ import numpy as np
 
 from .config import IndexSpec
 from .data import Pairs
+from .errors import DataError
 from .metrics import DEFAULT_KS, recall_at_k
 
 
@@ -56,7 +57,7 @@ def evaluate(
     "ann_recall" the share of the exact top-k it returns (how much the index itself loses).
     """
     if len(pairs) == 0:
-        raise ValueError("no image-caption pairs to evaluate")
+        raise DataError("no image-caption pairs to evaluate")
     img, txt, owner = embed_pairs(encoder, pairs, on_progress)
     bank = getattr(encoder, "query_bank", None) if hubness else None
     img_bias, txt_bias = hub_biases(bank, img, txt)

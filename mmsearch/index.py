@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mmsearch.config import DEFAULT_INDEX_MEMORY, IndexSpec
-from mmsearch.errors import EmptyIndexError, IndexFormatError, IndexNotFoundError
+from mmsearch.errors import BadArgumentError, EmptyIndexError, IndexFormatError, IndexNotFoundError
 
 KINDS = ("flat", "hnsw", "ivfflat", "ivfpq", "factory")
 INDEX_TYPES = ("auto",) + KINDS[:-1]
@@ -62,7 +62,7 @@ def parse_size(text: str | int | None) -> int | None:
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", str(text), re.IGNORECASE)
     if not m:
-        raise ValueError(f"memory budget {text!r} is not a size: use e.g. 512M, 4G or 1.5G")
+        raise BadArgumentError(f"memory budget {text!r} is not a size: use e.g. 512M, 4G or 1.5G")
     scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()]
     return int(float(m.group(1)) * scale)
 
@@ -105,12 +105,12 @@ def plan_index(n: int, d: int, spec: IndexSpec = IndexSpec()) -> dict[str, Any]:
         raise ValueError(f"cannot plan an index for {n} vectors of dimension {d}")
     budget = parse_size(spec.memory) or DEFAULT_INDEX_MEMORY
     if spec.index_type not in INDEX_TYPES:
-        raise ValueError(f"unknown index type {spec.index_type!r}: use {', '.join(INDEX_TYPES)}")
+        raise BadArgumentError(f"unknown index type {spec.index_type!r}: use {', '.join(INDEX_TYPES)}")
     for name in ("rerank_factor", "hnsw_m", "train_per_list"):
         if getattr(spec, name) < 1:
-            raise ValueError(f"{name}={getattr(spec, name)} must be at least 1")
+            raise BadArgumentError(f"{name}={getattr(spec, name)} must be at least 1")
     if not 0 < spec.target_recall <= 1:
-        raise ValueError(f"target_recall={spec.target_recall} must be in (0, 1]")
+        raise BadArgumentError(f"target_recall={spec.target_recall} must be in (0, 1]")
     plan: dict[str, Any] = {"memory_budget": budget, "n_trained": n}
     if spec.factory:
         plan.update(kind="factory", factory=spec.factory.strip(), reason="forced factory string")
@@ -133,14 +133,14 @@ def plan_index(n: int, d: int, spec: IndexSpec = IndexSpec()) -> dict[str, Any]:
     if kind == "ivfpq":
         if spec.pq_m is not None:
             if spec.pq_m < 1 or d % spec.pq_m:
-                raise ValueError(f"pq_m={spec.pq_m} does not divide the vector dimension {d}: pick a divisor of {d}")
+                raise BadArgumentError(f"pq_m={spec.pq_m} does not divide the vector dimension {d}: pick a divisor of {d}")
             m = spec.pq_m
         else:
             fits = [c for c in _PQ_M_CHOICES if d % c == 0 and n * ram_per_vector("ivfpq", d, c) <= budget]
             if not fits:
                 need = n * ram_per_vector("ivfpq", d, min(c for c in _PQ_M_CHOICES if d % c == 0))
-                raise ValueError(f"memory budget {_fmt_bytes(budget)} is too small for {n} vectors "
-                                 f"(the smallest IVF-PQ needs about {_fmt_bytes(need)}): raise --memory")
+                raise BadArgumentError(f"memory budget {_fmt_bytes(budget)} is too small for {n} vectors "
+                                       f"(the smallest IVF-PQ needs about {_fmt_bytes(need)}): raise --memory")
             m = fits[0]
         plan["m"] = m
         plan["nbits"] = 8 if n >= 256 else max(1, int(n).bit_length() - 1)  # PQ k-means needs >= 2**nbits points
@@ -360,8 +360,8 @@ class VectorIndex:
         try:
             index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
         except (RuntimeError, ValueError) as e:
-            raise ValueError(f"bad index factory string {factory!r} for dimension {d} "
-                             f"({_faiss_message(e)}): {hint}") from None
+            raise BadArgumentError(f"bad index factory string {factory!r} for dimension {d} "
+                                   f"({_faiss_message(e)}): {hint}") from None
         if not _is_ivf(index) and not isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
             index = faiss.IndexIDMap2(index)
         return index
@@ -390,8 +390,8 @@ class VectorIndex:
         try:
             index.train(train)
         except RuntimeError as e:
-            raise ValueError(f"cannot train the index on {len(train)} vectors ({_faiss_message(e)}): "
-                             "use fewer lists (--index-factory) or add more items") from None
+            raise BadArgumentError(f"cannot train the index on {len(train)} vectors ({_faiss_message(e)}): "
+                                   "use fewer lists (--index-factory) or add more items") from None
         if gpu and _is_ivf(index):
             faiss.extract_index_ivf(index).clustering_index = None
 

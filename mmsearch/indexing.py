@@ -18,7 +18,7 @@ import numpy as np
 
 from ._util import batched, ordered_map, prefetch_iter
 from .config import DEFAULT_MODEL, IndexingConfig, IndexSpec, ModelRef
-from .errors import MediaError, MediaReadError, ModelMismatchError
+from .errors import BadArgumentError, DataError, MediaError, MediaReadError, ModelMismatchError, PathNotFoundError
 from .exported import is_export
 from .manifest import FORMAT_VERSION, Failure, IndexedModel, Manifest, Sampling, normalise_spec
 from .media import MediaFile, Skipped, is_transient, load_image, scan
@@ -319,20 +319,20 @@ def read_texts(source: str | os.PathLike, column: str | None = None) -> list[Med
 
     path = os.path.realpath(os.fspath(source))
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"texts file not found: {source}")
+        raise PathNotFoundError(f"texts file not found: {source}")
     if Path(path).suffix.lower() in TABLE_SUFFIXES:
         values = read_table_column(path, column)
     else:
         if column:
-            raise ValueError(f"--text-column applies to .csv/.tsv/.parquet tables, not {source}")
+            raise BadArgumentError(f"--text-column applies to .csv/.tsv/.parquet tables, not {source}")
         with open(path, "rb") as f:
             data = f.read()
         if b"\0" in data[:1 << 20]:
-            raise ValueError(f"{source} is not a text file (it holds binary data): pass a UTF-8 .txt, one text per line")
+            raise DataError(f"{source} is not a text file (it holds binary data): pass a UTF-8 .txt, one text per line")
         try:
             values = data.decode("utf-8-sig").splitlines()
         except UnicodeDecodeError as e:
-            raise ValueError(f"{source} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+            raise DataError(f"{source} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     out = []
     for n, text in enumerate(values, start=1):
         text = " ".join(str(text or "").split())
@@ -360,7 +360,7 @@ def index_texts(
     if not records:  # an emptied file removes its texts; a file that never had any is a mistake
         items = read_items(index_path, read_manifest(index_path)) if Collection.exists(index_path) else Items.empty()
         if not any(k == "text" and p.startswith(prefix) for p, k in zip(items.path, items.kind)):
-            raise ValueError(f"no texts in {source}: it has no non-blank lines (or the column is empty)")
+            raise DataError(f"no texts in {source}: it has no non-blank lines (or the column is empty)")
     belongs = lambda p, kind: kind == "text" and p.startswith(prefix)  # noqa: E731
     return IndexWriter(index_path, belongs, encoder, model, spec, config, on_progress).run(records, [], t0)
 

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import MAX_IMAGE_PIXELS, IndexingConfig
-from .errors import MediaError, MediaReadError
+from .errors import MediaError, MediaReadError, NotAFolderError, PathAccessError, PathError, PathNotFoundError
 
 
 @dataclass(frozen=True)
@@ -70,15 +70,16 @@ def scan(root, config: IndexingConfig = IndexingConfig()) -> tuple[list[MediaFil
     try:
         st = os.stat(root)
     except FileNotFoundError:
-        raise FileNotFoundError(f"folder not found: {root}") from None
+        raise PathNotFoundError(f"folder not found: {root}") from None
     except OSError as e:
-        raise type(e)(f"cannot read {root}: {_os_reason(e)}") from None
+        error = {PermissionError: PathAccessError, NotADirectoryError: NotAFolderError}.get(type(e), PathError)
+        raise error(f"cannot read {root}: {_os_reason(e)}") from None
     if not stat.S_ISDIR(st.st_mode):
         if stat.S_ISREG(st.st_mode) and os.path.splitext(root)[1].lower() in walk.exts:
             if st.st_size == 0:
                 return [], [Skipped(root, "zero-byte file")]
             return [MediaFile(root, st.st_size, st.st_mtime_ns, walk.kind_of(root))], []
-        raise NotADirectoryError(f"not a folder, an image or a video file: {root}")
+        raise NotAFolderError(f"not a folder, an image or a video file: {root}")
     walk.run(root, st)
     return walk.files(), sorted(walk.skipped, key=lambda s: s.path)
 
@@ -255,7 +256,7 @@ def load_image(path, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int | None = 
     try:
         f = open(name, "rb")
     except FileNotFoundError:
-        raise FileNotFoundError(f"{name}: file not found") from None
+        raise PathNotFoundError(f"{name}: file not found") from None
     except OSError as e:
         raise (MediaReadError if is_transient(e) else MediaError)(f"{name}: {_os_reason(e)}") from None
     with f, _QUIET:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ._util import atomic_path, silenced
-from .errors import ModelLoadError
+from .errors import BadArgumentError, ModelLoadError
 from .exported import TOKENIZER_FILE, ExportManifest, graph_files
 from .preprocess import ImageConfig
 
@@ -132,7 +132,7 @@ def add_int8(folder: str | os.PathLike, pairs, source: str, n_images: int = CALI
     from .preprocess import TextTokenizer
 
     if text not in TEXT_INT8:
-        raise ValueError(f"text must be one of {TEXT_INT8}, not {text!r}")
+        raise BadArgumentError(f"text must be one of {TEXT_INT8}, not {text!r}")
     folder = Path(folder)
     manifest = ExportManifest.load(folder)
     images, texts = _calibration_sample(pairs, n_images, n_texts, seed)

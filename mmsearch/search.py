@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import BadQueryError, EmptyIndexError, ModelMismatchError
+from .errors import BadQueryError, EmptyIndexError, ModelMismatchError, PathNotFoundError
 from .store import Collection
 
 EXACT_FILTER_MAX = 50_000  # a modality with at most this many items is searched exactly when filtered
@@ -313,5 +313,5 @@ class Searcher:
         """Image -> texts when the index holds texts, else photos and video frames (``kind``
         overrides). ``image`` is a path or a PIL image; a bad file raises MediaError."""
         if isinstance(image, (str, Path)) and not Path(image).is_file():
-            raise FileNotFoundError(f"query image not found: {image}")
+            raise PathNotFoundError(f"query image not found: {image}")
         return self._search(self.encoder.embed_images([image]), k, self._kind(kind, "image"), "image")[0]

@@ -20,6 +20,7 @@ import numpy as np
 
 from ._util import batched, prefetch_iter
 from .config import TrainConfig
+from .errors import BadArgumentError, DataError
 from .hubness import BANK_FILE, build_query_bank
 from .metrics import recall_at_k
 
@@ -345,7 +346,7 @@ class ImageTail:
         """Index (over all stages) of the first block the last ``n`` layer groups train."""
         blocks = len(_flat_blocks(model.visual.trunk))
         if not 0 < n <= blocks:
-            raise ValueError(f"cannot unlock {n} image layer groups: the trunk has {blocks}")
+            raise BadArgumentError(f"cannot unlock {n} image layer groups: the trunk has {blocks}")
         return blocks - n
 
     @property
@@ -704,8 +705,8 @@ def _lock_towers(model, unlock_image: int, unlock_text: int) -> None:
 
 def _check_sizes(train_pairs, val_pairs) -> None:
     if len(train_pairs) < 2 or len(val_pairs) < 1:
-        raise ValueError(f"training needs at least 2 usable training images and 1 validation image "
-                         f"(got {len(train_pairs)} and {len(val_pairs)})")
+        raise DataError(f"training needs at least 2 usable training images and 1 validation image "
+                        f"(got {len(train_pairs)} and {len(val_pairs)})")
 
 
 def _stat(path: str) -> tuple[int, int]:

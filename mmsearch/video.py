@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from .config import VIDEO_EXTENSIONS  # noqa: F401 - re-exported
-from .errors import MediaError, MediaReadError
+from .errors import BadArgumentError, MediaError, MediaReadError, PathNotFoundError
 from .media import is_transient
 
 
@@ -30,7 +30,7 @@ def _open(path: str):
     except ImportError as e:  # pragma: no cover - av is a dependency
         raise MediaError(f"{path}: video support needs PyAV ({e}): pip install av") from None
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"video not found: {path}")
+        raise PathNotFoundError(f"video not found: {path}")
     if os.path.getsize(path) == 0:
         raise MediaError(f"{path}: zero-byte file")
     try:
@@ -93,7 +93,7 @@ def sample_frames(path: str, interval: float = 1.0, skip_similar: float | None =
     some frames: the caller drops what it got, as for a corrupt image.
     """
     if not interval > 0:
-        raise ValueError(f"frame interval must be positive seconds, got {interval}")
+        raise BadArgumentError(f"frame interval must be positive seconds, got {interval}")
     container, stream = _open(path)
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
     next_t, last_thumb, kept, last_t, gap = 0.0, None, 0, 0.0, 0.0
@@ -139,7 +139,7 @@ def sample_frames(path: str, interval: float = 1.0, skip_similar: float | None =
 def frame_at(path: str, seconds: float):
     """The frame shown at ``seconds`` (the last one starting at or before it) as a PIL RGB image."""
     if seconds < 0:
-        raise ValueError(f"time must be >= 0 seconds, got {seconds}")
+        raise BadArgumentError(f"time must be >= 0 seconds, got {seconds}")
     container, stream = _open(path)
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
     try:

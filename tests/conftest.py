@@ -35,6 +35,18 @@ def _require_data() -> None:
         pytest.fail(f"test data not found at {FLICKR}: the repo expects ../shared/data beside it")
 
 
+def flickr8k() -> Path:
+    """The Flickr8k folder of ../shared/data; the calling test fails (never skips) without it."""
+    _require_data()
+    return FLICKR
+
+
+@pytest.fixture(autouse=True)
+def _no_debug_env(monkeypatch):
+    """Tests see the CLI's default error output, whatever MMSEARCH_DEBUG the developer exported."""
+    monkeypatch.delenv("MMSEARCH_DEBUG", raising=False)
+
+
 @pytest.fixture(scope="session")
 def pairs():
     """The first N_PHOTOS images of the Flickr8k test split, with their captions."""

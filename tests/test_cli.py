@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
-from mmsearch.cli import app
+from mmsearch.cli import EXIT_INTERNAL, app
 
 runner = CliRunner()
 
@@ -160,7 +161,8 @@ def test_help_is_fast_and_light():
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-    assert mmsearch("--help").returncode == 0
+    p = mmsearch("--help")
+    assert p.returncode == 0 and "--debug" in p.stdout and "MMSEARCH_DEBUG" in p.stdout
 
 
 def test_batch_queries_match_single_queries(built_index, pairs, tmp_path):
@@ -182,3 +184,104 @@ def test_batch_queries_match_single_queries(built_index, pairs, tmp_path):
     assert [a["query"] for a in answers] == queries and all(len(a["hits"]) == 2 for a in answers)
     r = run("query", "a dog", "--batch", qfile, "--index", idx)
     assert r.exit_code == 1 and "give one of" in r.stderr
+
+
+def test_user_mistakes_found_in_the_library_are_one_line(tmp_path):
+    """Bad tables and paths are the user's mistake (exit code 1), not a crash of mmsearch."""
+    (tmp_path / "latin1.csv").write_bytes("image,caption\na.jpg,caf\xe9\n".encode("latin-1"))
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    (tmp_path / "notes.txt").write_text("not a folder")
+    assert_one_line_error(mmsearch("eval", tmp_path / "latin1.csv"), "latin1.csv is not UTF-8 text")
+    assert_one_line_error(mmsearch("eval", tmp_path / "bad.parquet"), "bad.parquet: not a readable parquet table")
+    assert_one_line_error(mmsearch("eval", tmp_path / "latin1.csv", "--split", "dev"), "--split applies")
+    assert_one_line_error(mmsearch("index", tmp_path / "notes.txt", "--index", tmp_path / "i"), "not a folder")
+    assert_one_line_error(mmsearch("frame", tmp_path / "notes.txt", "--at", "1", "-o", tmp_path / "f.png"),
+                          "not a readable video")
+
+
+# ---- bugs: one `internal error` line and exit code 70; --debug / MMSEARCH_DEBUG=1 show the traceback ----
+INTERNAL_HINT = "(run with --debug or MMSEARCH_DEBUG=1 for the traceback)"
+
+
+def _raising(exc: BaseException):
+    def broken_load_pairs(*args, **kwargs):
+        raise exc
+
+    return broken_load_pairs
+
+
+@pytest.mark.parametrize("bug", [KeyError("images"), ZeroDivisionError("division by zero"),
+                                 ValueError("not a user's mistake"), FileNotFoundError("no file named")])
+def test_a_bug_is_one_internal_error_line_without_traceback(bug, tmp_path, monkeypatch):
+    from mmsearch import data
+
+    monkeypatch.setattr(data, "load_pairs", _raising(bug))
+    r = run("eval", tmp_path)
+    assert r.exit_code == EXIT_INTERNAL and EXIT_INTERNAL != 1
+    assert r.stderr.splitlines() == [f"error: internal error: {type(bug).__name__}: {bug} {INTERNAL_HINT}"]
+
+
+def test_debug_and_its_env_var_show_the_traceback(tmp_path, monkeypatch):
+    from mmsearch import data
+
+    monkeypatch.setattr(data, "load_pairs", _raising(ZeroDivisionError("boom")))
+    for args, env in ((["--debug"], None), ([], "1"), ([], "0")):
+        if env is not None:
+            monkeypatch.setenv("MMSEARCH_DEBUG", env)
+        r = run(*args, "eval", tmp_path)
+        assert r.exit_code == EXIT_INTERNAL
+        lines = r.stderr.strip().splitlines()
+        assert lines[-1] == f"error: internal error: ZeroDivisionError: boom {INTERNAL_HINT}"
+        if env == "0":
+            assert len(lines) == 1
+        else:
+            assert lines[0] == "Traceback (most recent call last):" and "in broken_load_pairs" in r.stderr
+            assert "ZeroDivisionError: boom" in lines[-2]
+    # a user's mistake keeps exit code 1, with its traceback under --debug
+    monkeypatch.undo()
+    r = run("--debug", "eval", tmp_path / "nosuch")
+    assert r.exit_code == 1 and "Traceback" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "nosuch not found" in r.stderr
+
+
+def test_os_errors_are_the_users_only_about_the_users_paths(tmp_path, monkeypatch):
+    """An OS error about a path the user gave (or under it, also through a link) or a full disk is
+    one line, exit code 1; an OS error about any other path, or about none, is a bug."""
+    import errno
+
+    from mmsearch import data
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    given = tmp_path / "link"
+    cases = [
+        (PermissionError(errno.EACCES, "Permission denied", str(given)), 1),
+        (PermissionError(errno.EACCES, "Permission denied", str(given / "pairs.csv")), 1),
+        (IsADirectoryError(errno.EISDIR, "Is a directory", str(tmp_path / "real" / "sub")), 1),
+        (OSError(errno.ENOSPC, "No space left on device"), 1),
+        (PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "real-other")), EXIT_INTERNAL),
+        (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/proc/self/not-the-users"), EXIT_INTERNAL),
+        (FileNotFoundError(errno.ENOENT, "No such file or directory"), EXIT_INTERNAL),
+    ]
+    for error, code in cases:
+        monkeypatch.setattr(data, "load_pairs", _raising(error))
+        r = run("eval", given)
+        lines = r.stderr.strip().splitlines()
+        assert r.exit_code == code and len(lines) == 1 and lines[0].startswith("error: "), (error, r.stderr)
+        assert ("internal error" in lines[0]) == (code == EXIT_INTERNAL), (error, lines)
+        assert error.strerror in lines[0]
+
+
+def test_a_bug_in_a_real_process(tmp_path):
+    """What a user sees: the exit code, no traceback, and the traceback with MMSEARCH_DEBUG=1."""
+    code = ("import sys; from mmsearch import data, cli\n"
+            "def broken(*args, **kwargs): return {}['no such key']\n"
+            "data.load_pairs = broken; sys.argv = ['mmsearch', 'eval', '.']; cli.main()")
+    env = {k: v for k, v in os.environ.items() if k != "MMSEARCH_DEBUG"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=120)
+    assert p.returncode == EXIT_INTERNAL and "Traceback" not in p.stderr
+    assert p.stderr.splitlines() == [f"error: internal error: KeyError: 'no such key' {INTERNAL_HINT}"]
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "MMSEARCH_DEBUG": "1"},
+                       cwd=tmp_path, timeout=120)
+    assert p.returncode == EXIT_INTERNAL and p.stderr.startswith("Traceback") and "in broken" in p.stderr

@@ -135,7 +135,7 @@ def test_a_write_that_dies_midway_leaves_the_previous_index(photo_dir, pairs, en
 @pytest.mark.slow
 def test_kill_9_during_indexing_keeps_a_usable_index(tmp_path, pairs):
     """A real `mmsearch index` process killed with SIGKILL while it embeds and commits."""
-    from tests.conftest import FLICKR, copy_photos
+    from tests.conftest import copy_photos, flickr8k
     from mmsearch.data import load_flickr8k
 
     folder, idx = tmp_path / "photos", tmp_path / "idx"
@@ -143,7 +143,7 @@ def test_kill_9_during_indexing_keeps_a_usable_index(tmp_path, pairs):
     cmd = [sys.executable, "-m", "mmsearch.cli", "index", str(folder), "--index", str(idx), "-q",
            "--batch-size", "4", "--commit-every", "4"]
     assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
-    copy_photos(load_flickr8k(FLICKR, "dev").subset(60), folder / "more")
+    copy_photos(load_flickr8k(flickr8k(), "dev").subset(60), folder / "more")
     counts = [12]
     for _ in range(2):
         generation = Collection.open(idx).manifest.generation

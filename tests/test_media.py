@@ -17,10 +17,13 @@ from mmsearch import media
 from mmsearch.config import IndexingConfig
 from mmsearch.errors import MediaError
 from mmsearch.media import MediaFile, Skipped, load_image, scan
+from tests.conftest import flickr8k
 
-FLICKR = Path("/work/shared/data/flickr8k/images")
-REAL = sorted(FLICKR.glob("*.jpg"))[:4] if FLICKR.is_dir() else []
-needs_photos = pytest.mark.skipif(len(REAL) < 4, reason="Flickr8k images not available")
+
+@pytest.fixture(scope="module")
+def real():
+    """Four real Flickr8k photos; a test that needs them fails (never skips) without ../shared/data."""
+    return sorted((flickr8k() / "images").glob("*.jpg"))[:4]
 
 
 def _png_header_only(path: Path, width: int, height: int) -> None:
@@ -36,14 +39,14 @@ def _png_header_only(path: Path, width: int, height: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory):
+def tree(tmp_path_factory, real):
     """A photo folder holding good images, junk, links and loops; returns (root, outside folder)."""
     base = tmp_path_factory.mktemp("media")
     root = base / "photos"
     (root / "sub" / "deeper").mkdir(parents=True)
-    shutil.copy(REAL[0], root / "a.jpg")
-    shutil.copy(REAL[1], root / "B.JPG")
-    shutil.copy(REAL[2], root / "sub" / "deeper" / "c.jpg")
+    shutil.copy(real[0], root / "a.jpg")
+    shutil.copy(real[1], root / "B.JPG")
+    shutil.copy(real[2], root / "sub" / "deeper" / "c.jpg")
 
     rgba = np.zeros((30, 40, 4), np.uint8)
     rgba[:, :20] = (255, 0, 0, 255)  # left half opaque red, right half fully transparent
@@ -68,13 +71,13 @@ def tree(tmp_path_factory):
 
     (root / "empty.jpg").write_bytes(b"")
     (root / "text.png").write_text("this is not a picture\n")
-    data = REAL[3].read_bytes()
+    data = real[3].read_bytes()
     (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
     (root / "._a.jpg").write_bytes(b"\0\x05\x16\x07" + b"\0" * 60)  # AppleDouble resource fork
     (root / "notes.txt").write_text("ignored")
     (root / "README").write_text("ignored too")
     _png_header_only(root / "huge.png", 20_000, 20_000)
-    shutil.copy(REAL[3], root / "locked.jpg")
+    shutil.copy(real[3], root / "locked.jpg")
     os.chmod(root / "locked.jpg", 0)
 
     os.symlink("..", root / "sub" / "loop")  # link to the parent folder
@@ -85,7 +88,7 @@ def tree(tmp_path_factory):
     os.symlink("gone.txt", root / "broken.txt")  # non-image name: ignored
     outside = base / "elsewhere"
     outside.mkdir()
-    shutil.copy(REAL[0], outside / "d.jpg")  # same bytes as a.jpg but another file: kept
+    shutil.copy(real[0], outside / "d.jpg")  # same bytes as a.jpg but another file: kept
     os.symlink(outside, root / "ext")
     return root, outside
 
@@ -120,7 +123,6 @@ def unreadable(tree, monkeypatch):
     return locked
 
 
-@needs_photos
 def test_scan_finds_each_image_once_sorted(tree, unreadable):
     root, _ = tree
     files, skipped = scan(root)
@@ -147,7 +149,6 @@ def test_scan_finds_each_image_once_sorted(tree, unreadable):
     assert scan(str(root)) == (files, skipped)  # deterministic, str or Path
 
 
-@needs_photos
 def test_scan_without_following_symlinks(tree):
     root, _ = tree
     files, skipped = scan(root, IndexingConfig(follow_symlinks=False))
@@ -215,15 +216,14 @@ def test_scan_survives_links_to_ancestors(tmp_path):
     ]
 
 
-@needs_photos
-def test_load_image_good_files(tree):
+def test_load_image_good_files(tree, real):
     root, _ = tree
     for rel in GOOD:
         im = load_image(root / rel)
         assert im.mode == "RGB"
         im.getpixel((0, 0))  # fully decoded
-    for real, rel in zip(REAL, ["a.jpg", "B.JPG", "sub/deeper/c.jpg"]):
-        with Image.open(real) as im:
+    for photo, rel in zip(real, ["a.jpg", "B.JPG", "sub/deeper/c.jpg"]):
+        with Image.open(photo) as im:
             assert load_image(root / rel).size == im.size
 
     rgba = np.asarray(load_image(root / "rgba.png"))
@@ -244,7 +244,6 @@ def test_load_image_good_files(tree):
     assert load_image(root / "rotated.jpg").size == (20, 40)  # EXIF orientation applied
 
 
-@needs_photos
 def test_load_image_bad_files(tree, unreadable):
     root, _ = tree
     cases = {
@@ -265,7 +264,6 @@ def test_load_image_bad_files(tree, unreadable):
         load_image(root / "broken.jpg")
 
 
-@needs_photos
 def test_max_pixels_checked_before_decoding(tree):
     root, _ = tree
     with pytest.raises(MediaError, match=r"a.jpg: too large: 224x224 = 0.1 MP > 0.001 MP limit"):

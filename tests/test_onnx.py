@@ -76,9 +76,9 @@ def test_eval_recall_on_the_flickr8k_test_split_equals_torchs(fp32_encoder, torc
     figures (both directions, R@1/5/10, with and without the hubness correction) within 0.002."""
     from mmsearch.data import load_flickr8k
     from mmsearch.evaluate import evaluate
-    from tests.conftest import FLICKR
+    from tests.conftest import flickr8k
 
-    test = load_flickr8k(FLICKR, "test").subset(250)
+    test = load_flickr8k(flickr8k(), "test").subset(250)
     a, b = evaluate(fp32_encoder, test), evaluate(torch_encoder, test)
     figures = [(src, d, k) for src in ("corrected", "plain") for d in ("t2i", "i2t") for k in (1, 5, 10)]
     pick = lambda r, src, d, k: (r if src == "corrected" else r["plain"])[d][k]  # noqa: E731
@@ -268,7 +268,7 @@ def test_a_failed_export_leaves_no_folder_behind(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def int8_export(tmp_path_factory, exported):
     """A copy of the export with int8 graphs, calibrated on 16 Flickr8k *train* photos."""
-    from tests.conftest import FLICKR
+    from tests.conftest import flickr8k
 
     folder = tmp_path_factory.mktemp("int8") / "lite2-int8"
     shutil.copytree(exported, folder)
@@ -276,7 +276,7 @@ def int8_export(tmp_path_factory, exported):
     manifest = json.loads((folder / "mmsearch_export.json").read_text())
     manifest["graphs"].pop("int8")
     (folder / "mmsearch_export.json").write_text(json.dumps(manifest))
-    p = _cli("export", "mmsearch-lite2", "--out", folder, "--precision", "int8", "--calibrate", FLICKR,
+    p = _cli("export", "mmsearch-lite2", "--out", folder, "--precision", "int8", "--calibrate", flickr8k(),
              "--calibrate-images", 16)
     assert p.returncode == 0, p.stderr
     return folder

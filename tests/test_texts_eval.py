@@ -176,9 +176,9 @@ def test_eval_via_index_reports_ann_recall(pairs, encoder):
 
 
 def test_eval_on_the_flickr8k_folder_cli(tmp_path):
-    from tests.conftest import FLICKR
+    from tests.conftest import flickr8k
 
-    r = run("eval", FLICKR, "--split", "nope")
+    r = run("eval", flickr8k(), "--split", "nope")
     assert r.exit_code == 1 and "unknown split" in r.stderr
     r = run("eval", tmp_path, "-q")
     assert r.exit_code == 1 and "Flickr8k" in r.stderr

@@ -19,11 +19,11 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def tables(tmp_path_factory):
     from mmsearch.data import load_flickr8k
-    from tests.conftest import FLICKR
+    from tests.conftest import flickr8k
 
     base = tmp_path_factory.mktemp("pairs")
     for name, split, n in (("train", "train", 40), ("val", "dev", 12)):
-        pairs = load_flickr8k(FLICKR, split).subset(n)
+        pairs = load_flickr8k(flickr8k(), split).subset(n)
         with open(base / f"{name}.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["image", "caption"])
@@ -162,13 +162,15 @@ def test_undecodable_training_images_are_skipped_and_reported(tables, tmp_path):
 def test_a_validation_folder_uses_its_dev_split(tmp_path, monkeypatch):
     """`train TABLE --val FLICKR_FOLDER` validates on the folder's dev split, never on its test split."""
     from mmsearch import train
-    from tests.conftest import FLICKR
+    from mmsearch.errors import DataError
+    from tests.conftest import flickr8k
 
+    FLICKR = flickr8k()
     seen = {}
 
     def fake_train_model(train_pairs, val_pairs, out, **kw):
         seen["val"] = val_pairs.images
-        raise ValueError("stop here")
+        raise DataError("stop here")  # a user-facing error: one line, exit code 1
 
     monkeypatch.setattr(train, "train_model", fake_train_model)
     (tmp_path / "t.csv").write_text("image,caption\n")
