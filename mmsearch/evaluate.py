@@ -68,7 +68,7 @@ def evaluate(
         result["hubness"] = bank.settings()
     result["model"] = encoder.name
     if via_index is not None:
-        from .index import VectorIndex
+        from .index import VectorIndex, exact_knn
 
         k = max(ks)
         vindex = VectorIndex.build(img, np.arange(len(img)), via_index)
@@ -79,8 +79,7 @@ def evaluate(
             from .hubness import rerank
 
             _, approx = rerank(vindex.search, txt, k, len(img), lambda ids: bias[ids], 0.0)
-        exact = np.concatenate([np.argsort(-(txt[s : s + 2048] @ img.T + bias[None, :]), axis=1, kind="stable")[:, :k]
-                                for s in range(0, len(txt), 2048)])
+        _, exact = exact_knn(txt, img, k, bias=bias)
         result["via_index"] = {
             "index": {"kind": vindex.kind, "params": vindex.params},
             "t2i": {int(kk): float(np.mean((approx[:, :kk] == owner[:, None]).any(1))) for kk in ks},

@@ -211,13 +211,15 @@ class Searcher:
                 cols = np.argsort(~wanted, axis=1, kind="stable")[:, :k]  # first k wanted, order kept
                 return np.take_along_axis(D, cols, 1), np.take_along_axis(I, cols, 1)
         # exact search over that modality's vectors: a filter never returns fewer than asked
-        from .index import VectorLookup, exact_topk
+        from .index import exact_knn
 
         key = self._kinds_of(kind)
-        if key not in self._kind_lookups:  # the modality's vectors, gathered once per Searcher
-            self._kind_lookups[key] = VectorLookup(np.asarray(self.collection.embeddings[rows]),
-                                                   self.collection.items.id[rows])
-        I = exact_topk(q, self._kind_lookups[key], k)
+        if key not in self._kind_lookups:  # the modality's vectors and ids, gathered once per Searcher
+            self._kind_lookups[key] = (np.asarray(self.collection.embeddings[rows]), self.collection.items.id[rows])
+        vectors, ids = self._kind_lookups[key]
+        _, I = exact_knn(q, vectors, k, ids)
+        # scores as the hits have always shown them (a dot product per hit, not the blocked matmul that
+        # ranked them: the two can differ in the 7th decimal)
         D = np.einsum("qkd,qd->qk", self.collection.lookup.get(I), q)
         return D.astype(np.float32), I
 

@@ -86,19 +86,21 @@ def test_single_query_vector_accepted():
 
 
 def test_ivfpq_params(ivfpq_index):
-    p = ivfpq_index.params
+    c = ivfpq_index.config
     assert ivfpq_index.kind == "ivfpq"
-    assert (p["nlist"], p["m"], p["nbits"], p["n_train"]) == (128, 8, 8, 5000)
-    assert 1 <= p["nprobe"] <= 128 and p["tuning"]["reached"] and p["tuning"]["recall"] >= 0.95
+    assert (c.plan.nlist, c.plan.m, c.plan.nbits, c.plan.n_train) == (128, 8, 8, 5000)
+    assert 1 <= c.nprobe <= 128 and c.tuning.reached and c.tuning.recall >= 0.95
     # PQ8 codes of 64-d vectors are coarse: k x 4 candidates fall short even over every list, so
     # tuning re-ranked deeper
-    sweep = p["tuning"]["sweep"]
-    assert sweep[0]["rerank_factor"] == 4 and p["rerank_factor"] == sweep[-1]["rerank_factor"] > 4
-    assert max(r["recall"] for r in sweep if r["rerank_factor"] == 4) < 0.95
-    assert plan_index(5000, 64, IVFPQ)["m"] == 64
-    assert plan_index(20, 32, IVFPQ)["nlist"] == 1 and plan_index(20, 32, IVFPQ)["nbits"] == 4
-    assert plan_index(10**6, 256, IVFPQ)["nlist"] == 4096
-    assert plan_index(10**6, 384, IVFPQ)["m"] == 64 and plan_index(10**6, 72, IVFPQ)["m"] == 24
+    sweep = c.tuning.sweep
+    assert sweep[0].rerank_factor == 4 and c.rerank_factor == c.tuning.chosen.rerank_factor > 4
+    assert c.plan.rerank_factor == 4  # what was planned; the manifest keeps what searches use
+    assert ivfpq_index.params["rerank_factor"] == c.rerank_factor
+    assert max(r.recall for r in sweep if r.rerank_factor == 4) < 0.95
+    assert plan_index(5000, 64, IVFPQ).m == 64
+    assert plan_index(20, 32, IVFPQ).nlist == 1 and plan_index(20, 32, IVFPQ).nbits == 4
+    assert plan_index(10**6, 256, IVFPQ).nlist == 4096
+    assert plan_index(10**6, 384, IVFPQ).m == 64 and plan_index(10**6, 72, IVFPQ).m == 24
     with pytest.raises(ValueError, match="pq_m"):
         plan_index(1000, 64, replace(IVFPQ, pq_m=5))
 
@@ -240,7 +242,7 @@ def test_bad_search_input():
 
 
 def choose_kind(n: int, spec: IndexSpec) -> str:
-    return plan_index(n, 256, spec)["kind"]
+    return plan_index(n, 256, spec).kind
 
 
 def test_choose_kind():
@@ -298,18 +300,18 @@ def test_parse_size():
 
 def test_auto_plan_follows_memory_budget():
     d = 256
-    assert plan_index(10_000, d)["kind"] == "flat"
+    assert plan_index(10_000, d).kind == "flat"
     p = plan_index(200_000, d)
-    assert p["kind"] == "ivfflat" and p["nlist"] == 2048 and p["n_train"] == 64 * 2048
+    assert p.kind == "ivfflat" and p.nlist == 2048 and p.n_train == 64 * 2048
     # the same collection with too little memory for full vectors: IVF-PQ with the largest m that fits
     p = plan_index(200_000, d, IndexSpec(memory="10M"))
-    assert p["kind"] == "ivfpq" and p["m"] == 32 and 200_000 * (p["m"] + 8) <= 10 * 2**20
-    assert plan_index(200_000, d, IndexSpec(memory="300M"))["kind"] == "ivfflat"  # 200k x 1032 B = 197 MiB
+    assert p.kind == "ivfpq" and p.m == 32 and 200_000 * (p.m + 8) <= 10 * 2**20
+    assert plan_index(200_000, d, IndexSpec(memory="300M")).kind == "ivfflat"  # 200k x 1032 B = 197 MiB
     p = plan_index(10**6, d)
-    assert p["kind"] == "ivfpq" and p["m"] == 64 and p["nlist"] == 4096 and "budget" in p["reason"]
+    assert p.kind == "ivfpq" and p.m == 64 and p.nlist == 4096 and "budget" in p.reason
     with pytest.raises(ValueError, match="too small .* raise --memory"):
         plan_index(10**6, d, IndexSpec(memory="1M"))
-    assert plan_index(100, d, IndexSpec(factory="IVF4,Flat"))["kind"] == "factory"
+    assert plan_index(100, d, IndexSpec(factory="IVF4,Flat")).kind == "factory"
 
 
 @pytest.mark.parametrize("spec", [IndexSpec(index_type="ivfflat"), IVFPQ_FAST, IndexSpec(index_type="hnsw", hnsw_m=16)],
@@ -317,12 +319,12 @@ def test_auto_plan_follows_memory_budget():
 def test_tuned_search_reaches_target_recall_on_held_out_queries(clustered, fresh_queries, spec):
     x, ids = clustered
     index = VectorIndex.build(x, ids, spec)
-    t = index.params["tuning"]
-    assert t["reached"] and t["recall"] >= 0.95 and t["queries"] == 500
+    t = index.config.tuning
+    assert t.reached and t.recall >= 0.95 and t.queries == 500
     knob = "nprobe" if spec.index_type != "hnsw" else "ef_search"
-    assert index.params[knob] == t["sweep"][-1][knob]
-    if len(t["sweep"]) > 1:  # the smallest setting that reaches the target: the one before it did not
-        assert t["sweep"][-2]["recall"] < 0.95
+    assert getattr(index.config, knob) == getattr(t.chosen, knob) == index.params[knob]
+    if len(t.sweep) > 1:  # the smallest setting that reaches the target: the one before it did not
+        assert t.sweep[-2].recall < 0.95
     _, I = index.search(fresh_queries, 10)
     _, I_ref = exact(x, ids, fresh_queries, 10)
     assert recall_at(I, I_ref) >= 0.93  # queries never seen in tuning land near the target too

@@ -225,3 +225,50 @@ def test_removed_then_re_added_id_is_re_ranked_with_its_new_vector():
     index.add(new, np.array([105]))
     D_, I = index.search(new, 3)
     assert I[0, 0] == 105 and D_[0, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+#: ``index.params`` that the release before IndexPlan wrote for ``lines(3000)`` indexed as ivfpq, pq_m=8
+LAST_RELEASE_IVFPQ = {
+    "memory_budget": 4294967296, "n_trained": 3000, "kind": "ivfpq", "reason": "forced index type ivfpq",
+    "nlist": 76, "n_train": 3000, "m": 8, "nbits": 8, "rerank_factor": 4, "ram_bytes_estimate": 48000,
+    "gpu_build": False, "nprobe": 2,
+    "tuning": {"target_recall": 0.95, "k": 10, "queries": 500, "queries_from": "stored vectors, own entry left out",
+               "sweep": [{"nprobe": 1, "recall": 0.8178, "rerank_factor": 4},
+                         {"nprobe": 2, "recall": 0.9526, "rerank_factor": 4}],
+               "recall": 0.9526, "reached": True},
+    "build_seconds": {"train": 0.353, "add": 0.003, "tune": 0.031},
+}
+
+
+def test_index_of_the_last_release_shows_the_same_info_and_keeps_its_params(tmp_path):
+    """A manifest in the last release's format: `mmsearch info` shows its index params as stored,
+    searches use its tuned nprobe, and an in-place update writes them back byte for byte."""
+    enc, src, idx = HashEncoder(), tmp_path / "texts.txt", tmp_path / "idx"
+    write(src, lines(3000))
+    index_texts(src, idx, encoder=enc, spec=IndexSpec(index_type="ivfpq", pq_m=8))
+    mf = idx / "manifest.json"
+    m = json.loads(mf.read_text(encoding="utf-8"))
+    built = m["index"]["params"]
+    assert list(built) == list(LAST_RELEASE_IVFPQ)  # built now: the same keys in the same order
+    plan_keys = list(LAST_RELEASE_IVFPQ)[:10]
+    assert [built[k] for k in plan_keys] == [LAST_RELEASE_IVFPQ[k] for k in plan_keys]
+    m["index"]["params"] = LAST_RELEASE_IVFPQ
+    mf.write_text(json.dumps(m, indent=2) + "\n", encoding="utf-8")
+
+    out = subprocess.run([sys.executable, "-m", "mmsearch.cli", "info", "--json", "--index", str(idx)],
+                         capture_output=True, text=True, check=True).stdout
+    info = json.loads(out)
+    assert info["index_type"] == "ivfpq" and info["count"] == 3000
+    assert json.dumps(info["index_params"]) == json.dumps(LAST_RELEASE_IVFPQ)
+    c = Collection.open(idx)
+    assert c.index.config.nprobe == 2 and c.index.config.tuning.recall == 0.9526
+    q = enc.embed_texts(lines(5, 7000))
+    _, I = Searcher(idx, encoder=enc).search_vectors(q, 5, kind=None)
+    assert I.shape == (5, 5) and set(np.ravel(I)) <= set(c.items.id.tolist())
+
+    write(src, lines(3000) + lines(20, 5000))
+    r = index_texts(src, idx, encoder=enc)
+    assert r.index_notes == [] and r.added == 20  # updated in place, not rebuilt
+    after = json.loads(mf.read_text(encoding="utf-8"))
+    assert after["count"] == 3020
+    assert json.dumps(after["index"]["params"], indent=2) == json.dumps(LAST_RELEASE_IVFPQ, indent=2)
