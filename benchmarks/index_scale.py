@@ -17,7 +17,8 @@ Datasets (d = 256, the dimension of the default model):
     python benchmarks/index_scale.py [--sizes 100000 1000000] [--queries 1000] [--no-real]
 
 Writes benchmarks/results/index_scale.json and benchmarks/results/index_scale.png (with matplotlib,
-the `bench` extra). Real embeddings are cached in .cache/bench/ (about 10 minutes to compute once).
+the `bench` extra). Real embeddings are cached in .cache/bench/, keyed by the model's weights fingerprint and precision
+(computed once per weights; the slow part of a first run).
 """
 
 from __future__ import annotations
@@ -57,16 +58,22 @@ def normalise(x: np.ndarray) -> np.ndarray:
 
 
 def real_embeddings(data: Path, model: str) -> tuple[np.ndarray, np.ndarray]:
-    """(base, queries): train+dev photos and captions; test captions as queries. Cached per model."""
+    """(base, queries): train+dev photos and captions; test captions as queries. Cached per model, weights
+    fingerprint and precision, so a run after the weights (or the default precision) change embeds again."""
+    from mmsearch.models import default_precision, fingerprint
+
+    weights = fingerprint(model)
+    precision = default_precision(model, weights)
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"flickr8k_{model.replace('/', '_')}.npz"
+    path = CACHE / f"flickr8k_{model.replace('/', '_')}_{weights or 'unversioned'}_{precision}.npz"
     if path.is_file():
         z = np.load(path)
         return z["base"], z["queries"]
+    from mmsearch._util import atomic_file
     from mmsearch.data import load_flickr8k
     from mmsearch.encoder import get_encoder
 
-    enc = get_encoder(model)
+    enc = get_encoder(model, precision=precision)
     parts = []
     for split in ("train", "dev"):
         pairs = load_flickr8k(data, split)
@@ -74,9 +81,8 @@ def real_embeddings(data: Path, model: str) -> tuple[np.ndarray, np.ndarray]:
         parts.append(enc.embed_texts(pairs.flat()[0]))
     test = load_flickr8k(data, "test")
     base, queries = np.concatenate(parts), enc.embed_texts(test.flat()[0])
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, base=base, queries=queries)
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        np.savez(f, base=base, queries=queries)
     return base, queries
 
 

@@ -4,7 +4,7 @@ Trains the projection heads with InfoNCE on the Flickr8k *train* split, selects 
 the *dev* split (the test split is never read), and writes the model's heads file
 (``mmsearch/models/<model>_heads.safetensors``) plus ``benchmarks/results/train_default_model[_<model>].json``.
 Every run, shipped or not, is also recorded as ``benchmarks/results/model_candidates/<name>.json``
-(the comparison table in the README is ``python benchmarks/report.py``).
+(the comparison table in docs/training.md is rendered by ``python benchmarks/report.py --write``).
 
     python benchmarks/train_default_model.py [--model mmsearch-lite2] [--flip] [--captions-per-step 5]
         [--unlock-text N] [--unlock-image N] [--start-from CANDIDATE] [--set FIELD=VALUE]
