@@ -346,6 +346,21 @@ def print_index_cross_modal() -> None:
           f"{pq['recall@10']:.3f} for {real['n_queries']:,} test captions.")
 
 
+def print_reindex() -> None:
+    """A re-index with nothing changed at scale (benchmarks/reindex_unchanged.py), against its targets."""
+    r = load("reindex_unchanged.json")
+    if not r:
+        return
+    walls = ", ".join(f"{x['wall_seconds']}" for x in r["runs"])
+    ok = lambda c: "met" if c else "MISSED"  # noqa: E731
+    print(f"{r['what']} ({r['machine']}), from `{r['command']}`: median {r['wall_seconds_median']} s "
+          f"(runs: {walls} s), peak resident memory {r['peak_rss_mb_max']} MB, no new generation written: "
+          f"{'yes' if r['no_new_generation'] else 'NO'}. Targets (issue 14): ≤ 2 s "
+          f"({ok(r['targets']['wall_seconds <= 2'])}), ≤ 300 MB ({ok(r['targets']['peak_rss_mb <= 300'])}). "
+          f"The index on disk: {r['index_disk_bytes'] / 2**30:.1f} GiB; nothing of it but the manifest and the "
+          "items table is read.")
+
+
 def print_video() -> None:
     for v in (json.loads(p.read_text()) for p in sorted(RESULTS.glob("video_throughput_*.json"))):
         print()
@@ -507,6 +522,7 @@ SECTIONS = {
     "index-scale": print_index_scale,           # docs/benchmarks.md
     "index-scale-notes": print_index_scale_notes,  # docs/benchmarks.md
     "index-cross-modal": print_index_cross_modal,  # docs/index.md, docs/limits.md
+    "reindex": print_reindex,                   # docs/benchmarks.md
     "video": print_video,                       # docs/benchmarks.md
     "video-examples": print_video_examples,     # docs/video.md
 }
