@@ -106,12 +106,11 @@ def test_cli_train_then_index_with_the_checkpoint(tables, tmp_path, photo_dir):
 
 @pytest.mark.slow
 def test_end_to_end_training_with_unlocked_layers(tables, tmp_path, monkeypatch):
-    from mmsearch import train as train_module
     from mmsearch.data import load_table
     from mmsearch.encoder import Encoder
-    from mmsearch.train import train_model
+    from mmsearch.train import run, train_model
 
-    monkeypatch.setattr(train_module, "MAX_CACHED_MAPS_BYTES", 0)  # as if the image maps were too large to cache
+    monkeypatch.setattr(run, "MAX_CACHED_MAPS_BYTES", 0)  # as if the image maps were too large to cache
 
     train = load_table(tables / "train.csv").subset(16)
     cfg = replace(TrainConfig(), epochs=2, batch_size=8, lr=2e-4)  # small steps: the start is already trained
