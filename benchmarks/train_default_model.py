@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mmsearch import models  # noqa: E402
+from mmsearch._util import atomic_write_bytes, atomic_write_text  # noqa: E402
 from mmsearch.config import DEFAULT_MODEL, TrainConfig  # noqa: E402
 from mmsearch.data import load_flickr8k  # noqa: E402
 from mmsearch.train import FeatureCache, ImageTail, TextTail, _text_layers, train_heads, train_views  # noqa: E402
@@ -65,7 +66,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+    from safetensors.torch import save as safetensors_bytes
 
     t0 = time.time()
     b = models.builtin(args.model)
@@ -178,9 +180,9 @@ def main() -> None:
     trained = {k: v.detach().contiguous() for k, v in model.state_dict().items()  # with layers kept from --start-from
                if k in models.head_state_dict(model) or k.startswith(trainable) or (text_kept and k in changed)}
     weights.mkdir(parents=True, exist_ok=True)
-    save_file(trained, str(weights / f"{name}.safetensors"))
+    atomic_write_bytes(weights / f"{name}.safetensors", safetensors_bytes(trained))
     (results / "model_candidates").mkdir(parents=True, exist_ok=True)
-    (results / "model_candidates" / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(results / "model_candidates" / f"{name}.json", json.dumps(record, indent=2) + "\n")
     if not args.dry_run:
         ship(b, record, trained, results)
     print(f"{name}: best epoch {best['epoch']}: dev {json.dumps(best['val'])}")
@@ -229,14 +231,12 @@ def load_features(args, model, cache: FeatureCache, first_block: int | None, n_l
 
 def ship(b, record: dict, trained: dict, results: Path) -> None:
     """Write a candidate's weights as the built-in model's heads file, and its record beside the results."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     suffix = "" if b.name == "mmsearch-lite" else "_" + b.name.replace("mmsearch-", "")
-    (results / f"train_default_model{suffix}.json").write_text(json.dumps(record, indent=2) + "\n")
-    tmp = b.heads_file.with_suffix(".tmp")
-    save_file(trained, str(tmp), metadata={"recipe": record["what"], "command": record["command"],
-                                         "best_epoch": str(record["best_epoch"])})
-    tmp.replace(b.heads_file)
+    atomic_write_text(results / f"train_default_model{suffix}.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_bytes(b.heads_file, safetensors_bytes(trained, metadata={
+        "recipe": record["what"], "command": record["command"], "best_epoch": str(record["best_epoch"])}))
     print(f"wrote {b.heads_file} ({record['candidate']})")
     from build_query_bank import build  # the bank belongs to the heads: rebuild it with them
 

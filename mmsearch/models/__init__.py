@@ -341,7 +341,9 @@ def save_open_clip_folder(model, folder: str | Path, model_config: dict | None =
     ``open_clip.create_model_and_transforms("local-dir:" + folder)`` load."""
     import json
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
+
+    from .._util import atomic_write_bytes, atomic_write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -351,10 +353,8 @@ def save_open_clip_folder(model, folder: str | Path, model_config: dict | None =
         "preprocess_cfg": preprocess_cfg or preprocess_config(name),
     }
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = folder / ".open_clip_model.safetensors.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(folder / "open_clip_model.safetensors")
-    with quiet_transformers():
+    atomic_write_bytes(folder / "open_clip_model.safetensors", safetensors_bytes(state))
+    with quiet_transformers():  # the tokenizer's files: written by transformers itself
         (hf_tokenizer or tokenizer()).tokenizer.save_pretrained(str(folder))
-    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    atomic_write_text(folder / "open_clip_config.json", json.dumps(config, indent=2) + "\n")
     return folder
