@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mmsearch import models  # noqa: E402
+from mmsearch.weights import fingerprint  # noqa: E402
 from mmsearch.config import DEFAULT_MODEL, TrainConfig  # noqa: E402
 from mmsearch.data import load_flickr8k  # noqa: E402
 
@@ -40,7 +41,7 @@ def build(model: str, data: str, bank_size: int = TrainConfig.query_bank) -> dic
     enc = Encoder(model)  # its (perhaps stale) bank is never loaded here; the new one replaces it atomically
     train, dev = load_flickr8k(data, "train"), load_flickr8k(data, "dev")
     img, txt, owner = val = embed_pairs(enc, dev)
-    bank = build_query_bank(enc, train, dev, max_items=bank_size, seed=0, weights=models.fingerprint(model),
+    bank = build_query_bank(enc, train, dev, max_items=bank_size, seed=0, weights=fingerprint(model),
                             val_embedded=val)
     bank.save(b.bank_file)
     image_bias, text_bias = hub_biases(bank, img, txt)  # what evaluate() and a search apply

@@ -60,7 +60,7 @@ def normalise(x: np.ndarray) -> np.ndarray:
 def real_embeddings(data: Path, model: str) -> tuple[np.ndarray, np.ndarray]:
     """(base, queries): train+dev photos and captions; test captions as queries. Cached per model, weights
     fingerprint and precision, so a run after the weights (or the default precision) change embeds again."""
-    from mmsearch.models import default_precision, fingerprint
+    from mmsearch.weights import default_precision, fingerprint
 
     weights = fingerprint(model)
     precision = default_precision(model, weights)

@@ -90,7 +90,7 @@ class Runner:
 def export_cached(env: dict) -> bool:
     """Whether the default model's ONNX export sits in the cache this run uses."""
     from mmsearch.config import DEFAULT_MODEL
-    from mmsearch.models import fingerprint
+    from mmsearch.weights import fingerprint
 
     root = Path(env["MMSEARCH_CACHE"]).expanduser() if env.get("MMSEARCH_CACHE") else Path.home() / ".cache" / "mmsearch"
     fp = fingerprint(DEFAULT_MODEL)

@@ -36,12 +36,10 @@ TARGET_SECONDS, TARGET_MB = 2.0, 300  # issue 14
 def make_index(work: Path, n_items: int, n_videos: int, dim: int = 256) -> tuple[Path, Path]:
     """A folder of ``n_videos`` video files and an index of ``n_items`` frames of them."""
     from mmsearch.config import DEFAULT_MODEL, IndexSpec, ModelRef
-    from mmsearch.encoder import model_record
-    from mmsearch.hubness import load_query_bank
     from mmsearch.index import VectorIndex
     from mmsearch.manifest import IndexedModel, Manifest, Sampling, normalise_spec
-    from mmsearch.models import default_precision
     from mmsearch.store import Items, commit, write_lock
+    from mmsearch.weights import default_precision, load_query_bank, model_record
 
     folder, idx = work / "videos", work / "index"
     folder.mkdir()

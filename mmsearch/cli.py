@@ -14,7 +14,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from .config import DEFAULT_MODEL, INDEX_ENV_VAR, IndexSpec, ModelRef, TrainConfig, default_index_dir
+from .config import (
+    DEFAULT_MODEL,
+    INDEX_ENV_VAR,
+    IndexSpec,
+    ModelRef,
+    TrainConfig,
+    default_index_dir,
+)
 from .errors import MmsearchError
 
 app = typer.Typer(
@@ -606,8 +613,9 @@ def export(
     int8 image graph a built-in model ships), so indexing and queries run on ONNX Runtime without
     torch. Needs the torch extra."""
     from .config import ModelRef
-    from .encoder import model_record, torch_installed
+    from .encoder import torch_installed
     from .exported import PRECISIONS, ExportManifest, cache_folder, holds_export_of
+    from .weights import model_record
 
     if precision not in PRECISIONS:
         _fail(f"unknown --precision {precision!r}: use {', '.join(PRECISIONS)}")

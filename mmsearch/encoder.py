@@ -20,10 +20,21 @@ from typing import TYPE_CHECKING, Iterable, Sequence, Union
 
 import numpy as np
 
+from . import models
 from ._util import ordered_map
+from .backends.onnx_backend import OnnxBackend
 from .config import DEFAULT_MODEL, ModelRef
 from .errors import ModelLoadError
-from .exported import PRECISIONS, ExportManifest, ModelRecord, cache_folder, cached_export, is_export
+from .exported import (
+    PRECISIONS,
+    ExportManifest,
+    ModelRecord,
+    cache_folder,
+    cached_export,
+    is_export,
+)
+from .media import load_image
+from .weights import BANK_FILE, default_precision, load_query_bank, model_record
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -43,19 +54,9 @@ def torch_installed() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "open_clip"))
 
 
-def model_record(ref: ModelRef) -> ModelRecord:
-    """What an index manifest and an export record about a model reference."""
-    from .models import fingerprint
-
-    name = os.path.abspath(ref.name) if os.path.isdir(ref.name) else ref.name  # usable from any cwd
-    return ModelRecord(name=name, pretrained=ref.pretrained, key=ref.key(),
-                       weights=fingerprint(ref.name, ref.pretrained))
-
-
 def _default_precision(record: ModelRecord, folder: Path | None) -> str:
     """The model's default precision where its export can run it: a cached export of a built-in
     model made before its int8 graph shipped gets it now; an exported folder without int8 runs fp32."""
-    from .models import default_precision
 
     if folder is None or default_precision(record.name, record.weights) == "fp32":
         return "fp32"
@@ -72,7 +73,6 @@ def _default_precision(record: ModelRecord, folder: Path | None) -> str:
 def _onnx_folder(ref: ModelRef, record: ModelRecord, backend: str, cache_dir: str | None) -> Path | None:
     """The export to run ``ref`` from: cached, or made now for a built-in model (or with backend
     "onnx"); None when the model runs in torch (backend "auto", not built-in, not exported yet)."""
-    from . import models
 
     if backend == "torch":
         return None
@@ -110,7 +110,7 @@ class Encoder:
         """``backend``: "auto" (ONNX Runtime when the model has an export, see the module docstring),
         "onnx" (export now if need be) or "torch"; ``precision``: "fp32" or "int8" (ONNX only: the
         int8 graphs a built-in model ships, or ``mmsearch export --precision int8`` makes), None for
-        the model's default (``mmsearch.models.default_precision``: int8 for mmsearch-lite2 on ONNX
+        the model's default (``mmsearch.weights.default_precision``: int8 for mmsearch-lite2 on ONNX
         Runtime, else fp32); ``cache_dir``: where open_clip keeps downloaded weights."""
         if backend not in BACKENDS:
             raise ModelLoadError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
@@ -136,7 +136,6 @@ class Encoder:
         #: fingerprint of the weights (recorded in index manifests; None for registry tags)
         self.weights = record.weights
         if self.export_folder is not None:
-            from .backends.onnx_backend import OnnxBackend
 
             self.backend = OnnxBackend(self.export_folder, precision=precision, device=device)
         else:
@@ -170,7 +169,6 @@ class Encoder:
         """The model's ``mmsearch.hubness.QueryBank`` (shipped with the built-in models and their
         exports, written by `mmsearch train`), or None: cross-modal search then ranks by plain cosine."""
         if self._query_bank is False:
-            from .hubness import BANK_FILE, load_query_bank
 
             exported = self.export_folder / BANK_FILE if self.export_folder is not None else None
             self._query_bank = load_query_bank(self.ref, path=exported, weights=self.weights)
@@ -200,7 +198,6 @@ class Encoder:
         return _normalise(self.backend.embed_tokens(tokens))
 
     def _pixels_of(self, item) -> np.ndarray:
-        from .media import load_image
 
         img = item if hasattr(item, "convert") else load_image(item, min_side=self.image_size)
         if getattr(img, "mode", "RGB") != "RGB":

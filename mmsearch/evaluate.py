@@ -13,6 +13,8 @@ import numpy as np
 from .config import IndexSpec
 from .data import Pairs
 from .errors import DataError
+from .hubness import corrections, rerank
+from .index import VectorIndex, exact_knn
 from .metrics import DEFAULT_KS, recall_at_k
 
 
@@ -33,7 +35,6 @@ def hub_biases(bank, img: np.ndarray, txt: np.ndarray) -> tuple[np.ndarray | Non
     queries) with this query bank, as ``recall_at_k`` takes them; (None, None) without a bank."""
     if bank is None:
         return None, None
-    from .hubness import corrections
 
     settings = bank.settings()
     return (corrections(bank.hubs(img, ["image"] * len(img)), ["image"] * len(img), "text", settings),
@@ -68,7 +69,6 @@ def evaluate(
         result["hubness"] = bank.settings()
     result["model"] = encoder.name
     if via_index is not None:
-        from .index import VectorIndex, exact_knn
 
         k = max(ks)
         vindex = VectorIndex.build(img, np.arange(len(img)), via_index)
@@ -76,7 +76,6 @@ def evaluate(
         if img_bias is None:
             _, approx = vindex.search(txt, k)
         else:
-            from .hubness import rerank
 
             _, approx = rerank(vindex.search, txt, k, len(img), lambda ids: bias[ids], 0.0)
         _, exact = exact_knn(txt, img, k, bias=bias)

@@ -23,9 +23,15 @@ from ._util import atomic_path, atomic_write_text, fsync_dir, silenced
 from .config import ModelRef
 from .errors import ModelLoadError
 from .exported import (
-    TOKENIZER_FILE, ExportManifest, ModelRecord, cache_folder, graph_files, is_export,
+    TOKENIZER_FILE,
+    ExportManifest,
+    ModelRecord,
+    cache_folder,
+    graph_files,
+    is_export,
 )
 from .preprocess import INTERPOLATIONS, ImageConfig, TextConfig
+from .weights import BANK_FILE, load_query_bank, model_record, shipped_int8
 
 
 class _ImageGraph(torch.nn.Module):
@@ -82,7 +88,16 @@ def image_config(preprocess) -> ImageConfig:
 def _clip_bpe_tokenizer_json(tok) -> str:
     """open_clip's SimpleTokenizer (CLIP's byte-level BPE) as an equal ``tokenizers`` file: the same
     vocabulary and merges, CLIP's split pattern, start/end tokens around the text."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
 
     sot, eot = "<|startoftext|>", "<|endoftext|>"
     vocab = dict(tok.encoder)
@@ -105,7 +120,12 @@ def text_config(model, tok) -> tuple[TextConfig, str]:
     """(TextConfig, tokenizer.json text) of an open_clip tokenizer; ModelLoadError for kinds the
     ``tokenizers`` path does not reproduce."""
     from open_clip.hf_model import HFTextEncoder
-    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer, _clean_lower, _clean_whitespace
+    from open_clip.tokenizer import (
+        HFTokenizer,
+        SimpleTokenizer,
+        _clean_lower,
+        _clean_whitespace,
+    )
 
     if isinstance(tok, HFTokenizer):
         if tok.clean_fn not in (_clean_whitespace, _clean_lower) or tok.strip_sep_token or tok.tokenizer_mode:
@@ -176,10 +196,7 @@ def export_model(ref: ModelRef, out: str | os.PathLike | None = None, record: Mo
     """Export ``ref`` (fp32) into ``out``, default the cache folder of its weights; returns the folder."""
     from importlib.metadata import version
 
-    from . import models
     from .backends.torch_backend import load_model
-    from .encoder import model_record
-    from .hubness import BANK_FILE, load_query_bank
 
     record = record or model_record(ref)
     dest = Path(out) if out is not None else cache_folder(record)
@@ -201,7 +218,7 @@ def export_model(ref: ModelRef, out: str | os.PathLike | None = None, record: Mo
         manifest = ExportManifest(model=record, dim=_dim(model, image), image=image, text=text,
                                   exporter=f"torch {torch.__version__}, onnx {version('onnx')}")
         manifest.save(tmp)
-        if models.shipped_int8(record.name, record.weights) is not None:
+        if shipped_int8(record.name, record.weights) is not None:
             from .quantize import add_shipped_int8
 
             add_shipped_int8(tmp)  # the built-in models' default precision: ready from the first use

@@ -55,7 +55,7 @@ class ModelRecord:
     name: str  # built-in name, open_clip name, hf-hub id or checkpoint folder
     pretrained: str | None  # open_clip pretrained tag or weights file
     key: str  # ModelRef.key(): what index manifests compare
-    weights: str | None  # mmsearch.models.fingerprint of the weights (None: fixed by a registry tag)
+    weights: str | None  # mmsearch.weights.fingerprint of the weights (None: fixed by a registry tag)
 
     def cache_key(self) -> str:
         """The cache folder name: the weights fingerprint, else a hash of the model key."""

@@ -31,10 +31,10 @@ import numpy as np
 
 from ._util import atomic_write_bytes
 from .errors import ModelLoadError
+from .metrics import recall_at_k
 
 BANK_FORMAT = "mmsearch-query-bank"
 BANK_FORMAT_VERSION = 1
-BANK_FILE = "query_bank.safetensors"  # inside an open_clip checkpoint folder written by `mmsearch train`
 #: item kind -> the query modality whose bank measures its hubness (the modality that searches it cross-modally)
 QUERY_OF = {"image": "text", "video": "text", "text": "image"}
 KS = (5, 10, 20, 50)  # bank neighbours tried by calibrate
@@ -177,7 +177,6 @@ def calibrate(val_img: np.ndarray, val_txt: np.ndarray, owner: Sequence[int], ba
     being other images and captions (training pairs, never the validation ones). At most
     CALIBRATION_IMAGES validation images (the first ones) and their captions are used; with fewer
     than MIN_CALIBRATION_IMAGES the correction stays off (beta 0)."""
-    from .metrics import recall_at_k
 
     owner = np.asarray(owner, np.int64)
     n = min(len(val_img), CALIBRATION_IMAGES)
@@ -204,33 +203,3 @@ def calibrate(val_img: np.ndarray, val_txt: np.ndarray, owner: Sequence[int], ba
                         best = (s, Side(k=int(k), beta=float(beta), threshold=threshold))
         sides[modality] = best[1]
     return QueryBank({"text": bank_txt, "image": bank_img}, sides, weights)
-
-
-# ---- where a model's bank lives ------------------------------------------------------------------
-def bank_path(ref) -> Path | None:
-    """Where the query bank of a model reference (``ModelRef``) is kept: beside a built-in model's
-    heads, or inside a checkpoint folder. None for other models (no bank can ship with them)."""
-    from . import models
-
-    if ref.name in models.BUILTINS and ref.pretrained is None:
-        return models.builtin(ref.name).bank_file
-    if os.path.isdir(ref.name):
-        return Path(ref.name) / BANK_FILE
-    return None
-
-
-def load_query_bank(ref, path: Path | None = None, weights: str | None = None) -> QueryBank | None:
-    """The model's query bank (from ``path`` if given, e.g. inside an exported folder, else where
-    ``bank_path`` says), None when it has none; an error when the bank was embedded with other
-    weights than the model has now (``weights``, else its fingerprint): its corrections would be wrong."""
-    from . import models
-
-    path = path if path is not None else bank_path(ref)
-    if path is None or not path.is_file():
-        return None
-    bank = QueryBank.load(path)
-    now = weights if weights is not None else models.fingerprint(ref.name, ref.pretrained)
-    if bank.weights and now and bank.weights != now:
-        raise ModelLoadError(f"query bank {path} was built for other weights of {ref.name} than it has now: "
-                             "delete it, or rebuild it with `mmsearch train`")
-    return bank

@@ -18,12 +18,42 @@ import numpy as np
 
 from ._util import batched, ordered_map, prefetch_iter
 from .config import DEFAULT_MODEL, IndexingConfig, IndexSpec, ModelRef
-from .errors import BadArgumentError, DataError, MediaError, MediaReadError, ModelMismatchError, PathNotFoundError
+from .data import TABLE_SUFFIXES, read_table_column
+from .encoder import get_encoder  # an exported folder names its model
+from .errors import (
+    BadArgumentError,
+    DataError,
+    MediaError,
+    MediaReadError,
+    ModelMismatchError,
+    PathNotFoundError,
+)
 from .exported import is_export
-from .manifest import FORMAT_VERSION, Failure, IndexedModel, Manifest, Sampling, normalise_spec
+from .hubness import QUERY_OF
+from .index import VectorIndex, VectorLookup, check_spec
+from .manifest import (
+    FORMAT_VERSION,
+    Failure,
+    IndexedModel,
+    Manifest,
+    Sampling,
+    normalise_spec,
+)
 from .media import MediaFile, Skipped, is_transient, load_image, scan
-from .store import (EMBEDDINGS, Collection, Items, _read_embeddings, check_index_folder, commit, read_items,
-                    read_manifest, write_lock, write_manifest)
+from .store import (
+    EMBEDDINGS,
+    Collection,
+    Items,
+    _read_embeddings,
+    check_index_folder,
+    commit,
+    read_items,
+    read_manifest,
+    write_lock,
+    write_manifest,
+)
+from .video import sample_frames
+from .weights import check_weights, fingerprint, load_query_bank, model_record
 
 
 @dataclass
@@ -173,7 +203,6 @@ def _try_again(e: Exception) -> bool:
 
 def _video_batches(f: MediaFile, encoder, config: IndexingConfig):
     """The batches of one video's sampled frames (see ``_visual_batches``)."""
-    from .video import sample_frames
 
     pixels, records = [], []
     try:
@@ -251,7 +280,6 @@ def embed_files(
 
 def _model_record(ref: ModelRef, encoder=None, precision: str | None = None) -> IndexedModel:
     """What the manifest says about the model (dim stays None until the model has been loaded)."""
-    from .encoder import model_record
 
     record = model_record(ref)
     if encoder is None:
@@ -264,7 +292,6 @@ def _model_record(ref: ModelRef, encoder=None, precision: str | None = None) -> 
 def check_model(manifest: Manifest, ref: ModelRef, path, weights: str | None = None, precision: str | None = None) -> None:
     """The index was built with this model, these weights (``weights``, else the reference's
     fingerprint) and this precision, else ModelMismatchError."""
-    from .models import check_weights, fingerprint
 
     built = manifest.model.key
     if built != ref.key():
@@ -315,7 +342,6 @@ def read_texts(source: str | os.PathLike, column: str | None = None) -> list[Med
     """
     import zlib
 
-    from .data import TABLE_SUFFIXES, read_table_column
 
     path = os.path.realpath(os.fspath(source))
     if not os.path.isfile(path):
@@ -371,7 +397,6 @@ def sync_index(vindex, embeddings: np.ndarray, ids: np.ndarray, spec: IndexSpec,
     are gone or whose vector ``changed``, add the new ones, in place; build afresh when there is no
     index yet or it no longer fits the collection (the reason goes to ``notes``). Returns the index.
     """
-    from .index import VectorIndex, VectorLookup
 
     n = len(ids)
     if n == 0:
@@ -474,7 +499,6 @@ class IndexWriter:
         check_index_folder(self.path)
         existing = read_manifest(self.path) if Collection.exists(self.path) else None
         if self.encoder is None and self.model is not None and is_export(self.model.name):
-            from .encoder import get_encoder  # an exported folder names its model
 
             self.encoder = get_encoder(self.model.name, device=self.model.device, precision=self.config.precision)
         if self.encoder is not None:
@@ -530,7 +554,6 @@ class IndexWriter:
         """The query bank that measures items' hubness: the encoder's (one without a bank has none),
         else the model's, loaded without the model."""
         if self.encoder is None:
-            from .hubness import load_query_bank
 
             bank = load_query_bank(self.ref)
         self.bank = bank
@@ -561,7 +584,6 @@ class IndexWriter:
         self.to_encode = [f for f in plan.to_embed if not (f.kind == "text" and f.text in known_text)]
         self.by_path = {f.path: f for f in plan.to_embed}
         if self.to_encode and self.encoder is None:  # the model loads only when there is work for it
-            from .encoder import get_encoder
 
             self.encoder = get_encoder(self.ref.name, pretrained=self.ref.pretrained, device=self.ref.device,
                                        backend=self.config.backend, precision=self.precision)
@@ -570,7 +592,6 @@ class IndexWriter:
             self.manifest = self.manifest.copy(model=_model_record(self.ref, self.encoder))
         dim = self.encoder.dim if self.encoder is not None else int(self.manifest.model.dim or 0)
         if dim:  # a bad --index-factory or --memory fails now, not after hours of embedding
-            from .index import check_spec
 
             check_spec(self.spec, dim, len(plan.keep_rows) + len(plan.to_embed))
         self._load_vectors(dim, [known_text[f.text] for f in self.copied])
@@ -718,7 +739,6 @@ class IndexWriter:
         rows = np.flatnonzero(np.isnan(self.items.hub))
         if self.bank is None or not len(rows):
             return np.zeros(0, np.int64)
-        from .hubness import QUERY_OF
 
         measurable = {k: QUERY_OF.get(k) in self.bank.sides for k in set(self.items.kind)}
         return rows[np.fromiter((measurable[self.items.kind[r]] for r in rows.tolist()), bool, len(rows))]

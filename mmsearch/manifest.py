@@ -14,9 +14,10 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from .config import DEFAULT_FRAME_INTERVAL, IndexSpec
+from .config import DEFAULT_FRAME_INTERVAL, DEFAULT_INDEX_MEMORY, IndexSpec
 from .errors import IndexFormatError
 from .exported import ModelRecord
+from .index import parse_size
 
 FORMAT = "mmsearch-index"
 FORMAT_VERSION = 2  # 2: IVF indexes hold ids themselves, re-ranked from embeddings.npy; tuned nprobe/efSearch
@@ -171,7 +172,5 @@ class Manifest:
 
 def normalise_spec(spec: IndexSpec) -> IndexSpec:
     """``spec`` with its memory budget in bytes, so "4G" and the default compare equal."""
-    from .config import DEFAULT_INDEX_MEMORY
-    from .index import parse_size
 
     return replace(spec, memory=parse_size(spec.memory) or DEFAULT_INDEX_MEMORY)

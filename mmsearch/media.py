@@ -18,7 +18,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import MAX_IMAGE_PIXELS, IndexingConfig
-from .errors import MediaError, MediaReadError, NotAFolderError, PathAccessError, PathError, PathNotFoundError
+from .errors import (
+    MediaError,
+    MediaReadError,
+    NotAFolderError,
+    PathAccessError,
+    PathError,
+    PathNotFoundError,
+)
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from ._util import atomic_path, silenced
-from .errors import BadArgumentError, ModelLoadError
+from .errors import BadArgumentError, MediaError, ModelLoadError
 from .exported import TOKENIZER_FILE, ExportManifest, graph_files
-from .preprocess import ImageConfig
+from .media import load_image
+from .preprocess import ImageConfig, TextTokenizer, to_pixels
+from .weights import shipped_int8
 
 #: images / captions the int8 activation ranges are calibrated on, sampled from the pairs given
 CALIBRATION_IMAGES = 256
@@ -52,9 +54,6 @@ class _Batches:
 
 def _image_batches(images: list[str], cfg: ImageConfig, bs: int = 32) -> list[np.ndarray]:
     """The calibration photos as pixel batches; photos that cannot be decoded are left out."""
-    from .errors import MediaError
-    from .media import load_image
-    from .preprocess import to_pixels
 
     pixels = []
     for p in images:
@@ -70,7 +69,12 @@ def _image_batches(images: list[str], cfg: ImageConfig, bs: int = 32) -> list[np
 def quantize_image_graph(src: Path, dest: Path, batches: list[np.ndarray]) -> None:
     """Static int8: QDQ format, per-channel int8 weights, uint8 activations with min/max ranges
     measured on ``batches`` of pixels."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp, silenced():
@@ -86,7 +90,11 @@ def quantize_text_graph(src: Path, dest: Path, batches: list[np.ndarray] | None 
     activations are static too, calibrated on them; without, they are quantised per batch at run
     time (dynamic), which keeps text vectors far closer to fp32 (benchmarks/int8_choice.py)."""
     from onnxruntime.quantization import (
-        CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -129,7 +137,6 @@ def add_int8(folder: str | os.PathLike, pairs, source: str, n_images: int = CALI
     ``n_images`` photos of ``pairs`` (``source`` names them in the manifest). ``text``: "fp32"
     (the default: see the module docstring), "dynamic", or "static" (calibrated on ``n_texts``
     captions), the last two for comparison (benchmarks/int8_choice.py)."""
-    from .preprocess import TextTokenizer
 
     if text not in TEXT_INT8:
         raise BadArgumentError(f"text must be one of {TEXT_INT8}, not {text!r}")
@@ -153,11 +160,10 @@ def add_shipped_int8(folder: str | os.PathLike) -> ExportManifest:
     """Add int8 graphs to the export of a built-in model: the int8 image graph that ships with it
     (calibrated on Flickr8k train photos by benchmarks/build_int8.py), and the fp32 text graph.
     Copying a file: no quantiser, no onnx package needed. ModelLoadError if it ships none for these weights."""
-    from . import models
 
     folder = Path(folder)
     manifest = ExportManifest.load(folder)
-    shipped = models.shipped_int8(manifest.model.name, manifest.model.weights)
+    shipped = shipped_int8(manifest.model.name, manifest.model.weights)
     if shipped is None:
         raise ModelLoadError(f"{manifest.model.key} ships no int8 graph for these weights: make one with "
                              f"`mmsearch export {manifest.model.key} --precision int8 --calibrate PAIRS`")

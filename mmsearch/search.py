@@ -13,8 +13,17 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import BadQueryError, EmptyIndexError, ModelMismatchError, PathNotFoundError
-from .store import Collection
+from .encoder import get_encoder
+from .errors import (
+    BadQueryError,
+    EmptyIndexError,
+    ModelMismatchError,
+    PathNotFoundError,
+)
+from .hubness import corrections, rerank
+from .index import exact_knn, gpu_count
+from .store import Collection, read_manifest
+from .weights import check_weights
 
 EXACT_FILTER_MAX = 50_000  # a modality with at most this many items is searched exactly when filtered
 SPAN_MARGIN = 0.1  # video frames scoring within this (cosine) of a span's best frame extend the span
@@ -93,7 +102,6 @@ class Searcher:
         self.backend = backend
         self._loading = None  # the index's encoder, loading in a background thread while the index loads
         if encoder is None and not isinstance(index, Collection):
-            from .store import read_manifest
 
             self._loading = _in_background(self._load_encoder, read_manifest(Path(index)).model)
         self.collection = index if isinstance(index, Collection) else Collection.open(index, load_index=True)
@@ -113,7 +121,6 @@ class Searcher:
         self._encoder = encoder
         self.on_gpu = False
         if gpu or (gpu is None and self.collection.count > EXACT_FILTER_MAX):
-            from .index import gpu_count
 
             if gpu_count():
                 self.on_gpu = self.collection.index.to_gpu()
@@ -124,7 +131,6 @@ class Searcher:
 
     def _load_encoder(self, m):
         """The encoder of the model record ``m``, with its text tower ready (a query comes next)."""
-        from .encoder import get_encoder
 
         encoder = get_encoder(m.name, pretrained=m.pretrained, backend=self.backend,
                               precision=m.precision or "fp32")  # indexes before int8 existed: fp32
@@ -141,7 +147,6 @@ class Searcher:
         return self._encoder
 
     def _check_weights(self, encoder) -> None:
-        from .models import check_weights
 
         check_weights(self.collection.model, getattr(encoder, "weights", None), self.collection.path)
         have, got = self.collection.model.precision or "fp32", getattr(encoder, "precision", "fp32")
@@ -156,7 +161,6 @@ class Searcher:
             return None
         key = (query, self._kinds_of(kind) if kind is not None else None)
         if key not in self._corrections:
-            from .hubness import corrections
 
             items = self.collection.items
             corr = corrections(items.hub, items.kind, query, self.collection.manifest.hubness)
@@ -185,7 +189,6 @@ class Searcher:
         n = len(self._rows_of_kind(kind)) if kind is not None else self.collection.count
         if corr is None or n == 0:  # n == 0: _search_plain says what is missing
             return self._search_plain(q, k, kind)
-        from .hubness import rerank
 
         return rerank(lambda qq, depth: self._search_plain(qq, depth, kind), q, min(k, n), n,
                       lambda ids: corr[self.collection.rows_of(ids)], 0.0)  # corrections never raise a score
@@ -211,7 +214,6 @@ class Searcher:
                 cols = np.argsort(~wanted, axis=1, kind="stable")[:, :k]  # first k wanted, order kept
                 return np.take_along_axis(D, cols, 1), np.take_along_axis(I, cols, 1)
         # exact search over that modality's vectors: a filter never returns fewer than asked
-        from .index import exact_knn
 
         key = self._kinds_of(kind)
         if key not in self._kind_lookups:  # the modality's vectors and ids, gathered once per Searcher

@@ -27,8 +27,21 @@ from typing import Iterator
 import numpy as np
 
 from ._util import atomic_file, atomic_write_bytes, fsync_dir
-from .errors import EmptyIndexError, IndexFormatError, IndexLockedError, IndexNotFoundError
-from .manifest import FILES, FORMAT, FORMAT_VERSION, READABLE_VERSIONS, FaissInfo, Manifest  # noqa: F401
+from .errors import (
+    EmptyIndexError,
+    IndexFormatError,
+    IndexLockedError,
+    IndexNotFoundError,
+)
+from .index import VectorIndex, VectorLookup
+from .manifest import (  # noqa: F401
+    FILES,
+    FORMAT,
+    FORMAT_VERSION,
+    READABLE_VERSIONS,
+    FaissInfo,
+    Manifest,
+)
 
 MANIFEST = "manifest.json"
 ITEMS, EMBEDDINGS, FAISS = FILES["items"], FILES["embeddings"], FILES["faiss"]
@@ -178,7 +191,6 @@ class Collection:
     def lookup(self):
         """Embeddings by item id (a VectorLookup over the memory-mapped embeddings)."""
         if self._lookup is None:
-            from .index import VectorLookup
 
             self._lookup = VectorLookup(self.embeddings, self.items.id)
         return self._lookup
@@ -192,7 +204,6 @@ class Collection:
 
     def load_index(self, mmap: bool = False):
         """The faiss index of the committed generation; ``mmap`` maps it read-only instead of reading it."""
-        from .index import VectorIndex
 
         if self.count == 0:
             raise EmptyIndexError(f"index {self.path} is empty: add files with `mmsearch index FOLDER`")

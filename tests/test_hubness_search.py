@@ -160,7 +160,7 @@ def test_indexes_without_a_weights_record_are_judged_per_built_in_model():
     """mmsearch-lite2's weights changed after such indexes were written; mmsearch-lite's did not."""
     from mmsearch.errors import ModelMismatchError
     from mmsearch.manifest import IndexedModel
-    from mmsearch.models import check_weights, fingerprint
+    from mmsearch.weights import check_weights, fingerprint
 
     for name in ("mmsearch-lite", "mmsearch-lite2"):
         record = IndexedModel(name=name, pretrained=None, key=name, weights=None)

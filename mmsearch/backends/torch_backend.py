@@ -13,8 +13,10 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from .. import models
 from ..config import ModelRef
 from ..errors import ModelLoadError
+from ..models import quiet_transformers
 
 
 def _resolves(url: str) -> bool:
@@ -80,7 +82,6 @@ def load_open_clip(ref: ModelRef, cache_dir: str | None):
     """(model, preprocess, tokenizer) for any open_clip reference; errors become ModelLoadError."""
     import open_clip
 
-    from ..models import quiet_transformers
 
     name = _check_reference(ref, open_clip)
     offline = False
@@ -104,7 +105,6 @@ def load_open_clip(ref: ModelRef, cache_dir: str | None):
 
 def load_model(ref: ModelRef, cache_dir: str | None = None):
     """(model, preprocess, tokenizer) of a built-in model or any open_clip reference, in eval mode."""
-    from .. import models
 
     if ref.name in models.BUILTINS and ref.pretrained is None:
         return models.build(name=ref.name), models.preprocess(ref.name), models.tokenizer()

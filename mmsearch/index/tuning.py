@@ -10,8 +10,8 @@ import numpy as np
 
 from mmsearch.config import IndexSpec
 
-from .exact import exact_knn
 from ._checks import as_matrix
+from .exact import exact_knn
 
 if TYPE_CHECKING:
     from .vector_index import VectorIndex

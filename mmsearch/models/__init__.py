@@ -25,7 +25,7 @@ from typing import Any
 
 from .._util import atomic_path, atomic_write_text
 from ..config import DEFAULT_MODEL
-from ..errors import ModelLoadError, ModelMismatchError
+from ..errors import ModelLoadError
 
 HERE = Path(__file__).parent  # the trained head weights ship here
 EMBED_DIM = 256  # shared embedding size
@@ -89,103 +89,6 @@ def builtin(name: str = DEFAULT_MODEL) -> Builtin:
         return BUILTINS[name]
     except KeyError:
         raise ModelLoadError(f"unknown built-in model {name!r}: use one of {', '.join(BUILTINS)}") from None
-
-
-_FILE_HASHES: dict[tuple, str] = {}  # (path, size, mtime, inode) -> content hash, so each file is read once per process
-
-
-def _file_hash(path: Path) -> str:
-    """sha1 of a file's contents, remembered per process and, across processes, in the cache
-    (``hashes/``, keyed by path, size, mtime and inode): hashing 35 MB of heads would cost a cold query 70 ms."""
-    import hashlib
-
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
-    if key in _FILE_HASHES:
-        return _FILE_HASHES[key]
-    from .._util import atomic_write_bytes
-    from ..exported import cache_root
-
-    memo = cache_root() / "hashes" / hashlib.sha1(repr(key).encode()).hexdigest()
-    try:
-        value = memo.read_text().strip()
-    except OSError:
-        value = ""
-    if len(value) != 40:
-        h = hashlib.sha1()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                h.update(chunk)
-        value = h.hexdigest()
-        try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(memo, value.encode())
-        except OSError:  # a read-only home: hash again next time
-            pass
-    _FILE_HASHES[key] = value
-    return value
-
-
-def fingerprint(name: str, pretrained: str | None = None) -> str | None:
-    """A short string that changes when the weights behind a model reference change: a hash of the
-    contents of a built-in model's shipped heads (they change between mmsearch versions), or of the
-    weight files and open_clip config of a checkpoint folder / weights file (retrained in place; a
-    copy of the folder keeps it). None for names whose weights a tag fixes (open_clip registry, hf-hub)."""
-    import hashlib
-
-    from ..hubness import BANK_FILE
-
-    if name in BUILTINS and pretrained is None:
-        heads = builtin(name).heads_file
-        return _file_hash(heads)[:16] if heads.is_file() else None
-    files = []
-    for x in (name, pretrained):
-        p = Path(x) if x else None
-        if p is not None and p.is_dir():
-            # weights and architecture; not the query bank (derived from them) or training records
-            files += [f for f in sorted(p.iterdir()) if f.is_file() and f.name != BANK_FILE and (
-                f.suffix in (".safetensors", ".bin", ".pt", ".pth") or f.name == "open_clip_config.json")]
-        elif p is not None and p.is_file():
-            files.append(p)
-    if not files:
-        return None
-    return hashlib.sha1(repr([(f.name, _file_hash(f)) for f in files]).encode()).hexdigest()[:16]
-
-
-def shipped_int8(name: str, weights: str | None) -> tuple[Path, dict] | None:
-    """(graph, record) of the int8 image graph a built-in model ships for these weights, else None."""
-    import json
-
-    if name not in BUILTINS:
-        return None
-    graph = builtin(name).int8_file
-    try:
-        record = json.loads(graph.with_suffix(".json").read_text())
-    except (OSError, ValueError):
-        return None
-    return (graph, record) if graph.is_file() and record.get("weights") == weights else None
-
-
-def default_precision(name: str, weights: str | None) -> str:
-    """The precision a model embeds at unless told otherwise (see ``Builtin.default_precision``)."""
-    if name in BUILTINS and builtin(name).default_precision == "int8" and shipped_int8(name, weights):
-        return "int8"
-    return "fp32"
-
-
-def check_weights(record, now: str | None, index_path) -> None:
-    """Refuse an index whose vectors came from other weights than the model has ``now``
-    (``fingerprint``): new vectors would not be comparable with them. ``record`` is the manifest's
-    model record (an ``IndexedModel``); one without a fingerprint for a built-in model predates the
-    heads shipped now."""
-    was, name = record.weights, record.name
-    if was is None and name in BUILTINS and record.pretrained is None and not BUILTINS[name].unrecorded_weights_match:
-        was = "from an earlier mmsearch"
-    if was and now and was != now:
-        raise ModelMismatchError(
-            f"index {index_path} was embedded with other weights of {record.key} than it has now (retrained, "
-            f"or a new mmsearch release): index into a new --index folder (or delete {index_path} and index again)"
-        )
 
 
 def _minilm_path() -> str:

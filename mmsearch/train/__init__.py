@@ -17,8 +17,17 @@ Importing this package imports no torch; its functions do.
 """
 
 from .bank import build_query_bank
-from .features import (VIEWS, ZOOM, FeatureCache, cached_features, image_tower_features, image_trunk_maps,
-                       text_hidden_states, text_tower_features, train_views)
+from .features import (
+                       VIEWS,
+                       ZOOM,
+                       FeatureCache,
+                       cached_features,
+                       image_tower_features,
+                       image_trunk_maps,
+                       text_hidden_states,
+                       text_tower_features,
+                       train_views,
+)
 from .features import _text_layers as _text_layers  # noqa: F401 - private, imported by the tests and benchmarks
 from .fit import Trainer, train_heads, validation_score
 from .run import _lock_towers as _lock_towers  # noqa: F401

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..evaluate import embed_pairs
 from ..hubness import QueryBank, calibrate
 
 
@@ -13,7 +14,6 @@ def build_query_bank(encoder, bank_pairs, val_pairs, max_items: int = 2000, seed
     """A calibrated QueryBank for ``encoder``: at most ``max_items`` images of ``bank_pairs`` (training
     pairs) and one caption of each as the banks, ``val_pairs`` to choose the settings
     (``val_embedded``: their ``evaluate.embed_pairs`` result, when the caller has it already)."""
-    from ..evaluate import embed_pairs
 
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(bank_pairs.images), min(max_items, len(bank_pairs.images)), replace=False))

@@ -17,6 +17,9 @@ import numpy as np
 
 from .._util import atomic_file, batched, prefetch_iter
 from ..config import TrainConfig
+from ..errors import MediaError
+from ..media import load_image
+from ..weights import fingerprint
 
 VIEWS = ("orig", "flip", "zoom", "zoomflip")  # augmented views of an image whose features can be cached
 ZOOM = 1.125  # the "zoom" views crop the central 1/ZOOM of the image (resize to ZOOM x size, centre crop)
@@ -56,10 +59,9 @@ def _model_identity(model_name: str, pretrained: str | None):
     checkpoint folder or weights file) and the fingerprint of its weights (retrained = new key)."""
     import os
 
-    from .. import models
 
     paths = tuple(os.path.abspath(x) if x and os.path.exists(x) else x for x in (model_name, pretrained))
-    return (*paths, models.fingerprint(model_name, pretrained))
+    return (*paths, fingerprint(model_name, pretrained))
 
 
 def _cache_key(*parts) -> str:
@@ -144,8 +146,6 @@ def _view_batches(model, preprocess, paths: Sequence[str], view: str, batch_size
     them decodes; the rows that failed to decode; n), decoded in a background thread."""
     import torch
 
-    from ..errors import MediaError
-    from ..media import load_image
 
     if view not in VIEWS:
         raise ValueError(f"unknown image view {view!r}: use one of {', '.join(VIEWS)}")

@@ -10,6 +10,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..config import TrainConfig
+from ..evaluate import evaluate
+from ..media import load_image
 from ..metrics import recall_at_k
 from .tails import ImageTail, TextTail
 
@@ -302,7 +304,6 @@ class _TrainingEncoder:
     def embed_images(self, paths):
         import torch
 
-        from ..media import load_image
 
         with torch.no_grad():
             x = torch.stack([self.preprocess(load_image(p)) for p in paths]).to(self.device)
@@ -363,7 +364,6 @@ class _EndToEndTrainer(Trainer):
     def train_epoch(self) -> list[float]:
         import torch
 
-        from ..media import load_image
 
         pairs, model, rng = self.train_pairs, self.model, self.rng
         perm = rng.permutation(len(pairs))
@@ -382,7 +382,6 @@ class _EndToEndTrainer(Trainer):
         return losses
 
     def validate(self) -> dict:
-        from ..evaluate import evaluate
 
         r = evaluate(self.encoder, self.val_pairs)
         return {"val": {k: r[k] for k in ("t2i", "i2t")}, "val_rsum": validation_score(r)}

@@ -10,8 +10,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..config import TrainConfig
-from ..errors import DataError
+from .. import models
+from .._util import atomic_write_text
+from ..config import DEFAULT_MODEL, ModelRef, TrainConfig
+from ..data import Pairs
+from ..encoder import Encoder
+from ..errors import DataError, MediaError
+from ..media import load_image
+from ..weights import BANK_FILE, fingerprint
+from .bank import build_query_bank
 from .features import FeatureCache, _text_layers, train_views
 from .fit import _end_to_end, train_heads
 from .tails import ImageTail, TextTail, _image_tail_shape, _tail_works
@@ -50,8 +57,6 @@ def train_model(
     import json
     import time
 
-    from .._util import atomic_write_text
-    from ..config import DEFAULT_MODEL
 
     _check_sizes(train_pairs, val_pairs)
     t0 = time.time()
@@ -94,7 +99,6 @@ class _Run:
 
     def save(self, out_dir: Path) -> None:
         """Write the (trained) model as an open_clip checkpoint folder."""
-        from .. import models
 
         self.model = self.model.cpu().eval()
         models.save_open_clip_folder(self.model, out_dir, model_config=self.model_config,
@@ -181,19 +185,15 @@ def _write_query_bank(out_dir: Path, cfg: TrainConfig, train_pairs, val_pairs, d
     for the hubness correction of its searches; none with ``cfg.query_bank`` 0."""
     import time
 
-    from .. import models
-    from ..hubness import BANK_FILE
-    from .bank import build_query_bank
 
     bank_file = out_dir / BANK_FILE
     bank_file.unlink(missing_ok=True)  # an earlier run's bank belongs to other weights
     if not cfg.query_bank:
         return
-    from ..encoder import Encoder
 
     t1 = time.time()
     bank = build_query_bank(Encoder(str(out_dir), device=str(device), backend="torch"), train_pairs, val_pairs,
-                            max_items=cfg.query_bank, seed=cfg.seed, weights=models.fingerprint(str(out_dir)))
+                            max_items=cfg.query_bank, seed=cfg.seed, weights=fingerprint(str(out_dir)))
     bank.save(bank_file)
     record["query_bank"] = dict(bank.settings(), seconds=round(time.time() - t1, 1))
 
@@ -201,8 +201,6 @@ def _write_query_bank(out_dir: Path, cfg: TrainConfig, train_pairs, val_pairs, d
 # ---- loading, locking, checks ---------------------------------------------------------------------
 def _load_for_training(model_name: str, pretrained: str | None):
     """(model, preprocess, tokenizer, open_clip model config, preprocess config) of any model."""
-    from .. import models
-    from ..config import ModelRef
 
     if model_name in models.BUILTINS and pretrained is None:
         return (models.build(name=model_name), models.preprocess(model_name), models.tokenizer(),
@@ -278,9 +276,6 @@ def usable_images(pairs, check: Callable[[str], None] | None = None,
     ``bad``: indices already known to be unusable; otherwise each image is tried with ``check``
     (default: a full decode). ``on_skip(path, reason)`` is told about each one left out.
     """
-    from ..data import Pairs
-    from ..errors import MediaError
-    from ..media import load_image
 
     check = check or load_image
 

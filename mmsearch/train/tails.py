@@ -13,7 +13,14 @@ import copy
 import numpy as np
 
 from ..errors import BadArgumentError
-from .features import _flat_blocks, _maps, _pair, _text_layers, text_hidden_states, text_tower_features
+from .features import (
+    _flat_blocks,
+    _maps,
+    _pair,
+    _text_layers,
+    text_hidden_states,
+    text_tower_features,
+)
 
 
 class TowerTail:
