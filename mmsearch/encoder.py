@@ -136,7 +136,6 @@ class Encoder:
         #: fingerprint of the weights (recorded in index manifests; None for registry tags)
         self.weights = record.weights
         if self.export_folder is not None:
-
             self.backend = OnnxBackend(self.export_folder, precision=precision, device=device)
         else:
             if precision != "fp32":
@@ -169,7 +168,6 @@ class Encoder:
         """The model's ``mmsearch.hubness.QueryBank`` (shipped with the built-in models and their
         exports, written by `mmsearch train`), or None: cross-modal search then ranks by plain cosine."""
         if self._query_bank is False:
-
             exported = self.export_folder / BANK_FILE if self.export_folder is not None else None
             self._query_bank = load_query_bank(self.ref, path=exported, weights=self.weights)
         return self._query_bank
@@ -198,7 +196,6 @@ class Encoder:
         return _normalise(self.backend.embed_tokens(tokens))
 
     def _pixels_of(self, item) -> np.ndarray:
-
         img = item if hasattr(item, "convert") else load_image(item, min_side=self.image_size)
         if getattr(img, "mode", "RGB") != "RGB":
             img = img.convert("RGB")

@@ -69,14 +69,12 @@ def evaluate(
         result["hubness"] = bank.settings()
     result["model"] = encoder.name
     if via_index is not None:
-
         k = max(ks)
         vindex = VectorIndex.build(img, np.arange(len(img)), via_index)
         bias = img_bias if img_bias is not None else np.zeros(len(img), np.float32)
         if img_bias is None:
             _, approx = vindex.search(txt, k)
         else:
-
             _, approx = rerank(vindex.search, txt, k, len(img), lambda ids: bias[ids], 0.0)
         _, exact = exact_knn(txt, img, k, bias=bias)
         result["via_index"] = {

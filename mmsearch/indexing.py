@@ -19,7 +19,7 @@ import numpy as np
 from ._util import batched, ordered_map, prefetch_iter
 from .config import DEFAULT_MODEL, IndexingConfig, IndexSpec, ModelRef
 from .data import TABLE_SUFFIXES, read_table_column
-from .encoder import get_encoder  # an exported folder names its model
+from .encoder import get_encoder
 from .errors import (
     BadArgumentError,
     DataError,
@@ -498,8 +498,7 @@ class IndexWriter:
         """Which model and precision this run embeds with; refuse a mismatch before loading the model."""
         check_index_folder(self.path)
         existing = read_manifest(self.path) if Collection.exists(self.path) else None
-        if self.encoder is None and self.model is not None and is_export(self.model.name):
-
+        if self.encoder is None and self.model is not None and is_export(self.model.name):  # it names its model
             self.encoder = get_encoder(self.model.name, device=self.model.device, precision=self.config.precision)
         if self.encoder is not None:
             ref = self.encoder.ref
@@ -554,7 +553,6 @@ class IndexWriter:
         """The query bank that measures items' hubness: the encoder's (one without a bank has none),
         else the model's, loaded without the model."""
         if self.encoder is None:
-
             bank = load_query_bank(self.ref)
         self.bank = bank
         self.hubness = bank.settings() if bank is not None else None  # what the manifest must say after this run

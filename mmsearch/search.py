@@ -102,7 +102,6 @@ class Searcher:
         self.backend = backend
         self._loading = None  # the index's encoder, loading in a background thread while the index loads
         if encoder is None and not isinstance(index, Collection):
-
             self._loading = _in_background(self._load_encoder, read_manifest(Path(index)).model)
         self.collection = index if isinstance(index, Collection) else Collection.open(index, load_index=True)
         self.search_options = {"nprobe": nprobe, "ef_search": ef_search, "rerank_factor": rerank_factor}
@@ -121,7 +120,6 @@ class Searcher:
         self._encoder = encoder
         self.on_gpu = False
         if gpu or (gpu is None and self.collection.count > EXACT_FILTER_MAX):
-
             if gpu_count():
                 self.on_gpu = self.collection.index.to_gpu()
         self._kinds: np.ndarray | None = None  # items' kinds as an array, built on first filtered query
@@ -147,7 +145,6 @@ class Searcher:
         return self._encoder
 
     def _check_weights(self, encoder) -> None:
-
         check_weights(self.collection.model, getattr(encoder, "weights", None), self.collection.path)
         have, got = self.collection.model.precision or "fp32", getattr(encoder, "precision", "fp32")
         if got != have:
@@ -161,7 +158,6 @@ class Searcher:
             return None
         key = (query, self._kinds_of(kind) if kind is not None else None)
         if key not in self._corrections:
-
             items = self.collection.items
             corr = corrections(items.hub, items.kind, query, self.collection.manifest.hubness)
             rows = self._rows_of_kind(kind) if kind is not None else slice(None)

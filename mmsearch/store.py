@@ -191,7 +191,6 @@ class Collection:
     def lookup(self):
         """Embeddings by item id (a VectorLookup over the memory-mapped embeddings)."""
         if self._lookup is None:
-
             self._lookup = VectorLookup(self.embeddings, self.items.id)
         return self._lookup
 

@@ -382,7 +382,6 @@ class _EndToEndTrainer(Trainer):
         return losses
 
     def validate(self) -> dict:
-
         r = evaluate(self.encoder, self.val_pairs)
         return {"val": {k: r[k] for k in ("t2i", "i2t")}, "val_rsum": validation_score(r)}
 
