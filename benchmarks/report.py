@@ -361,6 +361,24 @@ def print_reindex() -> None:
           "items table is read.")
 
 
+def print_serve_load() -> None:
+    """`mmsearch serve` under load (benchmarks/serve_load.py), against the targets of issue 15."""
+    r = load("serve_load.json")
+    if not r:
+        return
+    print(f"{r['what']} ({r['machine']}), from `{r['command']}`:")
+    print()
+    print("| load | requests | errors | p50 | p95 | p99 | per second |")
+    print("|---|---|---|---|---|---|---|")
+    rows = [(f"text queries, concurrency {c}", r["queries"][f"concurrency_{c}"]) for c in (1, 4)]
+    rows += [(f"cold 12 MP thumbnails, concurrency {c}", r["thumbnails"][f"concurrency_{c}"]) for c in (1, 2)]
+    for label, x in rows:
+        print(f"| {label} | {x['requests']} | {x['errors']} | {x['p50_ms']} ms | {x['p95_ms']} ms | {x['p99_ms']} ms | "
+              f"{x['per_s']} |")
+    print()
+    print("Targets (issue 15): " + "; ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in r["targets"].items()) + ".")
+
+
 def print_video() -> None:
     for v in (json.loads(p.read_text()) for p in sorted(RESULTS.glob("video_throughput_*.json"))):
         print()
@@ -523,6 +541,7 @@ SECTIONS = {
     "index-scale-notes": print_index_scale_notes,  # docs/benchmarks.md
     "index-cross-modal": print_index_cross_modal,  # docs/index.md, docs/limits.md
     "reindex": print_reindex,                   # docs/benchmarks.md
+    "serve-load": print_serve_load,             # docs/serve.md
     "video": print_video,                       # docs/benchmarks.md
     "video-examples": print_video_examples,     # docs/video.md
 }

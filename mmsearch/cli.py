@@ -404,23 +404,7 @@ def info(
     """What the index holds: model, count, dimension, index type, size on disk."""
     from .store import Collection
 
-    c = Collection.open(_index_dir(index))
-    m = c.manifest
-    facts = {
-        "index": str(c.path.resolve()),
-        "model": m.model.key,
-        "precision": m.model.precision or "fp32",
-        "count": m.count,
-        "counts_by_kind": m.counts_by_kind,
-        "dim": m.dim,
-        "index_type": m.index.kind,
-        "index_params": m.index.params,
-        "hubness": m.hubness,
-        "disk_bytes": c.disk_bytes(),
-        "format_version": m.format_version,
-        "created": m.created,
-        "updated": m.updated,
-    }
+    facts = Collection.open(_index_dir(index)).facts()
     if as_json:
         typer.echo(json.dumps(facts, indent=2))
         return
@@ -428,6 +412,44 @@ def info(
         if key == "disk_bytes":
             value = f"{value / 2**20:.2f} MiB ({value} bytes)"
         typer.echo(f"{key + ':':16s}{value}")
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@app.command()
+@handle_errors
+def serve(
+    index: IndexOpt = None,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; any other than this machine needs --token."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0: any free one, printed at start)."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="MMSEARCH_TOKEN",
+                                        help="Require this bearer token on every request (the page asks for it once)."),
+) -> None:
+    """Serve the index: a JSON API (/api/search ...) and a search page, on one local origin."""
+    if host not in LOCAL_HOSTS and not token:
+        _fail(f"--host {host} makes the index reachable from other machines: give --token T (or MMSEARCH_TOKEN)")
+    import socket
+
+    import uvicorn
+
+    from .serve.app import create_app
+
+    app = create_app(_index_dir(index), token=token)  # loads the index and the model before listening
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # accepted connections inherit it: without, a kept-alive connection stalls ~40 ms per response
+    # (the response goes out in two writes, and Nagle waits for the client's delayed ACK)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        _fail(f"cannot listen on {host}:{port} ({e.strerror}): pick another --port")
+    sock.listen(128)
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    typer.echo(f"serving http://{shown}:{sock.getsockname()[1]}", err=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
 
 
 @app.command()

@@ -566,9 +566,15 @@ class IndexWriter:
                 and (m.count == 0 or m.index.kind is not None))
 
     def _record_failures(self) -> None:
-        """Only the failure record may have changed: no new generation needed."""
-        if self.failures != self.manifest.failed:
-            self.manifest = write_manifest(self.path, self.manifest.copy(failed=self.failures))
+        """Only the failure record (or the list of folders) may have changed: no new generation needed."""
+        if self.failures != self.manifest.failed or self._roots() != self.manifest.roots:
+            self.manifest = write_manifest(self.path, self.manifest.copy(failed=self.failures, roots=self._roots()))
+
+    def _roots(self) -> list[str]:
+        """The folders indexed into this index, this run's included (a texts file is not one)."""
+        if not isinstance(self.root, str):
+            return self.manifest.roots
+        return sorted(set(self.manifest.roots) | {os.path.realpath(self.root)})
 
     def _prepare(self) -> None:
         """Load what the work needs: the model (if anything must be encoded), the vectors, the faiss index."""
@@ -717,7 +723,7 @@ class IndexWriter:
                                  self.report.index_notes)
         self.reembedded.clear()
         videos = {p for p, k in zip(self.items.path, self.items.kind) if k == "video"}
-        base = self.manifest.copy(failed=dict(self.failures), index_spec=self.spec, hubness=self.hubness,
+        base = self.manifest.copy(failed=dict(self.failures), index_spec=self.spec, hubness=self.hubness, roots=self._roots(),
                                   video_sampled={p: v for p, v in self.sampled.items() if p in videos},
                                   video_sampling=self.sampling)
         self.manifest = commit(self.path, self.items, self.embeddings, self.vindex, base)

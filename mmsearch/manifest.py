@@ -86,6 +86,7 @@ class Manifest:
     files: dict[str, str] = field(default_factory=lambda: dict(FILES))
     created: str | None = None
     updated: str | None = None
+    roots: list[str] = field(default_factory=list)  # folders indexed (real paths): `serve` sends files from under them only
     index_type: str | None = None  # format 1 kept only this of the index settings
     extra: dict[str, Any] = field(default_factory=dict)  # fields of a newer format, kept as they were
 
@@ -157,6 +158,8 @@ class Manifest:
             "created": self.created,
             "updated": self.updated,
         }
+        if self.roots:
+            out["roots"] = self.roots
         if self.index_type is not None:
             out["index_type"] = self.index_type
         if self.index_spec is None:

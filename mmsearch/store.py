@@ -214,6 +214,25 @@ class Collection:
         """Item-table rows of the given item ids (flattened)."""
         return self.lookup.rows(np.ravel(ids))
 
+    def facts(self) -> dict:
+        """What `mmsearch info` shows: model, counts, dimension, index kind and parameters, size, dates."""
+        m = self.manifest
+        return {
+            "index": str(self.path.resolve()),
+            "model": m.model.key,
+            "precision": m.model.precision or "fp32",
+            "count": m.count,
+            "counts_by_kind": m.counts_by_kind,
+            "dim": m.dim,
+            "index_type": m.index.kind,
+            "index_params": m.index.params,
+            "hubness": m.hubness,
+            "disk_bytes": self.disk_bytes(),
+            "format_version": m.format_version,
+            "created": m.created,
+            "updated": m.updated,
+        }
+
     def disk_bytes(self) -> int:
         gen = self.path / self.manifest.generation_dir
         return sum(f.stat().st_size for f in gen.iterdir() if f.is_file()) + (self.path / MANIFEST).stat().st_size
