@@ -144,7 +144,10 @@ def frame_at(path: str, seconds: float):
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
     try:
         if seconds > 0 and stream.time_base:
-            container.seek(int((seconds + start) / stream.time_base), stream=stream, backward=True, any_frame=False)
+            try:
+                container.seek(int((seconds + start) / stream.time_base), stream=stream, backward=True, any_frame=False)
+            except Exception as e:  # noqa: BLE001 - av raises its own errors for files it cannot seek in
+                raise MediaError(f"{path}: cannot seek in the video ({_reason(e)})") from None
         best = None
         try:
             for frame in container.decode(stream):

@@ -153,6 +153,13 @@ def test_bad_uploads_are_4xx_json(library, data, status, words):
     assert r.status_code == status and words in r.json()["error"], r.text
 
 
+def test_a_huge_upload_is_refused_by_its_declared_length(library):
+    base, _ = library
+    with TestClient(create_app(base / "index", cache_dir=base / "cache", limits=Limits(upload_bytes=2**20))) as c:
+        r = c.post("/api/search", files={"image": ("big.png", b"\0" * (2 * 2**20), "image/png")})
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]
+
+
 def test_a_file_outside_the_indexed_folders_is_never_served(library, tmp_path):
     from mmsearch.serve.live import LiveIndex, servable
 

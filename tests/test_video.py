@@ -74,6 +74,14 @@ def test_frame_at_and_duration():
         frame_at(clip("vtest.avi"), 500)
 
 
+@pytest.mark.parametrize("data", [b"\xff\xd8\xff\xe0 not a video at all" * 50, (VIDEOS / "box.mp4").read_bytes()[:4096]])
+def test_frame_at_of_a_broken_file_is_a_media_error(tmp_path, data):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(data)
+    with pytest.raises(MediaError):  # never a bare PyAV error (a thumbnail of it must be a clean 4xx)
+        frame_at(str(broken), 3.0)
+
+
 def test_truncated_video_raises_after_its_frames(tmp_path):
     data = (VIDEOS / "box.mp4").read_bytes()
     cut = tmp_path / "cut.mp4"

@@ -162,6 +162,9 @@ def _install_api(app: FastAPI, server: Server) -> None:
     async def search_post(request: Request):
         kind_of = request.headers.get("content-type", "")
         if kind_of.startswith("multipart/form-data"):
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > server.limits.upload_bytes + 64 * 1024:  # before reading it
+                raise TooLarge(f"the upload is over the limit of {server.limits.upload_bytes // 2**20} MB")
             form = await request.form(max_files=1, max_fields=8)
             upload = form.get("image")
             if upload is None or isinstance(upload, str):
