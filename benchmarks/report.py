@@ -379,6 +379,19 @@ def print_serve_load() -> None:
     print("Targets (issue 15): " + "; ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in r["targets"].items()) + ".")
 
 
+def print_rename() -> None:
+    """Re-indexing a renamed folder (benchmarks/rename_reindex.py), against the targets of issue 16."""
+    r = load("rename_reindex.json")
+    if not r:
+        return
+    ok = lambda c: "met" if c else "MISSED"  # noqa: E731
+    print(f"{r['what']} ({r['machine']}), from `{r['command']}`: the first run took {r['first_run_seconds']} s "
+          f"(`{r['first_run']}`), the run after the rename {r['after_rename_seconds']} s = {100 * r['ratio']:.1f} % of it "
+          f"(`{r['after_rename']}`): {r['embedded_again']} photos embedded again. Targets (issue 16): ≤ 5 % of the "
+          f"first run ({ok(r['targets']['<= 5 % of the first run'])}), 0 photos embedded again "
+          f"({ok(r['targets']['0 photos embedded again'])}).")
+
+
 def print_video() -> None:
     for v in (json.loads(p.read_text()) for p in sorted(RESULTS.glob("video_throughput_*.json"))):
         print()
@@ -542,6 +555,7 @@ SECTIONS = {
     "index-cross-modal": print_index_cross_modal,  # docs/index.md, docs/limits.md
     "reindex": print_reindex,                   # docs/benchmarks.md
     "serve-load": print_serve_load,             # docs/serve.md
+    "rename": print_rename,                     # docs/cli.md
     "video": print_video,                       # docs/benchmarks.md
     "video-examples": print_video_examples,     # docs/video.md
 }

@@ -210,9 +210,17 @@ def _check_sources(folder: Optional[Path], texts: Optional[Path]) -> None:
     if folder is None and texts is None:
         _fail("nothing to index: give a FOLDER of images and/or --texts FILE")
     if folder is not None and not folder.exists():
-        _fail(f"folder not found: {folder}")
+        _fail(f"folder not found: {folder} (if it is gone for good, `mmsearch remove {folder}` drops its items)")
     if texts is not None and not texts.is_file():
         _fail(f"texts file not found: {texts}")
+
+
+def _check_texts(texts: Optional[Path], column: Optional[str], index: Path) -> None:
+    """A bad --texts file fails before anything is committed, not after the photos are."""
+    if texts is not None:
+        from .indexing import texts_records
+
+        texts_records(texts, column, index)
 
 
 def _echo_index_report(what: str, report) -> None:
@@ -220,6 +228,7 @@ def _echo_index_report(what: str, report) -> None:
     typer.echo(
         f"{report.total} items in {report.index_path} ({report.index_kind or 'empty'}): {what} "
         f"{report.added} added, {report.updated} updated, {report.removed} removed, "
+        + (f"{report.moved} moved (kept their vectors), " if report.moved else "") +
         f"{report.unchanged} unchanged, {len(report.skipped)} skipped in {report.seconds:.1f}s{speed}",
         err=True,
     )
@@ -263,11 +272,12 @@ def index(
     config = IndexingConfig(batch_size=batch_size, commit_every=commit_every, frame_interval=frame_interval,
                             skip_similar=skip_similar, backend=backend, precision=precision)
     where, ref = _index_dir(index), (ModelRef(model, pretrained) if model else None)
+    _check_texts(texts, text_column, where)
     reports = []
     with _Bar("embedding", "file", quiet) as bar:
         if folder is not None:
             reports.append(("files", index_folder(folder, where, model=ref, spec=spec, config=config, on_progress=bar.update,
-                                                  on_skip=lambda s: bar.warn(f"warning: skipped {s.path}: {s.reason}"))))
+                                                  on_skip=lambda s: bar.warn(f"warning: skipped {printable(s.path)}: {printable(s.reason)}"))))
         if texts is not None:
             bar.close()  # the texts get a bar of their own
             reports.append(("texts", index_texts(texts, where, column=text_column, model=ref, spec=spec, config=config,
@@ -296,13 +306,19 @@ def _hit_json(h) -> dict:
             **({"start": h.start, "end": h.end} if h.kind == "video" else {})}
 
 
+def printable(text: str) -> str:
+    """``text`` with control and other unprintable characters escaped (``\\t``, ``\\n``, ``\\x1b``...), so a
+    name cannot split a tab-separated line or send escape sequences to the terminal."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _hit_line(h) -> str:
     """`score<TAB>path` (images), `score<TAB>text` (texts), `score<TAB>path<TAB>start-end` (videos, seconds)."""
     if h.kind == "text":
-        return f"{h.score:.4f}\t{h.text}"
+        return f"{h.score:.4f}\t{printable(h.text)}"
     if h.kind == "video":
-        return f"{h.score:.4f}\t{h.path}\t{h.start:g}-{h.end:g}"
-    return f"{h.score:.4f}\t{h.path}"
+        return f"{h.score:.4f}\t{printable(h.path)}\t{h.start:g}-{h.end:g}"
+    return f"{h.score:.4f}\t{printable(h.path)}"
 
 
 def _searcher(index: Optional[Path], model: Optional[Path], backend: str, **options):
@@ -412,6 +428,20 @@ def info(
         if key == "disk_bytes":
             value = f"{value / 2**20:.2f} MiB ({value} bytes)"
         typer.echo(f"{key + ':':16s}{value}")
+
+
+@app.command()
+@handle_errors
+def remove(
+    paths: list[Path] = typer.Argument(..., help="Folders or files (or texts files) whose items should leave the index."),
+    index: IndexOpt = None,
+) -> None:
+    """Drop the items of PATHS from the index, whether or not the files still exist; nothing is re-embedded."""
+    from .indexing import remove_paths
+
+    report = remove_paths(_index_dir(index), [str(p) for p in paths])
+    typer.echo(f"{report.total} items in {report.index_path} ({report.index_kind or 'empty'}): "
+               f"{report.removed} files removed in {report.seconds:.1f}s", err=True)
 
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -551,7 +581,7 @@ class _TrainBars:
 
     def skipped(self, path: str, reason: str) -> None:
         bar = next((b.bar for b in self.features.values() if b.bar is not None), None) or self.epochs.bar
-        _warn(bar, f"warning: skipped {path}: {reason.removeprefix(path + ': ')}")
+        _warn(bar, f"warning: skipped {printable(path)}: {printable(reason.removeprefix(path + ': '))}")
 
     def __enter__(self) -> "_TrainBars":
         return self

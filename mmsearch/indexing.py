@@ -39,7 +39,7 @@ from .manifest import (
     Sampling,
     normalise_spec,
 )
-from .media import MediaFile, Skipped, is_transient, load_image, scan
+from .media import MediaFile, Skipped, fast_digest, is_transient, load_image, scan
 from .store import (
     EMBEDDINGS,
     Collection,
@@ -49,6 +49,7 @@ from .store import (
     commit,
     read_items,
     read_manifest,
+    sweep,
     write_lock,
     write_manifest,
 )
@@ -71,10 +72,12 @@ class IndexReport:
     index_notes: list[str] = field(default_factory=list)  # rebuilds and why, tuned search settings
     seconds: float = 0.0
     embedded_per_second: float = 0.0  # items (images, video frames, texts) embedded per second
+    moved: int = 0  # files found under a new path (same size and content): item, id and vector kept
+    embedded: int = 0  # items the model embedded in this run
 
     @property
     def changed(self) -> bool:
-        return bool(self.added or self.updated or self.removed)
+        return bool(self.added or self.updated or self.removed or self.moved)
 
 
 @dataclass
@@ -88,6 +91,7 @@ class Plan:
     unchanged: int  # kept files under the root
     known_failures: list[Skipped]  # files that failed before and have not changed since: not retried
     resampled: set[str] = field(default_factory=set)  # changed videos: their old frames dropped, re-sampled
+    removed_paths: set[str] = field(default_factory=set)  # the files behind ``removed``
 
 
 def _under(path: str, folder: str) -> bool:
@@ -145,7 +149,8 @@ def plan_update(
             known.append(Skipped(f.path, f"{old.reason} (unchanged since it failed; not retried)"))
             continue
         to_embed.append(f)
-    return Plan(np.flatnonzero(keep).astype(np.int64), to_embed, reuse, len(removed), len(unchanged), known, resampled)
+    return Plan(np.flatnonzero(keep).astype(np.int64), to_embed, reuse, len(removed), len(unchanged), known, resampled,
+                removed)
 
 
 def _codes(values: Sequence) -> tuple[np.ndarray, list]:
@@ -334,6 +339,29 @@ def index_folder(
     return writer.run(files, skipped, t0)
 
 
+def remove_paths(index_path: str | os.PathLike, paths: Sequence[str | os.PathLike]) -> IndexReport:
+    """Drop from the index every item at or under ``paths`` (folders, files, or texts files), whether
+    or not they still exist on disk; nothing is embedded and the model is not loaded. An error when
+    none of the paths has items in the index."""
+    t0 = time.perf_counter()
+    roots = [os.path.realpath(os.fspath(p)) for p in paths]
+    if not roots:
+        raise BadArgumentError("nothing to remove: give the folders or files whose items should go")
+
+    def belongs(path: str, kind: str) -> bool:
+        return any(_under_one(path, r) for r in roots)
+
+    items = read_items(index_path, read_manifest(index_path))
+    missing = [p for p, r in zip(paths, roots) if not any(_under_one(x, r) for x in set(items.path))]
+    if missing:
+        raise PathNotFoundError(f"the index {index_path} holds no items at or under {missing[0]}")
+    return IndexWriter(index_path, belongs).run([], [], t0)
+
+
+def _under_one(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep) or path.startswith(root + "#")
+
+
 def read_texts(source: str | os.PathLike, column: str | None = None) -> list[MediaFile]:
     """Text records of a .txt file (one text per non-blank line) or a .csv/.tsv/.parquet column.
 
@@ -368,6 +396,18 @@ def read_texts(source: str | os.PathLike, column: str | None = None) -> list[Med
     return out
 
 
+def texts_records(source: str | os.PathLike, column: str | None, index_path: str | os.PathLike) -> list[MediaFile]:
+    """The records of a texts source (``read_texts``); an error for an empty source the index holds no
+    texts of (an emptied file removes its texts; a file that never had any is a mistake)."""
+    records = read_texts(source, column)
+    if not records:
+        prefix = os.path.realpath(os.fspath(source)) + "#"
+        items = read_items(index_path, read_manifest(index_path)) if Collection.exists(index_path) else Items.empty()
+        if not any(k == "text" and p.startswith(prefix) for p, k in zip(items.path, items.kind)):
+            raise DataError(f"no texts in {source}: it has no non-blank lines (or the column is empty)")
+    return records
+
+
 def index_texts(
     source: str | os.PathLike,
     index_path: str | os.PathLike,
@@ -381,12 +421,8 @@ def index_texts(
     """Bring the texts of ``source`` (see ``read_texts``) up to date in the index, as "text" items:
     new and edited lines embedded, deleted ones dropped, items of other sources untouched."""
     t0 = time.perf_counter()
-    records = read_texts(source, column)
+    records = texts_records(source, column, index_path)
     prefix = os.path.realpath(os.fspath(source)) + "#"
-    if not records:  # an emptied file removes its texts; a file that never had any is a mistake
-        items = read_items(index_path, read_manifest(index_path)) if Collection.exists(index_path) else Items.empty()
-        if not any(k == "text" and p.startswith(prefix) for p, k in zip(items.path, items.kind)):
-            raise DataError(f"no texts in {source}: it has no non-blank lines (or the column is empty)")
     belongs = lambda p, kind: kind == "text" and p.startswith(prefix)  # noqa: E731
     return IndexWriter(index_path, belongs, encoder, model, spec, config, on_progress).run(records, [], t0)
 
@@ -473,6 +509,7 @@ class IndexWriter:
         self.video_ids: dict[str, list[int]] = {}  # frame ids of the videos embedded in this run
         self.saved = False
         self.done = 0  # files embedded (a video once all its frames are)
+        self._digests: dict[str, str | None] = {}
 
     # ---- the steps ---------------------------------------------------------------------------------
     def run(self, files: Sequence[MediaFile], skipped: Sequence[Skipped] = (), t0: float | None = None) -> IndexReport:
@@ -485,6 +522,7 @@ class IndexWriter:
             self._plan(files, [s.path for s in skipped if s.unreadable])
             if self._nothing_to_do():
                 self._record_failures()
+                sweep(self.path, keep=self.manifest.generation_dir)  # what a killed run left behind
             else:
                 self._prepare()
                 self._embed_all()
@@ -546,8 +584,53 @@ class IndexWriter:
         # failures outside this source, or still current in it, stay on record
         self.failures = {p: f for p, f in old.items() if not self.belongs(p, "image") or p in known}
         self.report.unchanged, self.report.removed = plan.unchanged, plan.removed
-        self.dirty = bool(plan.removed or plan.resampled)  # something not yet committed
+        self.moves = self._find_moves()
+        self.dirty = bool(plan.removed or plan.resampled or self.moves)  # something not yet committed
         self._use_bank(getattr(self.encoder, "query_bank", None) if self.encoder is not None else None)
+
+    def _find_moves(self) -> dict[str, MediaFile]:
+        """Files that vanished and reappear under a new path in this run (same size, same content): old
+        path -> the file now. They keep their items, ids and vectors; nothing is embedded. A vanished
+        file may have been under this source (a renamed subfolder) or elsewhere in the index (the
+        source itself renamed)."""
+        plan, items = self.plan, self.items
+        new = [f for f in plan.to_embed if f.kind != "text" and f.path not in plan.reuse_ids
+               and f.path not in plan.resampled]
+        gone = self._vanished({f.size for f in new}) if new else {}
+        moves: dict[str, MediaFile] = {}
+        for f in new:
+            if not any(size == f.size for size, _ in gone):
+                continue
+            try:
+                olds = gone.get((f.size, fast_digest(f.path, f.size)))
+            except OSError:
+                continue  # unreadable now: the embedding step reports it
+            if olds:  # identical files (copies) vanished together: one each
+                moves[olds.pop()] = f
+                plan.to_embed.remove(f)
+        returning = [r for r, p in enumerate(items.path) if p in moves and p in plan.removed_paths]
+        if returning:  # rows the plan had dropped come back, under their new path
+            plan.keep_rows = np.sort(np.concatenate([plan.keep_rows, np.asarray(returning, np.int64)]))
+            plan.removed -= sum(1 for old in moves if old in plan.removed_paths)
+        for old, f in moves.items():
+            if old in self.sampled:
+                self.sampled[f.path] = self.sampled.pop(old)
+            if old in self.failures:
+                del self.failures[old]
+        self.report.removed, self.report.moved = plan.removed, len(moves)
+        return moves
+
+    def _vanished(self, sizes: set[int]) -> dict[tuple[int, str], list[str]]:
+        """(size, digest) -> paths of indexed files of these sizes that are no longer on disk."""
+        items, out = self.items, {}
+        seen: set[str] = set()
+        for r, (path, kind) in enumerate(zip(items.path, items.kind)):
+            if kind == "text" or path in seen or items.digest[r] is None or int(items.size[r]) not in sizes:
+                continue
+            seen.add(path)
+            if path in self.plan.removed_paths or (not self.belongs(path, kind) and not os.path.lexists(path)):
+                out.setdefault((int(items.size[r]), items.digest[r]), []).append(path)
+        return out
 
     def _use_bank(self, bank) -> None:
         """The query bank that measures items' hubness: the encoder's (one without a bank has none),
@@ -612,6 +695,10 @@ class IndexWriter:
             else:
                 self.report.index_notes.append("index settings changed: rebuilding the index")
         self.items, self.embeddings = self.items.take(self.plan.keep_rows), embeddings[self.plan.keep_rows]
+        for r, path in enumerate(self.items.path):  # moved files: same item, new path
+            if path in self.moves:
+                f = self.moves[path]
+                self.items.path[r], self.items.mtime_ns[r] = f.path, f.mtime_ns
         self.row_of_id = {int(i): r for r, i in enumerate(self.items.id)}
         digests = lambda h: {k: v.get("digest") for k, v in (h or {}).items()}  # noqa: E731
         if digests(m.hubness) != digests(self.hubness):
@@ -628,6 +715,7 @@ class IndexWriter:
         since_commit, n_embedded, t_embed = 0, 0, time.perf_counter()
         for ok, emb, boundary in batches():
             self._apply(ok, emb)
+            self.report.embedded += len(ok) if ok is not self.copied else 0
             since_commit += len(ok)
             n_embedded += len(ok)
             # commit every commit_every items, and at least a quarter of the collection apart,
@@ -653,6 +741,7 @@ class IndexWriter:
                 self.embeddings[r] = vector
                 self.items.hub[r] = np.nan  # measured again at the next commit
                 self.items.size[r], self.items.mtime_ns[r], self.items.text[r] = f.size, f.mtime_ns, f.text
+                self.items.digest[r] = self._digest(f)
                 self.reembedded.add(item_id)
                 self.report.updated += 1
             else:
@@ -685,8 +774,20 @@ class IndexWriter:
         self.pending.add(Items(ids, [f.path for f in files], np.asarray([f.size for f in files], np.int64),
                                np.asarray([f.mtime_ns for f in files], np.int64), [f.kind for f in files],
                                [f.text for f in files],
-                               np.asarray([np.nan if f.t is None else f.t for f in files], np.float64)),
+                               np.asarray([np.nan if f.t is None else f.t for f in files], np.float64),
+                               digest=[self._digest(f) for f in files]),
                          np.stack([v for _, v in fresh]))
+
+    def _digest(self, f: MediaFile) -> str | None:
+        """The file's fast_digest (once per file: a video's frames share it); None for texts."""
+        if f.kind == "text":
+            return None
+        if f.path not in self._digests:
+            try:
+                self._digests[f.path] = fast_digest(f.path, f.size)
+            except OSError:
+                self._digests[f.path] = None
+        return self._digests[f.path]
 
     def _failed(self, s: Skipped) -> None:
         """A file of this run that could not be used. A broken file is remembered (not retried until it

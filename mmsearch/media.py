@@ -191,6 +191,21 @@ class _Walk:
         return sorted(files, key=lambda f: f.path)
 
 
+def fast_digest(path: str, size: int | None = None) -> str:
+    """A content digest that reads at most 192 KB: blake2b of the size and the first, middle and last
+    64 KB. Enough, with the size, to recognise a moved or copied file; not a security measure."""
+    import hashlib
+
+    chunk = 1 << 16
+    size = os.path.getsize(path) if size is None else size
+    h = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with open(path, "rb") as f:
+        for offset in sorted({0, max(0, size // 2 - chunk // 2), max(0, size - chunk)}):
+            f.seek(offset)
+            h.update(f.read(chunk))
+    return h.hexdigest()
+
+
 def _megapixels(n: float) -> str:
     return f"{n / 1e6:.1f}"
 

@@ -51,9 +51,32 @@ PARTIAL_RE = re.compile(r"^\.gen-\d{6}\.partial$")  # generations being written
 MANIFEST_TMP_RE = re.compile(r"^\.manifest\.json\..*\.tmp$")
 
 
-def _ours(name: str) -> bool:
-    return name in (MANIFEST, ".lock") or bool(GEN_RE.match(name) or PARTIAL_RE.match(name)
-                                               or MANIFEST_TMP_RE.match(name))
+MARKER = ".mmsearch-generation"  # written first into every generation folder: proof that mmsearch made it
+OUR_FILES = {ITEMS, EMBEDDINGS, FAISS, MARKER}
+
+
+def made_by_us(folder: Path) -> bool:
+    """A generation or partial folder mmsearch wrote: it holds the marker, or (generations of
+    releases before the marker) nothing but the files a generation holds and their temp files."""
+    if not (folder.is_dir() and not folder.is_symlink() and (GEN_RE.match(folder.name) or PARTIAL_RE.match(folder.name))):
+        return False
+    if (folder / MARKER).is_file():
+        return True
+    try:
+        names = [p.name for p in folder.iterdir()]
+    except OSError:
+        return False
+    return all(n in OUR_FILES or _our_temp(n) for n in names)  # an empty one too: removing it loses nothing
+
+
+def _our_temp(name: str) -> bool:
+    """A temp file ``_util.atomic_path`` makes for one of a generation's files: ``.<file>.<random>.tmp``."""
+    base = name[1:].removesuffix(".tmp").rsplit(".", 1)[0] if name.startswith(".") and name.endswith(".tmp") else ""
+    return base in OUR_FILES or "." + base in OUR_FILES
+
+
+def _ours(child: Path) -> bool:
+    return child.name in (MANIFEST, ".lock") or bool(MANIFEST_TMP_RE.match(child.name)) or made_by_us(child)
 
 
 def check_index_folder(path: str | Path) -> None:
@@ -62,7 +85,7 @@ def check_index_folder(path: str | Path) -> None:
     if path.exists() and not path.is_dir():
         raise IndexFormatError(f"--index {path} is a file, not a folder: choose a new or empty folder")
     if path.is_dir() and not (path / MANIFEST).is_file():
-        foreign = sorted(p.name for p in path.iterdir() if not _ours(p.name))
+        foreign = sorted(p.name for p in path.iterdir() if not _ours(p))
         if foreign:
             raise IndexFormatError(
                 f"--index {path} is not an mmsearch index and is not empty (holds {foreign[0]!r}): "
@@ -82,8 +105,11 @@ class Items:
     text: list[str | None] | None = None  # the text of "text" items; None entries for images
     t: np.ndarray | None = None  # float64 seconds of a video frame; NaN for images and texts
     hub: np.ndarray | None = None  # float32 hubness of the item's vector (mmsearch.hubness); NaN: not measured
+    digest: list[str | None] | None = None  # media.fast_digest of the file (None: not known), to spot moves
 
     def __post_init__(self) -> None:
+        if self.digest is None:
+            self.digest = [None] * len(self.path)
         if self.text is None:
             self.text = [None] * len(self.path)
         if self.t is None:
@@ -94,7 +120,7 @@ class Items:
     @classmethod
     def empty(cls) -> "Items":
         return cls(np.zeros(0, np.int64), [], np.zeros(0, np.int64), np.zeros(0, np.int64), [], [], np.zeros(0),
-                   np.zeros(0, np.float32))
+                   np.zeros(0, np.float32), [])
 
     def __len__(self) -> int:
         return len(self.path)
@@ -102,13 +128,14 @@ class Items:
     def take(self, rows: np.ndarray) -> "Items":
         rows = np.asarray(rows, dtype=np.int64)
         return Items(self.id[rows], [self.path[i] for i in rows], self.size[rows], self.mtime_ns[rows],
-                     [self.kind[i] for i in rows], [self.text[i] for i in rows], self.t[rows], self.hub[rows])
+                     [self.kind[i] for i in rows], [self.text[i] for i in rows], self.t[rows], self.hub[rows],
+                     [self.digest[i] for i in rows])
 
     @staticmethod
     def concat(a: "Items", b: "Items") -> "Items":
         return Items(np.concatenate([a.id, b.id]), a.path + b.path, np.concatenate([a.size, b.size]),
                      np.concatenate([a.mtime_ns, b.mtime_ns]), a.kind + b.kind, a.text + b.text,
-                     np.concatenate([a.t, b.t]), np.concatenate([a.hub, b.hub]))
+                     np.concatenate([a.t, b.t]), np.concatenate([a.hub, b.hub]), a.digest + b.digest)
 
 
 def read_manifest(path: str | Path) -> Manifest:
@@ -293,20 +320,29 @@ def _write_generation(path: Path, name: str, items: Items, embeddings: np.ndarra
     import pyarrow.parquet as pq
 
     for stale in (path / name, path / f".{name}.partial"):  # left by a writer killed before its commit
-        if stale.exists():
+        if made_by_us(stale):
             shutil.rmtree(stale)
+        elif os.path.lexists(stale):
+            raise IndexFormatError(f"index {path} holds {stale.name}, which mmsearch did not write: move it out of "
+                                   "the index folder")
     tmp = path / f".{name}.partial"
     tmp.mkdir(parents=True)
-    table = pa.table({
+    atomic_write_bytes(tmp / MARKER, f"mmsearch generation {name}\n".encode())
+    shown, raw = _storable_paths(items.path)
+    columns = {
         "id": pa.array(items.id, pa.int64()),
-        "path": pa.array(items.path, pa.string()),
+        "path": pa.array(shown, pa.string()),
         "size": pa.array(items.size, pa.int64()),
         "mtime_ns": pa.array(items.mtime_ns, pa.int64()),
         "kind": pa.array(items.kind, pa.string()),
         "text": pa.array(items.text, pa.string()),
         "t": pa.array(items.t, pa.float64()),
         "hub": pa.array(items.hub, pa.float32()),
-    })
+        "digest": pa.array(items.digest, pa.string()),
+    }
+    if raw is not None:  # file names that are not UTF-8: their bytes, so they round-trip exactly
+        columns["path_bytes"] = pa.array(raw, pa.binary())
+    table = pa.table(columns)
     with atomic_file(tmp / ITEMS) as f:
         pq.write_table(table, f)
     with atomic_file(tmp / EMBEDDINGS) as f:
@@ -317,6 +353,21 @@ def _write_generation(path: Path, name: str, items: Items, embeddings: np.ndarra
     fsync_dir(path)
 
 
+def _storable_paths(paths: list[str]) -> tuple[list[str], list[bytes | None] | None]:
+    """Paths as the items table stores them. Linux file names are bytes; one that is not UTF-8 reaches
+    Python with surrogate escapes, which a UTF-8 column cannot hold: its ``path`` shows it with
+    U+FFFD, and ``path_bytes`` keeps the exact bytes (None for the rest; no column if none is needed)."""
+    shown, raw, odd = list(paths), [None] * len(paths), False
+    for i, p in enumerate(paths):
+        if p is not None and not p.isascii():
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError:
+                b = os.fsencode(p)
+                shown[i], raw[i], odd = b.decode("utf-8", "replace"), b, True
+    return shown, (raw if odd else None)
+
+
 def write_manifest(path: str | Path, manifest: Manifest) -> Manifest:
     """Atomically replace the manifest (same generation), e.g. to update the failure record."""
     manifest = manifest.copy(updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -324,12 +375,13 @@ def write_manifest(path: str | Path, manifest: Manifest) -> Manifest:
     return manifest
 
 
-def sweep(path: Path, keep: str) -> None:
-    """Delete generations and partial folders other than ``keep`` (safe: they are not referenced)."""
+def sweep(path: Path, keep: str | None) -> None:
+    """Delete the generations and partial folders mmsearch made, other than ``keep`` (safe: no manifest
+    references them), and stray manifest temp files. Folders it did not make are never touched."""
     for child in path.iterdir():
         if child.name == keep:
             continue
-        if child.is_dir() and (GEN_RE.match(child.name) or PARTIAL_RE.match(child.name)):
+        if made_by_us(child):
             shutil.rmtree(child, ignore_errors=True)
         elif MANIFEST_TMP_RE.match(child.name):
             child.unlink(missing_ok=True)
@@ -338,7 +390,7 @@ def sweep(path: Path, keep: str) -> None:
 def _read_items(path: Path) -> Items:
     import pyarrow.parquet as pq
 
-    strings = ("path", "kind", "text")
+    strings = ("path", "kind", "text", "digest")  # (path_bytes, when present, restores names that are not UTF-8)
     try:
         # strings as dictionaries: a video's path (one row per frame) and the kinds become one Python
         # string each, shared by their rows; one column at a time, so only one is decoded at once
@@ -349,7 +401,8 @@ def _read_items(path: Path) -> Items:
             raise IndexFormatError(f"{path} lacks columns {sorted(missing)}: rebuild with `mmsearch index`")
         cols = {}
         for name, dtype in (("id", np.int64), ("path", None), ("size", np.int64), ("mtime_ns", np.int64),
-                            ("kind", None), ("text", None), ("t", np.float64), ("hub", np.float32)):
+                            ("kind", None), ("text", None), ("t", np.float64), ("hub", np.float32),
+                            ("digest", None)):
             if name in names:
                 col = f.read(columns=[name], use_threads=False).column(0)
                 cols[name] = _strings(col) if dtype is None else np.array(col.to_numpy(), dtype=dtype)
@@ -357,8 +410,11 @@ def _read_items(path: Path) -> Items:
         raise
     except Exception as e:
         raise IndexFormatError(f"{path} is unreadable ({e}): rebuild with `mmsearch index`") from e
+    if "path_bytes" in names:
+        raw = f.read(columns=["path_bytes"], use_threads=False).column(0).to_pylist()
+        cols["path"] = [os.fsdecode(b) if b is not None else p for p, b in zip(cols["path"], raw)]
     return Items(cols["id"], cols["path"], cols["size"], cols["mtime_ns"], cols["kind"], cols.get("text"),
-                 cols.get("t"), cols.get("hub"))
+                 cols.get("t"), cols.get("hub"), cols.get("digest"))
 
 
 def _strings(column) -> list:

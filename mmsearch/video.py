@@ -136,10 +136,13 @@ def sample_frames(path: str, interval: float = 1.0, skip_similar: float | None =
         container.close()
 
 
+MAX_SECONDS = 1e7  # about 115 days: no video is longer, and seeking past it would overflow
+
+
 def frame_at(path: str, seconds: float):
     """The frame shown at ``seconds`` (the last one starting at or before it) as a PIL RGB image."""
-    if seconds < 0:
-        raise BadArgumentError(f"time must be >= 0 seconds, got {seconds}")
+    if not (0 <= seconds <= MAX_SECONDS):  # also NaN and inf
+        raise BadArgumentError(f"time must be between 0 and {MAX_SECONDS:g} seconds, got {seconds}")
     container, stream = _open(path)
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
     try:

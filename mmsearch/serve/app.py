@@ -79,6 +79,14 @@ class Server:
         return real, item.to_json()
 
 
+class Json(JSONResponse):
+    """JSON with non-ASCII escaped: a file name that is not UTF-8 (surrogate escapes in Python) comes
+    out as ``\\udcXX`` instead of failing to encode, and round-trips through ``json.loads``."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def create_app(index_path, token: str | None = None, cache_dir: str | os.PathLike | None = None,
                limits: Limits | None = None) -> FastAPI:
     """The app over the index at ``index_path`` (which must exist and hold items). ``token``: every
@@ -87,7 +95,7 @@ def create_app(index_path, token: str | None = None, cache_dir: str | os.PathLik
 
     cache = Path(cache_dir) if cache_dir is not None else cache_root() / "serve"
     server = Server(index_path, token, cache, limits or Limits())
-    app = FastAPI(title="mmsearch", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="mmsearch", docs_url=None, redoc_url=None, openapi_url=None, default_response_class=Json)
     app.state.server = server
     _install_guards(app, server)
     _install_api(app, server)
@@ -97,7 +105,7 @@ def create_app(index_path, token: str | None = None, cache_dir: str | os.PathLik
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+    return Json({"error": message}, status_code=status)
 
 
 def _install_guards(app: FastAPI, server: Server) -> None:
