@@ -598,8 +598,9 @@ class IndexWriter:
                and f.path not in plan.resampled]
         gone = self._vanished({f.size for f in new}) if new else {}
         moves: dict[str, MediaFile] = {}
+        sizes = {size for size, _ in gone}
         for f in new:
-            if not any(size == f.size for size, _ in gone):
+            if f.size not in sizes:
                 continue
             try:
                 olds = gone.get((f.size, fast_digest(f.path, f.size)))
