@@ -316,9 +316,6 @@ def commit(path: str | Path, items: Items, embeddings: np.ndarray, vindex, base:
 def _write_generation(path: Path, name: str, items: Items, embeddings: np.ndarray, vindex) -> None:
     """Write generation folder ``name`` complete: each file atomically into a partial folder, which
     is then renamed into place (and the rename made durable)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     for stale in (path / name, path / f".{name}.partial"):  # left by a writer killed before its commit
         if made_by_us(stale):
             shutil.rmtree(stale)
@@ -327,7 +324,21 @@ def _write_generation(path: Path, name: str, items: Items, embeddings: np.ndarra
                                    "the index folder")
     tmp = path / f".{name}.partial"
     tmp.mkdir(parents=True)
-    atomic_write_bytes(tmp / MARKER, f"mmsearch generation {name}\n".encode())
+    try:
+        atomic_write_bytes(tmp / MARKER, f"mmsearch generation {name}\n".encode())
+        _write_files(tmp, items, embeddings, vindex)
+        os.replace(tmp, path / name)
+    except Exception:  # a full disk, an I/O error: leave no partial folder (a kill leaves one: swept later)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path)
+
+
+def _write_files(folder: Path, items: Items, embeddings: np.ndarray, vindex) -> None:
+    """The items table, the embeddings and the faiss index of a generation, each written atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     shown, raw = _storable_paths(items.path)
     columns = {
         "id": pa.array(items.id, pa.int64()),
@@ -342,15 +353,12 @@ def _write_generation(path: Path, name: str, items: Items, embeddings: np.ndarra
     }
     if raw is not None:  # file names that are not UTF-8: their bytes, so they round-trip exactly
         columns["path_bytes"] = pa.array(raw, pa.binary())
-    table = pa.table(columns)
-    with atomic_file(tmp / ITEMS) as f:
-        pq.write_table(table, f)
-    with atomic_file(tmp / EMBEDDINGS) as f:
+    with atomic_file(folder / ITEMS) as f:
+        pq.write_table(pa.table(columns), f)
+    with atomic_file(folder / EMBEDDINGS) as f:
         np.save(f, np.ascontiguousarray(embeddings, dtype=np.float32))
     if vindex is not None:
-        vindex.save(tmp / FAISS)
-    os.replace(tmp, path / name)
-    fsync_dir(path)
+        vindex.save(folder / FAISS)
 
 
 def _storable_paths(paths: list[str]) -> tuple[list[str], list[bytes | None] | None]:

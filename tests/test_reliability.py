@@ -202,3 +202,36 @@ def test_indexing_a_folder_under_its_new_name_moves_its_items(photo_dir, encoder
     r = index_folder(renamed, idx, encoder=enc)
     assert (r.moved, r.added, enc.embedded) == (count, 0, 0) and r.total == count
     assert all(p.startswith(str(renamed) + os.sep) for p in Collection.open(idx).items.path)
+
+
+@pytest.mark.parametrize("err", [28, 5])  # ENOSPC, EIO
+@pytest.mark.parametrize("stage", ["embeddings", "manifest"])
+def test_a_full_disk_or_io_error_during_a_commit_keeps_the_previous_index(photo_dir, encoder, tmp_path, monkeypatch,
+                                                                          err, stage):
+    import numpy as np
+
+    from mmsearch import store
+
+    folder, _ = photo_dir
+    idx = tmp_path / "idx"
+    index_folder(folder, idx, encoder=encoder)
+    manifest = (idx / "manifest.json").read_bytes()
+    shutil.copyfile(next(folder.rglob("*.jpg")), folder / "one-more.jpg")
+
+    def fail(*a, **k):
+        raise OSError(err, os.strerror(err))
+
+    if stage == "embeddings":
+        monkeypatch.setattr(np, "save", fail)
+    else:
+        real = store.atomic_write_bytes
+        monkeypatch.setattr(store, "atomic_write_bytes", lambda p, d: fail() if p.name == "manifest.json" else real(p, d))
+    with pytest.raises(OSError):
+        index_folder(folder, idx, encoder=encoder)
+    monkeypatch.undo()
+    assert (idx / "manifest.json").read_bytes() == manifest  # the previous generation, intact
+    assert not [p.name for p in idx.iterdir() if p.name.endswith(".partial")]  # no partial folder left
+    assert Collection.open(idx).count == 12
+    r = runner.invoke(app, ["query", "a dog", "--index", str(idx)])
+    assert r.exit_code == 0 and r.stdout
+    assert index_folder(folder, idx, encoder=encoder).added == 1  # and the next run carries on
