@@ -28,6 +28,17 @@ _VERSION = b"thumb-v1"  # change it when the way thumbnails look changes: old ca
 _MEMO_ENTRIES = 100_000  # remembered file hashes (about 200 bytes each)
 
 
+def stat_file(path: str) -> os.stat_result:
+    """``os.stat`` of a file to serve, its errors as ours: gone (PathNotFoundError) or unreadable now
+    (MediaReadError)."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        raise PathNotFoundError(f"{path}: file not found") from None
+    except OSError as e:
+        raise MediaReadError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
 class FileHashes:
     """sha1 of files' bytes, remembered per (path, size, mtime_ns) in a bounded LRU. Thread-safe."""
 
@@ -37,12 +48,7 @@ class FileHashes:
         self._max = max_entries
 
     def get(self, path: str) -> str:
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise PathNotFoundError(f"{path}: file not found") from None
-        except OSError as e:
-            raise MediaReadError(f"{path}: cannot read: {e.strerror or e}") from None
+        st = stat_file(path)
         key = (path, st.st_size, st.st_mtime_ns)
         with self._lock:
             if key in self._memo:

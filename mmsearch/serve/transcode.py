@@ -13,8 +13,8 @@ import os
 from fractions import Fraction
 from pathlib import Path
 
-from ..errors import BadArgumentError, MediaError, MediaReadError, PathNotFoundError
-from .thumbs import KeyLocks
+from ..errors import BadArgumentError, MediaError
+from .thumbs import KeyLocks, stat_file
 
 MAX_CLIP_SECONDS = 120.0
 MAX_SIDE = 640
@@ -75,12 +75,7 @@ class SpanClips:
         self._locks = KeyLocks()
 
     def key(self, path: str, start: float, end: float) -> str:
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise PathNotFoundError(f"video not found: {path}") from None
-        except OSError as e:
-            raise MediaReadError(f"{path}: cannot read: {e.strerror or e}") from None
+        st = stat_file(path)
         parts = [_VERSION, os.fspath(path).encode(), str(st.st_size).encode(), str(st.st_mtime_ns).encode(),
                  f"{start:.3f}-{end:.3f}".encode()]
         return hashlib.sha1(b"\0".join(parts)).hexdigest()
