@@ -444,6 +444,43 @@ def remove(
                f"{report.removed} files removed in {report.seconds:.1f}s", err=True)
 
 
+@app.command()
+@handle_errors
+def doctor(
+    index: IndexOpt = None,
+    fix: bool = typer.Option(False, "--repair", help="Repair what is wrong, re-embedding only what cannot be recovered."),
+    as_json: bool = typer.Option(False, "--json", help="The report as JSON."),
+) -> None:
+    """Check the index against itself and its commit records (checksums); --repair mends it."""
+    from dataclasses import asdict
+
+    from . import doctor as dr
+
+    folder = _index_dir(index)
+    report = dr.repair(folder) if fix else dr.examine(folder)
+    if as_json:
+        typer.echo(json.dumps({**asdict(report), "healthy": report.healthy}, indent=2, ensure_ascii=True))
+    else:
+        _doctor_lines(report)
+    if not report.healthy:
+        left = report.found if report.remaining is None else report.remaining
+        _fail(f"index {folder} has {len(left)} problem(s)" + ("" if fix else f": repair with `mmsearch doctor "
+                                                               f"--index {folder} --repair`"))
+
+
+def _doctor_lines(report) -> None:
+    kept = f", {report.previous} kept to fall back to" if report.previous else ""
+    typer.echo(f"index {printable(report.index)}: {report.generation or 'no generation'}, {report.count} items{kept}")
+    for f in report.found:
+        typer.echo(f"problem: {printable(f.where)}: {printable(f.problem)} (--repair: {f.fix})")
+    for line in report.repaired:
+        typer.echo(f"repaired: {printable(line)}")
+    for path in report.lost:
+        typer.echo(f"lost: {printable(path)} (not recovered: index it again)")
+    if report.healthy:
+        typer.echo("healthy")
+
+
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 

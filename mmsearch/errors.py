@@ -24,6 +24,11 @@ class IndexFormatError(MmsearchError, ValueError):
     """The index on disk has an unknown format version or is unreadable."""
 
 
+def repair_hint(index: object) -> str:
+    """What to do about a damaged index: the command that checks and repairs it."""
+    return f"check and repair it with `mmsearch doctor --index {index} --repair`"
+
+
 class IndexLockedError(MmsearchError, RuntimeError):
     """Another process is writing to the index."""
 

@@ -47,6 +47,7 @@ from .store import (
     _read_embeddings,
     check_index_folder,
     commit,
+    kept,
     read_items,
     read_manifest,
     sweep,
@@ -522,7 +523,7 @@ class IndexWriter:
             self._plan(files, [s.path for s in skipped if s.unreadable])
             if self._nothing_to_do():
                 self._record_failures()
-                sweep(self.path, keep=self.manifest.generation_dir)  # what a killed run left behind
+                sweep(self.path, keep=kept(self.manifest))  # what a killed run left behind
             else:
                 self._prepare()
                 self._embed_all()

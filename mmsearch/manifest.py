@@ -11,11 +11,12 @@ were (``extra``), so an older mmsearch updating a newer index does not drop them
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .config import DEFAULT_FRAME_INTERVAL, DEFAULT_INDEX_MEMORY, IndexSpec
-from .errors import IndexFormatError
+from .errors import IndexFormatError, repair_hint
 from .exported import ModelRecord
 from .index import parse_size
 
@@ -23,6 +24,7 @@ FORMAT = "mmsearch-index"
 FORMAT_VERSION = 2  # 2: IVF indexes hold ids themselves, re-ranked from embeddings.npy; tuned nprobe/efSearch
 READABLE_VERSIONS = (1, 2)  # version 1 indexes are searched as they are and rebuilt on their next update
 FILES = {"items": "items.parquet", "embeddings": "embeddings.npy", "faiss": "index.faiss"}
+GENERATION_NAME = re.compile(r"^gen-\d{6}$")  # committed generation folders
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,15 @@ class Sampling:
     skip_similar: float = 0.0
 
 
+@dataclass(frozen=True)
+class FileSum:
+    """A generation file as its commit wrote it: size and CRC-32 of its bytes (``mmsearch doctor``
+    compares the file on disk with it; CRC-32 reads at ~2 GB/s, a fraction of the commit's write)."""
+
+    size: int
+    crc32: str  # 8 hex digits
+
+
 @dataclass
 class FaissInfo:
     """The faiss index of the generation: its kind and its parameters (as ``VectorIndex.params``)."""
@@ -88,6 +99,8 @@ class Manifest:
     updated: str | None = None
     roots: list[str] = field(default_factory=list)  # folders indexed (real paths): `serve` sends files from under them only
     index_type: str | None = None  # format 1 kept only this of the index settings
+    checksums: dict[str, FileSum] = field(default_factory=dict)  # generation file name -> as committed (older: {})
+    previous: str | None = None  # the generation committed before this one, kept for `mmsearch doctor --repair`
     extra: dict[str, Any] = field(default_factory=dict)  # fields of a newer format, kept as they were
 
     # ---- derived facts ---------------------------------------------------------------------------
@@ -109,9 +122,30 @@ class Manifest:
         if data.get("format") != FORMAT:
             raise IndexFormatError(f"{where} is not an mmsearch index manifest")
         try:
-            return cls._from_json(dict(data))
+            m = cls._from_json(dict(data))
+            m._check_types()
+            return m
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise IndexFormatError(f"{where} is damaged ({type(e).__name__}: {e}): rebuild with `mmsearch index`") from e
+            folder = where.rsplit("/", 1)[0] if "/" in where else "DIR"
+            raise IndexFormatError(f"{where} is damaged ({type(e).__name__}: {e}): {repair_hint(folder)}") from e
+
+    def _check_types(self) -> None:
+        """The schema of the plain fields (a manifest edited or damaged by hand fails here, not later)."""
+        def want(name: str, ok: bool) -> None:
+            if not ok:
+                raise TypeError(f"{name} is {getattr(self, name)!r}")
+
+        for name in ("next_id", "generation", "count", "format_version"):
+            want(name, type(getattr(self, name)) is int and getattr(self, name) >= 0)
+        for name in ("generation_dir", "previous"):  # a folder inside the index, never a path elsewhere
+            want(name, getattr(self, name) is None or bool(GENERATION_NAME.match(str(getattr(self, name)))))
+        want("dim", self.dim is None or (type(self.dim) is int and self.dim >= 0))
+        want("counts_by_kind", isinstance(self.counts_by_kind, dict))
+        want("files", isinstance(self.files, dict))
+        want("roots", isinstance(self.roots, list) and all(isinstance(r, str) for r in self.roots))
+        for name in ("created", "updated", "index_type"):
+            want(name, getattr(self, name) is None or isinstance(getattr(self, name), str))
+        want("generation_dir", self.generation_dir is not None or self.count == 0)
 
     @classmethod
     def _from_json(cls, d: dict[str, Any]) -> "Manifest":
@@ -121,6 +155,7 @@ class Manifest:
         known_spec = {f.name for f in fields(IndexSpec)}
         sampling = d.pop("video_sampling", None)
         index = d.pop("index", None) or {}
+        sums = d.pop("checksums", None) or {}
         m = cls(
             model=IndexedModel(**{"weights": None, **{k: v for k, v in model.items() if k in known_model}}),
             failed={p: Failure(**f) for p, f in d.pop("failed", {}).items()},
@@ -128,9 +163,10 @@ class Manifest:
             video_sampled={p: Sampling(**s) for p, s in d.pop("video_sampled", {}).items()},
             video_sampling=Sampling(**sampling) if sampling else None,
             index=FaissInfo(index.get("kind"), dict(index.get("params") or {})),
+            checksums={str(name): FileSum(int(f["size"]), str(f["crc32"])) for name, f in sums.items()},
         )
         simple = {f.name for f in fields(cls)} - {"model", "failed", "index_spec", "video_sampled",
-                                                  "video_sampling", "index", "extra"}
+                                                  "video_sampling", "index", "extra", "checksums"}
         for name in simple & d.keys():
             setattr(m, name, d.pop(name))
         m.extra = d
@@ -162,6 +198,10 @@ class Manifest:
             out["roots"] = self.roots
         if self.index_type is not None:
             out["index_type"] = self.index_type
+        if self.checksums:
+            out["checksums"] = {name: asdict(f) for name, f in self.checksums.items()}
+        if self.previous is not None:
+            out["previous"] = self.previous
         if self.index_spec is None:
             del out["index_spec"]
         return {**out, **self.extra}

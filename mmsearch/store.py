@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -32,6 +33,7 @@ from .errors import (
     IndexFormatError,
     IndexLockedError,
     IndexNotFoundError,
+    repair_hint,
 )
 from .index import VectorIndex, VectorLookup
 from .manifest import (  # noqa: F401
@@ -40,6 +42,7 @@ from .manifest import (  # noqa: F401
     FORMAT_VERSION,
     READABLE_VERSIONS,
     FaissInfo,
+    FileSum,
     Manifest,
 )
 
@@ -52,7 +55,7 @@ MANIFEST_TMP_RE = re.compile(r"^\.manifest\.json\..*\.tmp$")
 
 
 MARKER = ".mmsearch-generation"  # written first into every generation folder: proof that mmsearch made it
-OUR_FILES = {ITEMS, EMBEDDINGS, FAISS, MARKER}
+OUR_FILES = {ITEMS, EMBEDDINGS, FAISS, MARKER, MANIFEST}  # MANIFEST: the generation's copy of its manifest
 
 
 def made_by_us(folder: Path) -> bool:
@@ -149,9 +152,9 @@ def read_manifest(path: str | Path) -> Manifest:
     try:
         data = json.loads(mf.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise IndexFormatError(f"{mf} is unreadable ({e}): rebuild with `mmsearch index`") from e
+        raise IndexFormatError(f"{mf} is unreadable ({e}): {repair_hint(path)}") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise IndexFormatError(f"{mf} is not an mmsearch index manifest")
+        raise IndexFormatError(f"{mf} is not an mmsearch index manifest: {repair_hint(path)}")
     version = data.get("format_version")
     if version not in READABLE_VERSIONS:
         raise IndexFormatError(
@@ -200,8 +203,7 @@ class Collection:
             except (FileNotFoundError, IndexNotFoundError):
                 if attempt == 2 or read_manifest(path).generation_dir == manifest.generation_dir:
                     raise IndexFormatError(
-                        f"index {path} is missing files of {manifest.generation_dir}: rebuild with "
-                        "`mmsearch index` into a new --index folder"
+                        f"index {path} is missing files of {manifest.generation_dir}: {repair_hint(path)}"
                     ) from None
         raise AssertionError("unreachable")
 
@@ -289,7 +291,9 @@ def commit(path: str | Path, items: Items, embeddings: np.ndarray, vindex, base:
     """Write a new generation and make it current. Caller holds ``write_lock(path)``.
 
     ``base`` carries what describes the collection (model, next_id, settings, ...); the counts, the
-    index info and the generation are filled in here. Returns the committed manifest.
+    index info, the checksums and the generation are filled in here. The generation holds a copy of
+    its manifest, and the one committed before it is kept: ``mmsearch doctor --repair`` restores from
+    them. Returns the committed manifest.
     """
     path = Path(path)
     if len(items) != embeddings.shape[0]:
@@ -297,25 +301,43 @@ def commit(path: str | Path, items: Items, embeddings: np.ndarray, vindex, base:
     old = read_manifest(path) if (path / MANIFEST).is_file() else None
     generation = (old.generation + 1) if old else 1
     name = f"gen-{generation:06d}"
-    _write_generation(path, name, items, embeddings, vindex)
-
-    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    kinds, counts = np.unique(np.asarray(items.kind, dtype=object), return_counts=True) if len(items) else ((), ())
-    manifest = base.copy(
-        format=FORMAT, format_version=FORMAT_VERSION, generation=generation, generation_dir=name,
-        count=int(len(items)), counts_by_kind={k: int(v) for k, v in zip(kinds, counts)},
-        dim=int(embeddings.shape[1]),
-        index=FaissInfo(vindex.kind, vindex.params) if vindex is not None else FaissInfo(),
-        files=dict(FILES), created=(old.created if old else None) or now, updated=now,
-    )
-    atomic_write_bytes(path / MANIFEST, manifest.dumps())
-    sweep(path, keep=name)
+    tmp = _start_generation(path, name)
+    try:
+        sums = _write_files(tmp, items, embeddings, vindex)
+        manifest = _manifest_of(base, old, name, items, embeddings, vindex, sums)
+        atomic_write_bytes(tmp / MANIFEST, manifest.dumps())  # the generation's own copy
+        os.replace(tmp, path / name)
+    except Exception:  # a full disk, an I/O error: leave no partial folder (a kill leaves one: swept later)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path)
+    atomic_write_bytes(path / MANIFEST, manifest.dumps())  # the commit point
+    sweep(path, keep=kept(manifest))
     return manifest
 
 
-def _write_generation(path: Path, name: str, items: Items, embeddings: np.ndarray, vindex) -> None:
-    """Write generation folder ``name`` complete: each file atomically into a partial folder, which
-    is then renamed into place (and the rename made durable)."""
+def _manifest_of(base: Manifest, old: Manifest | None, name: str, items: Items, embeddings: np.ndarray, vindex,
+                 sums: dict[str, FileSum]) -> Manifest:
+    """The manifest that commits generation ``name``."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    kinds, counts = np.unique(np.asarray(items.kind, dtype=object), return_counts=True) if len(items) else ((), ())
+    return base.copy(
+        format=FORMAT, format_version=FORMAT_VERSION, generation=int(name[4:]), generation_dir=name,
+        count=int(len(items)), counts_by_kind={k: int(v) for k, v in zip(kinds, counts)},
+        dim=int(embeddings.shape[1]),
+        index=FaissInfo(vindex.kind, vindex.params) if vindex is not None else FaissInfo(),
+        files=dict(FILES), created=(old.created if old else None) or now, updated=now, checksums=sums,
+        previous=old.generation_dir if old is not None and old.generation_dir != name else None,
+    )
+
+
+def kept(manifest: Manifest) -> tuple[str, ...]:
+    """The generation folders an index keeps: the current one and the one committed before it."""
+    return tuple(g for g in (manifest.generation_dir, manifest.previous) if g)
+
+
+def _start_generation(path: Path, name: str) -> Path:
+    """The empty partial folder generation ``name`` is written into, marked as mmsearch's."""
     for stale in (path / name, path / f".{name}.partial"):  # left by a writer killed before its commit
         if made_by_us(stale):
             shutil.rmtree(stale)
@@ -326,16 +348,15 @@ def _write_generation(path: Path, name: str, items: Items, embeddings: np.ndarra
     tmp.mkdir(parents=True)
     try:
         atomic_write_bytes(tmp / MARKER, f"mmsearch generation {name}\n".encode())
-        _write_files(tmp, items, embeddings, vindex)
-        os.replace(tmp, path / name)
-    except Exception:  # a full disk, an I/O error: leave no partial folder (a kill leaves one: swept later)
+    except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_dir(path)
+    return tmp
 
 
-def _write_files(folder: Path, items: Items, embeddings: np.ndarray, vindex) -> None:
-    """The items table, the embeddings and the faiss index of a generation, each written atomically."""
+def _write_files(folder: Path, items: Items, embeddings: np.ndarray, vindex) -> dict[str, FileSum]:
+    """The items table, the embeddings and the faiss index of a generation, each written atomically;
+    returns their checksums."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -359,6 +380,16 @@ def _write_files(folder: Path, items: Items, embeddings: np.ndarray, vindex) -> 
         np.save(f, np.ascontiguousarray(embeddings, dtype=np.float32))
     if vindex is not None:
         vindex.save(folder / FAISS)
+    return {name: file_sum(folder / name) for name in (ITEMS, EMBEDDINGS, FAISS) if (folder / name).is_file()}
+
+
+def file_sum(path: Path, chunk: int = 1 << 22) -> FileSum:
+    """Size and CRC-32 of a file's bytes (read back right after writing: from the page cache)."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc, size = zlib.crc32(block, crc), size + len(block)
+    return FileSum(size, f"{crc:08x}")
 
 
 def _storable_paths(paths: list[str]) -> tuple[list[str], list[bytes | None] | None]:
@@ -383,16 +414,21 @@ def write_manifest(path: str | Path, manifest: Manifest) -> Manifest:
     return manifest
 
 
-def sweep(path: Path, keep: str | None) -> None:
-    """Delete the generations and partial folders mmsearch made, other than ``keep`` (safe: no manifest
-    references them), and stray manifest temp files. Folders it did not make are never touched."""
+def sweep(path: Path, keep: tuple[str, ...] = ()) -> list[str]:
+    """Delete the generations and partial folders mmsearch made, other than those in ``keep`` (the
+    ones the manifest names), and stray manifest temp files. Folders it did not make are never
+    touched. Returns the names deleted."""
+    gone = []
     for child in path.iterdir():
-        if child.name == keep:
+        if child.name in keep:
             continue
         if made_by_us(child):
             shutil.rmtree(child, ignore_errors=True)
+            gone.append(child.name)
         elif MANIFEST_TMP_RE.match(child.name):
             child.unlink(missing_ok=True)
+            gone.append(child.name)
+    return gone
 
 
 def _read_items(path: Path) -> Items:
@@ -406,7 +442,7 @@ def _read_items(path: Path) -> Items:
         names = set(f.schema_arrow.names)
         missing = set(COLUMNS) - names
         if missing:
-            raise IndexFormatError(f"{path} lacks columns {sorted(missing)}: rebuild with `mmsearch index`")
+            raise IndexFormatError(f"{path} lacks columns {sorted(missing)}: {repair_hint(path.parent.parent)}")
         cols = {}
         for name, dtype in (("id", np.int64), ("path", None), ("size", np.int64), ("mtime_ns", np.int64),
                             ("kind", None), ("text", None), ("t", np.float64), ("hub", np.float32),
@@ -417,7 +453,7 @@ def _read_items(path: Path) -> Items:
     except (FileNotFoundError, IndexFormatError):
         raise
     except Exception as e:
-        raise IndexFormatError(f"{path} is unreadable ({e}): rebuild with `mmsearch index`") from e
+        raise IndexFormatError(f"{path} is unreadable ({e}): {repair_hint(path.parent.parent)}") from e
     if "path_bytes" in names:
         raw = f.read(columns=["path_bytes"], use_threads=False).column(0).to_pylist()
         cols["path"] = [os.fsdecode(b) if b is not None else p for p, b in zip(cols["path"], raw)]
@@ -450,4 +486,4 @@ def _read_embeddings(path: Path) -> np.ndarray:
     except FileNotFoundError:
         raise
     except Exception as e:
-        raise IndexFormatError(f"{path} is unreadable ({e}): rebuild with `mmsearch index`") from e
+        raise IndexFormatError(f"{path} is unreadable ({e}): {repair_hint(path.parent.parent)}") from e

@@ -128,8 +128,9 @@ def test_a_write_that_dies_midway_leaves_the_previous_index(photo_dir, pairs, en
     assert Searcher(c, encoder=encoder).search_text("a dog", k=3)
     r = index_folder(folder, idx, encoder=encoder)  # the next run continues normally
     assert (r.added, r.total) == (1, 13)
-    gens = [p.name for p in idx.iterdir() if p.is_dir()]
-    assert gens == [json.loads((idx / "manifest.json").read_text())["generation_dir"]]  # leftovers swept
+    gens = sorted(p.name for p in idx.iterdir() if p.is_dir())
+    now = json.loads((idx / "manifest.json").read_text())
+    assert gens == sorted([now["generation_dir"], now["previous"]]) == ["gen-000001", "gen-000002"]  # leftovers swept
 
 
 @pytest.mark.slow

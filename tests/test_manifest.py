@@ -48,7 +48,7 @@ def test_a_damaged_manifest_is_one_clear_error(tmp_path, damage):
     data = json.loads(RELEASE.read_text())
     damage(data)
     (tmp_path / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(IndexFormatError, match=r"manifest.json is damaged .*rebuild with `mmsearch index`"):
+    with pytest.raises(IndexFormatError, match=r"manifest.json is damaged .*`mmsearch doctor --index .* --repair`"):
         read_manifest(tmp_path)
 
 

@@ -4,11 +4,12 @@ with checks that the file holds the kind of index its manifest says."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
 from mmsearch._util import atomic_file
-from mmsearch.errors import IndexFormatError, IndexNotFoundError
+from mmsearch.errors import IndexFormatError, IndexNotFoundError, repair_hint
 
 from . import legacy
 from ._faiss import faiss_message, faiss_module
@@ -49,7 +50,8 @@ def read_index(path: str | os.PathLike[str], kind: str, mmap: bool = False) -> A
     faiss = faiss_module()
 
     path = Path(path)
-    hint = "re-run `mmsearch index` to rebuild it"
+    in_index = re.match(r"^gen-\d{6}$", path.parent.name)  # a generation of an index folder
+    hint = repair_hint(path.parent.parent) if in_index else "re-run `mmsearch index` to rebuild it"
     if not path.exists():
         raise IndexNotFoundError(f"index file {path} does not exist: {hint}")
     if not path.is_file():
