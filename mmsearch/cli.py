@@ -228,7 +228,10 @@ def _echo_index_report(what: str, report) -> None:
     typer.echo(
         f"{report.total} items in {report.index_path} ({report.index_kind or 'empty'}): {what} "
         f"{report.added} added, {report.updated} updated, {report.removed} removed, "
-        + (f"{report.moved} moved (kept their vectors), " if report.moved else "") +
+        + (f"{report.moved} moved (kept their vectors), " if report.moved else "")
+        + (f"{report.copied} copied (same content as one embedded: vectors reused), " if report.copied else "")
+        + (f"{report.duplicates} already indexed under another path (links, not stored again), "
+           if report.duplicates else "") +
         f"{report.unchanged} unchanged, {len(report.skipped)} skipped in {report.seconds:.1f}s{speed}",
         err=True,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -74,7 +75,9 @@ class IndexReport:
     seconds: float = 0.0
     embedded_per_second: float = 0.0  # items (images, video frames, texts) embedded per second
     moved: int = 0  # files found under a new path (same size and content): item, id and vector kept
-    embedded: int = 0  # items the model embedded in this run
+    embedded: int = 0  # items the model embedded in this run (not those whose vectors were copied)
+    copied: int = 0  # new files (and texts) with the content of one already embedded: added, vectors copied
+    duplicates: int = 0  # new paths to a file indexed under another path (a symlink, a hard link): not stored
 
     @property
     def changed(self) -> bool:
@@ -93,6 +96,15 @@ class Plan:
     known_failures: list[Skipped]  # files that failed before and have not changed since: not retried
     resampled: set[str] = field(default_factory=set)  # changed videos: their old frames dropped, re-sampled
     removed_paths: set[str] = field(default_factory=set)  # the files behind ``removed``
+
+
+def _inode(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path`` (following links); None when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _under(path: str, folder: str) -> bool:
@@ -586,6 +598,7 @@ class IndexWriter:
         self.failures = {p: f for p, f in old.items() if not self.belongs(p, "image") or p in known}
         self.report.unchanged, self.report.removed = plan.unchanged, plan.removed
         self.moves = self._find_moves()
+        self.report.duplicates = self._find_duplicates()
         self.dirty = bool(plan.removed or plan.resampled or self.moves)  # something not yet committed
         self._use_bank(getattr(self.encoder, "query_bank", None) if self.encoder is not None else None)
 
@@ -595,18 +608,14 @@ class IndexWriter:
         file may have been under this source (a renamed subfolder) or elsewhere in the index (the
         source itself renamed)."""
         plan, items = self.plan, self.items
-        new = [f for f in plan.to_embed if f.kind != "text" and f.path not in plan.reuse_ids
-               and f.path not in plan.resampled]
+        new = self._new_files()
         gone = self._vanished({f.size for f in new}) if new else {}
         moves: dict[str, MediaFile] = {}
         sizes = {size for size, _ in gone}
         for f in new:
             if f.size not in sizes:
                 continue
-            try:
-                olds = gone.get((f.size, fast_digest(f.path, f.size)))
-            except OSError:
-                continue  # unreadable now: the embedding step reports it
+            olds = gone.get((f.size, self._digest(f)))  # None when unreadable now: the embedding step reports it
             if olds:  # identical files (copies) vanished together: one each
                 moves[olds.pop()] = f
                 plan.to_embed.remove(f)
@@ -621,6 +630,39 @@ class IndexWriter:
                 del self.failures[old]
         self.report.removed, self.report.moved = plan.removed, len(moves)
         return moves
+
+    def _new_files(self) -> list[MediaFile]:
+        """The images and videos of this run that are not in the index yet (not changed or re-sampled ones)."""
+        plan = self.plan
+        return [f for f in plan.to_embed if f.kind != "text" and f.path not in plan.reuse_ids
+                and f.path not in plan.resampled]
+
+    def _find_duplicates(self) -> int:
+        """Drop from the work the new files that are a file already indexed under another path and still
+        there (the same device and inode: a symlink to it, a hard link), e.g. a folder linking to one
+        indexed before: they are not stored twice. Only indexed files of a new file's size are stat'ed.
+        Returns how many."""
+        plan, items = self.plan, self.items
+        new = self._new_files()
+        if not new or not len(items):
+            return 0
+        inode_of: dict[tuple[int, int], str] = {}  # indexed files of the new files' sizes, on disk now
+        seen: set[str] = set()
+        sizes: set[int] = set()  # the sizes of those
+        for r in np.flatnonzero(np.isin(items.size, list({f.size for f in new}))).tolist():
+            path, kind = items.path[r], items.kind[r]
+            # this source's own files were scanned (a scan lists each file once); moved-away ones are gone
+            if kind == "text" or path in seen or self.belongs(path, kind) or path in self.moves:
+                continue
+            seen.add(path)
+            key = _inode(path)
+            if key is not None:
+                inode_of.setdefault(key, path)
+                sizes.add(int(items.size[r]))
+        dups = {f.path for f in new if f.size in sizes and _inode(f.path) in inode_of}
+        if dups:
+            plan.to_embed = [f for f in plan.to_embed if f.path not in dups]
+        return len(dups)
 
     def _vanished(self, sizes: set[int]) -> dict[tuple[int, str], list[str]]:
         """(size, digest) -> paths of indexed files of these sizes that are no longer on disk."""
@@ -664,14 +706,9 @@ class IndexWriter:
     def _prepare(self) -> None:
         """Load what the work needs: the model (if anything must be encoded), the vectors, the faiss index."""
         plan = self.plan
-        known_text: dict[str, int] = {}  # a text already in the index (a line that only moved) keeps its vector
-        if not self.new and any(f.kind == "text" for f in plan.to_embed):
-            for r, (k, t) in enumerate(zip(self.items.kind, self.items.text)):
-                if k == "text" and t:
-                    known_text.setdefault(t, r)
-        self.copied = [f for f in plan.to_embed if f.kind == "text" and f.text in known_text]
-        self.to_encode = [f for f in plan.to_embed if not (f.kind == "text" and f.text in known_text)]
         self.by_path = {f.path: f for f in plan.to_embed}
+        copied_rows = self._plan_copies()
+        self._digests = {p: d for p, d in self._digests.items() if d is not None}  # failed reads: tried again
         if self.to_encode and self.encoder is None:  # the model loads only when there is work for it
 
             self.encoder = get_encoder(self.ref.name, pretrained=self.ref.pretrained, device=self.ref.device,
@@ -683,7 +720,65 @@ class IndexWriter:
         if dim:  # a bad --index-factory or --memory fails now, not after hours of embedding
 
             check_spec(self.spec, dim, len(plan.keep_rows) + len(plan.to_embed))
-        self._load_vectors(dim, [known_text[f.text] for f in self.copied])
+        self._load_vectors(dim, copied_rows)
+
+    def _plan_copies(self) -> list[int]:
+        """Split the work into what the model must embed (``to_encode``) and what takes vectors already
+        computed: a text the index holds, or a new file with the kind, size and fast_digest of an indexed
+        file (``copied``: records whose vectors are the index rows returned; a video's frames keep their
+        times), or of another new file of this run (``followers`` of that file: copied once it is
+        embedded). Only new files whose size another file has are read for their digest."""
+        known_text = self._known_texts()
+        new = self._new_files()
+        counts = Counter(f.size for f in new)
+        indexed = self._indexed_content(set(counts))
+        indexed_sizes = {size for _, size, _ in indexed}
+        candidates = {f.path for f in new if counts[f.size] > 1 or f.size in indexed_sizes}
+        first: dict[tuple[str, int, str], str] = {}  # content -> the file of this run embedded for it
+        self.copied, self.followers, self.originals, self.to_encode, rows = [], {}, {}, [], []
+        for f in self.plan.to_embed:
+            key = (f.kind, f.size, self._digest(f)) if f.path in candidates else None
+            if f.kind == "text" and f.text in known_text:
+                self.copied.append(f)
+                rows.append(known_text[f.text])
+            elif key is not None and key in indexed:
+                self.copied += [replace(f, t=float(self.items.t[r]) if f.kind == "video" else None) for r in indexed[key]]
+                rows += indexed[key]
+            elif key is not None and key in first:
+                self.followers.setdefault(first[key], []).append(f)
+            else:
+                if key is not None and key[2] is not None:
+                    first[key] = f.path
+                self.to_encode.append(f)
+        self.report.copied = len({f.path for f in self.copied})
+        return rows
+
+    def _known_texts(self) -> dict[str, int]:
+        """text -> its row in the index, when this run has texts (a line that only moved keeps its vector)."""
+        known: dict[str, int] = {}
+        if not self.new and any(f.kind == "text" for f in self.plan.to_embed):
+            for r, (k, t) in enumerate(zip(self.items.kind, self.items.text)):
+                if k == "text" and t:
+                    known.setdefault(t, r)
+        return known
+
+    def _indexed_content(self, sizes: set[int]) -> dict[tuple[str, int, str], list[int]]:
+        """(kind, size, digest) -> the rows of one indexed file of these sizes that the index keeps as it
+        is (a video: all its frames, sampled as this run samples), whose vectors a copy of it can take."""
+        items, plan, out = self.items, self.plan, {}
+        owner: dict[tuple[str, int, str], str] = {}
+        rows = plan.keep_rows[np.isin(items.size[plan.keep_rows], list(sizes))] if sizes else plan.keep_rows[:0]
+        for r in rows.tolist():
+            path, kind, digest = items.path[r], items.kind[r], items.digest[r]
+            if kind == "text" or digest is None or path in plan.reuse_ids:  # unknown content, or about to change
+                continue
+            now = self.moves[path].path if path in self.moves else path
+            if kind == "video" and self.sampled.get(now, self.sampling) != self.sampling:
+                continue
+            key = (kind, int(items.size[r]), digest)
+            if owner.setdefault(key, path) == path:
+                out.setdefault(key, []).append(r)
+        return out
 
     def _load_vectors(self, dim: int, copied_rows: list[int]) -> None:
         """The index's vectors in RAM (they are edited in place), the faiss index when it can be updated."""
@@ -707,32 +802,59 @@ class IndexWriter:
             self.items.hub[:] = np.nan  # measured with another bank, or none: measure again (if any) at the commit
 
     def _embed_all(self) -> None:
-        def batches():
+        def batches():  # (records, vectors, boundary, whether the model embedded them)
             if self.copied:
-                self._progress(len(self.copied))
-                yield self.copied, self.copied_emb, True
-            if self.to_encode:
-                yield from embed_files(self.to_encode, self.encoder, self.config, self._progress, self._failed)
+                self._progress(len({f.path for f in self.copied}))
+                yield self.copied, self.copied_emb, True, False
+            yield from self._model_batches(self.to_encode)
+            yield from self._follower_batches()
 
-        since_commit, n_embedded, t_embed = 0, 0, time.perf_counter()
-        for ok, emb, boundary in batches():
+        since_commit, t_embed = 0, time.perf_counter()
+        for ok, emb, boundary, by_model in batches():
             self._apply(ok, emb)
-            self.report.embedded += len(ok) if ok is not self.copied else 0
+            self.report.embedded += len(ok) if by_model else 0
             since_commit += len(ok)
-            n_embedded += len(ok)
             # commit every commit_every items, and at least a quarter of the collection apart,
             # so the rewrites of a long first run add up to a bounded multiple of the data
             if boundary and since_commit >= max(self.config.commit_every, len(self.items) // 4):
                 since_commit = 0
                 self._save()
-        if self.plan.to_embed:
-            self.report.embedded_per_second = n_embedded / max(1e-9, time.perf_counter() - t_embed)
+        if self.report.embedded:
+            self.report.embedded_per_second = self.report.embedded / max(1e-9, time.perf_counter() - t_embed)
+
+    def _model_batches(self, files: list[MediaFile]):
+        if files:
+            for ok, emb, boundary in embed_files(files, self.encoder, self.config, self._progress, self._failed):
+                yield ok, emb, boundary, True
+
+    def _follower_batches(self):
+        """The files of this run with the content of another one embedded in this run take its vectors (a
+        video's frames with their times); those whose original failed are run through the model themselves."""
+        records, vectors, orphans = [], [], []
+        for source, files in self.followers.items():
+            if source not in self.originals:
+                orphans += files
+                continue
+            done, done_vectors = self.originals[source]
+            for f in files:
+                records += [replace(f, t=r.t) for r in done]
+                vectors += done_vectors
+        if records:
+            n = sum(len(files) for source, files in self.followers.items() if source in self.originals)
+            self.report.copied += n
+            self._progress(n)
+            yield records, np.stack(vectors), True, False
+        yield from self._model_batches(orphans)
 
     def _apply(self, ok: list[MediaFile], emb: np.ndarray) -> None:
         """Take one batch of embedded records: replace changed files' vectors in place, queue new items."""
         self.dirty = self.dirty or bool(ok)
         fresh = []
         for f, vector in zip(ok, emb):
+            if f.path in self.followers:  # files of this run with the same content take this vector
+                done, vectors = self.originals.setdefault(f.path, ([], []))
+                done.append(f)
+                vectors.append(vector)
             if f.kind == "video":  # frames: always new items; counted per video file
                 self._video_started(f)
                 fresh.append((f, vector))
@@ -796,6 +918,7 @@ class IndexWriter:
         changes) and its old vector dropped; one that could not be read now (I/O, permissions) is not:
         the index keeps what it had and the next run tries again."""
         f = self.by_path[s.path]
+        self.originals.pop(s.path, None)  # its copies are embedded themselves
         if not s.unreadable:
             self.failures[s.path] = Failure(f.size, f.mtime_ns, s.reason)
         if s.path in self.video_ids:  # a video that broke part way: its frames so far go too

@@ -204,6 +204,133 @@ def test_indexing_a_folder_under_its_new_name_moves_its_items(photo_dir, encoder
     assert all(p.startswith(str(renamed) + os.sep) for p in Collection.open(idx).items.path)
 
 
+def _link_photos(folder, other, how: str) -> None:
+    """``other`` reaches the photos of ``folder`` by ``how``: a symlinked folder, symlinks or hard links."""
+    other.mkdir()
+    if how == "symlinked folder":
+        (other / "linked").symlink_to(folder, target_is_directory=True)
+    for src in sorted(folder.rglob("*.jpg")) if how != "symlinked folder" else []:
+        if how == "symlinks":
+            (other / src.name).symlink_to(src)
+        else:
+            os.link(src, other / src.name)
+
+
+@pytest.mark.parametrize("how", ["symlinked folder", "symlinks", "hard links"])
+def test_a_folder_reaching_indexed_photos_again_does_not_store_them_twice(photo_dir, encoder, tmp_path, how):
+    from tests.conftest import CountingEncoder
+
+    folder, _ = photo_dir
+    idx = tmp_path / "idx"
+    index_folder(folder, idx, encoder=encoder)
+    before = Collection.open(idx)
+    count, paths = before.count, sorted(before.items.path)
+    other = tmp_path / "other"
+    _link_photos(folder, other, how)
+    r = runner.invoke(app, ["index", str(other), "--index", str(idx), "-q"])
+    assert r.exit_code == 0, r.output
+    assert f"0 added, 0 updated, 0 removed, {count} already indexed under another path" in r.stderr, r.stderr
+    enc = CountingEncoder(encoder)
+    again = index_folder(other, idx, encoder=enc)  # and on every run after
+    assert (again.duplicates, again.added, again.changed, enc.embedded) == (count, 0, False, 0)
+    after = Collection.open(idx)
+    assert after.count == count and sorted(after.items.path) == paths
+    hits = json.loads(runner.invoke(app, ["query", "a dog", "--index", str(idx), "-k", "50", "--json"]).stdout)
+    assert sorted(h["path"] for h in hits) == paths  # each photo once, under its first path
+
+
+def test_a_copied_photo_takes_the_originals_vector_and_an_edited_copy_is_embedded(photo_dir, encoder, tmp_path):
+    from tests.conftest import CountingEncoder
+
+    folder, _ = photo_dir
+    idx = tmp_path / "idx"
+    index_folder(folder, idx, encoder=encoder)
+    before = Collection.open(idx)
+    src = min(folder.rglob("*.jpg"))
+    original = before.embeddings[before.items.path.index(str(src))].copy()
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    shutil.copy(src, backup / "copy.jpg")
+    enc = CountingEncoder(encoder)
+    r = index_folder(backup, idx, encoder=enc)
+    assert (r.added, r.copied, r.embedded, r.duplicates, enc.embedded) == (1, 1, 0, 0, 0)
+    after = Collection.open(idx)
+    row = after.items.path.index(str(backup / "copy.jpg"))
+    assert after.count == before.count + 1 and int(after.items.id[row]) not in set(before.items.id.tolist())
+    assert (after.embeddings[row] == original).all() and str(src) in after.items.path  # both stay, one vector
+    data = bytearray(src.read_bytes())  # same size, one byte of the compressed pixels changed
+    middle = len(data) // 2
+    while 0xFF in (data[middle - 1], data[middle]):
+        middle += 1
+    data[middle] ^= 0x55
+    (backup / "edited.jpg").write_bytes(bytes(data))
+    r = index_folder(backup, idx, encoder=enc)
+    assert (r.added, r.copied, r.embedded, enc.embedded) == (1, 0, 1, 1)
+
+
+def test_a_moved_photo_stays_a_move_when_a_copy_of_it_appears_too(photo_dir, encoder, tmp_path):
+    folder, _ = photo_dir
+    idx = tmp_path / "idx"
+    index_folder(folder, idx, encoder=encoder)
+    before = Collection.open(idx)
+    src = min(folder.rglob("*.jpg"))
+    row = before.items.path.index(str(src))
+    item_id, vector = int(before.items.id[row]), before.embeddings[row].copy()
+    (folder / "moved").mkdir()
+    shutil.copy(src, folder / "a copy.jpg")
+    shutil.move(src, folder / "moved" / src.name)
+    r = runner.invoke(app, ["index", str(folder), "--index", str(idx), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "1 added, 0 updated, 0 removed, 1 moved (kept their vectors), 1 copied" in r.stderr, r.stderr
+    after = Collection.open(idx)
+    rows = [after.items.path.index(str(p)) for p in (folder / "a copy.jpg", folder / "moved" / src.name)]
+    assert after.count == before.count + 1 and item_id in after.items.id[rows].tolist()  # one of them kept the item
+    assert all((after.embeddings[r] == vector).all() for r in rows)
+
+
+def test_identical_new_files_in_one_run_are_embedded_once(photo_dir, encoder, tmp_path):
+    from tests.conftest import CountingEncoder
+
+    folder, _ = photo_dir
+    photos = sorted(folder.rglob("*.jpg"))
+    for i in range(2):  # two more copies of the first photo, in another folder too
+        (folder / f"copies{i}").mkdir()
+        shutil.copy(photos[0], folder / f"copies{i}" / "same.jpg")
+    enc = CountingEncoder(encoder)
+    idx = tmp_path / "idx"
+    r = index_folder(folder, idx, encoder=enc)
+    assert (r.added, r.copied, r.embedded, enc.embedded) == (len(photos) + 2, 2, len(photos), len(photos))
+    c = Collection.open(idx)
+    vectors = [c.embeddings[c.items.path.index(str(p))] for p in
+               (photos[0], folder / "copies0" / "same.jpg", folder / "copies1" / "same.jpg")]
+    assert (vectors[0] == vectors[1]).all() and (vectors[0] == vectors[2]).all()
+    assert len(set(c.items.id.tolist())) == c.count == len(photos) + 2
+
+
+def test_a_copied_video_takes_all_its_frames_without_embedding(encoder, tmp_path):
+    from tests.conftest import CountingEncoder
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(FLICKR.parent / "videos" / "airplane_then_field.mp4", videos / "flight.mp4")
+    idx = tmp_path / "idx"
+    index_folder(videos, idx, encoder=encoder)
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    shutil.copy(videos / "flight.mp4", backup / "flight copy.mp4")
+    enc = CountingEncoder(encoder)
+    r = index_folder(backup, idx, encoder=enc)
+    assert (r.added, r.copied, r.embedded, enc.embedded) == (1, 1, 0, 0)
+    c = Collection.open(idx)
+
+    def frames(path):
+        rows = [i for i, p in enumerate(c.items.path) if p == str(path)]
+        return c.items.t[rows], c.embeddings[rows]
+
+    (t0, v0), (t1, v1) = frames(videos / "flight.mp4"), frames(backup / "flight copy.mp4")
+    assert len(t0) > 3 and (t0 == t1).all() and (v0 == v1).all()
+
+
 @pytest.mark.parametrize("err", [28, 5])  # ENOSPC, EIO
 @pytest.mark.parametrize("stage", ["embeddings", "manifest"])
 def test_a_full_disk_or_io_error_during_a_commit_keeps_the_previous_index(photo_dir, encoder, tmp_path, monkeypatch,
