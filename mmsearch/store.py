@@ -257,6 +257,7 @@ class Collection:
             "index_params": m.index.params,
             "hubness": m.hubness,
             "disk_bytes": self.disk_bytes(),
+            "previous_generation": m.previous,  # kept for `mmsearch doctor --repair`
             "format_version": m.format_version,
             "created": m.created,
             "updated": m.updated,
