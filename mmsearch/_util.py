@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -144,10 +145,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = isinstance(e, OSError) and e.errno is None and _out_of_space(tmp.parent)
         tmp.unlink(missing_ok=True)
+        if full:  # numpy's tofile reports a full disk as "N requested and M written", without an errno
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
         raise
     fsync_dir(path.parent)
+
+
+def _out_of_space(folder: Path) -> bool:
+    """Whether the file system holding ``folder`` is full for this user (under 64 KiB or no inode left)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024 or (st.f_files > 0 and st.f_favail == 0)
 
 
 @contextlib.contextmanager

@@ -110,6 +110,10 @@ def _report(e: Exception, paths: list[Path]) -> None:
     if _GLOBALS.debug:
         typer.echo(traceback.format_exc(), err=True, nl=False)
     message = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {printable(os.fsdecode(e.filename))}" if isinstance(e.filename, (str, bytes)) else ""
+        _fail(f"out of disk space ({e.strerror or os.strerror(e.errno)}){where}: free some space and run the "
+              "command again")
     if is_user_error(e, paths):
         _fail(message)
     _fail(f"internal error: {type(e).__name__}: {message} (run with --debug or {DEBUG_ENV_VAR}=1 for the traceback)",

@@ -113,14 +113,26 @@ def _read_columns(path: Path) -> tuple[dict[str, str], Callable[[str], list]]:
     if not path.is_file():
         raise PathNotFoundError(f"table not found: {path}")
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
+
+        def unreadable(e: Exception) -> DataError:
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+            return DataError(f"{path}: not a readable parquet table ({reason})")
 
         try:
             table = pq.read_table(path)
-        except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
-            raise DataError(f"{path}: not a readable parquet table ({str(e).splitlines()[0][:120]})") from None
+        except (OSError, ValueError, pa.ArrowException) as e:  # pyarrow.ArrowInvalid is a ValueError
+            raise unreadable(e) from None
         columns = {c.lower(): c for c in table.column_names}
-        return columns, lambda c: table.column(columns[c]).to_pylist()
+
+        def get(c: str) -> list:
+            try:
+                return table.column(columns[c]).to_pylist()
+            except (KeyError, ValueError, pa.ArrowException) as e:  # e.g. strings that are not UTF-8, a name twice
+                raise unreadable(e) from None
+
+        return columns, get
     import csv
 
     try:

@@ -34,7 +34,13 @@ from .exported import (
     is_export,
 )
 from .media import load_image
-from .weights import BANK_FILE, default_precision, load_query_bank, model_record
+from .weights import (
+    BANK_FILE,
+    bank_path,
+    default_precision,
+    load_query_bank,
+    model_record,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -169,7 +175,11 @@ class Encoder:
         exports, written by `mmsearch train`), or None: cross-modal search then ranks by plain cosine."""
         if self._query_bank is False:
             exported = self.export_folder / BANK_FILE if self.export_folder is not None else None
-            self._query_bank = load_query_bank(self.ref, path=exported, weights=self.weights)
+            bank = load_query_bank(self.ref, path=exported, weights=self.weights)
+            if bank is not None and bank.dim != self.dim:
+                raise ModelLoadError(f"query bank {exported or bank_path(self.ref)} holds {bank.dim}-d vectors, "
+                                     f"{self.name} embeds {self.dim}-d: delete it, or rebuild it with `mmsearch train`")
+            self._query_bank = bank
         return self._query_bank
 
     def warm(self, *towers: str) -> None:

@@ -22,6 +22,7 @@ and is off.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -120,10 +121,39 @@ class QueryBank:
                                      f"{BANK_FORMAT_VERSION}")
                 sides = {m: Side(**s) for m, s in json.loads(meta["sides"]).items()}
                 vectors = {m: f.get_tensor(m).astype(np.float32) for m in sides}
+            _check_bank(sides, vectors)
+            return cls(vectors, sides, meta.get("weights") or None)
         except Exception as e:  # safetensors raises its own errors for truncated or foreign files
-            raise ModelLoadError(f"query bank {path} is unreadable ({str(e).splitlines()[0][:120]}): "
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+            raise ModelLoadError(f"query bank {path} is unreadable ({reason}): "
                                  "rebuild it (`mmsearch train` writes one) or delete it") from e
-        return cls(vectors, sides, meta.get("weights") or None)
+
+    @property
+    def dim(self) -> int:
+        """The dimension of the bank's vectors (the model's embedding size)."""
+        return next(iter(self.vectors.values())).shape[1]
+
+
+def _check_bank(sides: dict[str, Side], vectors: dict[str, np.ndarray]) -> None:
+    """ValueError unless a loaded bank's settings and vectors are what ``save`` writes: a damaged bank
+    would otherwise fail while measuring an index's items, or poison its manifest's settings."""
+    if not sides:
+        raise ValueError("it holds no query modality")
+    for m, side in sides.items():
+        if isinstance(side.k, bool) or not isinstance(side.k, int) or side.k < 1:
+            raise ValueError(f"{m}: k must be a positive integer, not {side.k!r}")
+        for name in ("beta", "threshold"):
+            value = getattr(side, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{m}: {name} must be a finite number, not {value!r}")
+        if side.beta < 0:  # a correction never lifts a score (``rerank`` relies on it)
+            raise ValueError(f"{m}: beta must not be negative, not {side.beta!r}")
+        if vectors[m].ndim != 2 or not vectors[m].size:
+            raise ValueError(f"{m}: vectors of shape {vectors[m].shape}, not (n, d)")
+        if not np.isfinite(vectors[m]).all():
+            raise ValueError(f"{m}: vectors hold NaN or infinite values")
+    if len({v.shape[1] for v in vectors.values()}) != 1:
+        raise ValueError("its modalities' vectors differ in dimension")
 
 
 # ---- search --------------------------------------------------------------------------------------
