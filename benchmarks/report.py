@@ -392,6 +392,35 @@ def print_rename() -> None:
           f"({ok(r['targets']['0 photos embedded again'])}).")
 
 
+def print_crash() -> None:
+    """SIGKILL at random moments (benchmarks/crash_harness.py), against the target of issue 16."""
+    r = load("crash_harness.json")
+    if not r:
+        return
+    p = r["problems"]
+    rerun = p["rerun_failed"] + p["rerun_unusable"] + p["rerun_items_differ"] + p["rerun_ids_changed"]
+    print(f"{r['kills']} kills with SIGKILL ({r['machine']}; {r['total_seconds'] / 60:.0f} min), from `{r['command']}`: "
+          f"`mmsearch index` and `mmsearch remove` in a fresh process group each, {r['photos']} photos, a commit every "
+          f"{r['commit_every']}, killed at seeded random moments (uniform over an unkilled run, some in its first 5 % "
+          "or last 10 %, some 0-5 ms after a change of the index folder). After each kill an independent check "
+          "(manifest, items, embeddings, faiss ids and vectors, leftovers), a query, the items from before, then the "
+          f"same command again: **{r['unusable_indexes']} unusable indexes, {r['lost_items']} committed items lost**, "
+          f"{p['not_all_or_nothing']} removes half done, {p['ids_changed'] + p['rerun_ids_changed']} ids changed, "
+          f"{rerun} re-runs that failed or ended with other items than an unkilled run"
+          + (f" ({r['reruns_that_said_done']} re-runs of a remove killed after its commit said in one `error:` line "
+             "that the index holds none of those items any more)" if r.get("reruns_that_said_done") else "") + ".")
+    print()
+    print("| what the kill left in the index folder | kills |")
+    print("|---|---|")
+    for what, n in r["kills_per_classification"].items():
+        print(f"| {what} | {n} |")
+    print()
+    print("| scenario | unkilled run | commits | kills |")
+    print("|---|---|---|---|")
+    for name, sc in r["scenarios"].items():
+        print(f"| {name} | {sc['unkilled_seconds']:.2f} s | {sc['commits']} | {sc['kills']} |")
+
+
 def print_video() -> None:
     for v in (json.loads(p.read_text()) for p in sorted(RESULTS.glob("video_throughput_*.json"))):
         print()
@@ -556,6 +585,7 @@ SECTIONS = {
     "reindex": print_reindex,                   # docs/benchmarks.md
     "serve-load": print_serve_load,             # docs/serve.md
     "rename": print_rename,                     # docs/cli.md
+    "crash": print_crash,                       # docs/index.md
     "video": print_video,                       # docs/benchmarks.md
     "video-examples": print_video_examples,     # docs/video.md
 }
