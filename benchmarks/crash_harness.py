@@ -1,10 +1,11 @@
-"""Crash harness (issue 16): kill -9 `mmsearch index` and `mmsearch remove` at random moments, then check
-that every kill left a usable index that lost nothing committed.
+"""Crash harness (issue 16): kill -9 `mmsearch index`, `mmsearch remove` and `mmsearch doctor --repair` at
+random moments, then check that every kill left a usable index that lost nothing committed.
 
     python benchmarks/crash_harness.py [--kills 200] [--seed 0] [--photos 48]
 
-Each scenario (``SCENARIOS``: first runs, runs that add photos, a video, a --texts file, removes) starts
-from a template index that unkilled runs build once. Its operation then runs unkilled
+Each scenario (``SCENARIOS``: first runs, runs that add photos, a video, a --texts file, removes, repairs
+of a damaged index) starts from a template index that unkilled runs build once (and, for a repair,
+damage: its items before the damage are what the repair must not lose). Its operation then runs unkilled
 (``--reference-runs`` times, each on a fresh copy of the template) to time it and to record the items it
 ends with. Each kill takes a fresh copy of the template, starts the operation in a new process group and
 sends SIGKILL to the group at a seeded random moment (``schedule``): uniform over the unkilled run's
@@ -22,6 +23,9 @@ index folder (the steps of a commit last milliseconds). After each kill:
 3. no committed item is lost: every item the index held before the killed operation, that the
    operation keeps, is still there, under its id; there is no item that is neither from before nor
    from after the operation; a remove (one commit) is all or nothing;
+   A repair killed before it changed anything leaves the index as damaged as it was (counted apart); one
+   killed after going back to an earlier generation but before re-embedding what the damage cost lacks
+   those items (counted apart) until the re-run, which must embed them again;
 4. the operation runs again to completion and ends with the unkilled run's items, old ids kept,
    leftovers swept (a remove killed after its commit: the re-run's one-line error that the index holds
    none of those items, counted apart).
@@ -48,9 +52,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +74,7 @@ GEN_RE = re.compile(r"^gen-(\d{6})$")
 PARTIAL_RE = re.compile(r"^\.gen-\d{6}\.partial$")
 MANIFEST_TMP_RE = re.compile(r"^\.manifest\.json\..+\.tmp$")
 MARKER = ".mmsearch-generation"
-GEN_FILES = ("items.parquet", "embeddings.npy", "index.faiss", MARKER)
+GEN_FILES = ("items.parquet", "embeddings.npy", "index.faiss", MARKER, MANIFEST)  # MANIFEST: the generation's copy
 FINISHED = "nothing: the run had finished"  # the classification of a kill that came too late
 NO_INDEX_RE = re.compile(r"^error: .*\bno (mmsearch )?index\b")  # `mmsearch query` on a folder without a manifest
 
@@ -163,6 +168,9 @@ class Scenario:
     before: Callable[[Workspace, Path], None] | None = None
     atomic: bool = False  # one commit: after a kill the index holds the items of before or of after
     done_error: str | None = None  # a re-run may fail with this error once the killed run had committed
+    damage: Callable[[Path], None] | None = None  # applied to the template after ``before`` (doctor --repair)
+    reembeds: Callable[[Workspace], set[str]] | None = None  # paths a repair embeds again (lost to the damage):
+    # missing after a kill until the re-run embeds them, under new ids
 
 
 def _grown(ws: Workspace, idx: Path) -> None:
@@ -191,6 +199,38 @@ def _first_folder(ws: Workspace, idx: Path) -> None:
     ws.run(ws.index_args(idx, ws.folder("first")))
 
 
+def _two_commits(ws: Workspace, idx: Path) -> None:
+    """An index of two folders, one commit each, so that the first commit is kept to fall back to."""
+    for name, part in (("fix-a", "first"), ("fix-b", "clips-more")):
+        if not ws.folder(name).is_dir():
+            ws.link(ws.folder(name), part)
+        ws.run(ws.index_args(idx, ws.folder(name)))
+
+
+def _current(idx: Path) -> Path:
+    return idx / json.loads((idx / MANIFEST).read_text())["generation_dir"]
+
+
+def _flip_faiss(idx: Path) -> None:
+    f = _current(idx) / "index.faiss"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def _truncate_embeddings(idx: Path) -> None:
+    f = _current(idx) / "embeddings.npy"
+    f.write_bytes(f.read_bytes()[:1000])
+
+
+def _doctor(ws: Workspace, idx: Path) -> list[str]:
+    return ["doctor", "--index", str(idx), "--repair"]
+
+
+def _fixed(ws: Workspace) -> set[str]:
+    return ws.paths("fix-a", "first") | ws.paths("fix-b", "clips-more")
+
+
 SCENARIOS = [
     Scenario("index, first run",
              lambda ws, idx: ws.index_args(idx, ws.folder("first")),
@@ -217,6 +257,13 @@ SCENARIOS = [
              lambda ws, idx: ["remove", str(ws.folder("other")), str(ws.folder("notes.txt")), "--index", str(idx)],
              lambda ws: ws.paths("first", "first"),
              before=_two_folders_and_notes("hnsw"), atomic=True, done_error="holds no items"),
+    Scenario("doctor --repair, index.faiss damaged (rebuilt from the embeddings)", _doctor, _fixed,
+             before=_two_commits, damage=_flip_faiss),
+    Scenario("doctor --repair, manifest.json deleted (restored from the generation's copy)", _doctor, _fixed,
+             before=_two_commits, damage=lambda idx: (idx / MANIFEST).unlink()),
+    Scenario("doctor --repair, embeddings.npy truncated (back to the previous commit, the rest re-embedded)",
+             _doctor, _fixed, before=_two_commits, damage=_truncate_embeddings,
+             reembeds=lambda ws: ws.paths("fix-b", "clips-more")),
 ]
 
 
@@ -254,7 +301,7 @@ class Disk:
 def read_disk(idx: Path) -> Disk:
     disk = Disk()
     if not (idx / MANIFEST).is_file():
-        _check_entries(idx, None, disk)
+        _check_entries(idx, (), disk)
         return disk
     try:
         disk.manifest = m = json.loads((idx / MANIFEST).read_text())
@@ -264,7 +311,7 @@ def read_disk(idx: Path) -> Disk:
     except (OSError, ValueError, KeyError, TypeError) as e:
         disk.errors.append(f"manifest.json unreadable: {e}")
         return disk
-    _check_entries(idx, gen, disk)
+    _check_entries(idx, (gen, m.get("previous")), disk)
     if not (idx / gen).is_dir():
         disk.errors.append(f"the manifest's generation {gen} is missing")
         return disk
@@ -281,13 +328,14 @@ def _ours(folder: Path) -> bool:
                for x in folder.iterdir())
 
 
-def _check_entries(idx: Path, current: str | None, disk: Disk) -> None:
-    """Only the manifest, the lock, the current generation and sweepable leftovers, one of each kind."""
+def _check_entries(idx: Path, kept: tuple, disk: Disk) -> None:
+    """Only the manifest, the lock, the current generation (and the previous one the manifest names, kept
+    to fall back to) and sweepable leftovers, one of each kind."""
     if not idx.exists():
         return
     kinds = Counter()
     for x in sorted(idx.iterdir()):
-        if x.name in (MANIFEST, ".lock", current):
+        if x.name in (MANIFEST, ".lock", *kept):
             continue
         kind = next((k for k, r in (("generation", GEN_RE), ("partial", PARTIAL_RE), ("manifest temp", MANIFEST_TMP_RE))
                      if r.match(x.name)), None)
@@ -302,13 +350,16 @@ def _check_entries(idx: Path, current: str | None, disk: Disk) -> None:
 def _check_generation(gen: Path, m: dict, disk: Disk) -> None:
     count, files = int(m["count"]), set(m.get("files", {}).values())
     have = {x.name for x in gen.iterdir()}
-    need = {"items.parquet", "embeddings.npy", MARKER} | ({"index.faiss"} if count else set())
-    if not files >= need - {MARKER} or have != need:
+    need = {"items.parquet", "embeddings.npy", MARKER, MANIFEST} | ({"index.faiss"} if count else set())
+    if not files >= need - {MARKER, MANIFEST} or have != need:
         disk.errors.append(f"{gen.name} holds {sorted(have)}, the manifest lists {sorted(files)}, expected {sorted(need)}")
     table = pq.read_table(gen / "items.parquet")
     ids = np.asarray(table.column("id").to_numpy(), np.int64)
     paths, kinds = table.column("path").to_pylist(), table.column("kind").to_pylist()
     t = table.column("t").to_numpy() if "t" in table.column_names else np.full(len(ids), np.nan)
+    keys = [p if k != "video" else f"{p}@{x:.3f}" for p, k, x in zip(paths, kinds, t)]
+    disk.keys, disk.ids = Counter(keys), dict(zip(keys, ids.tolist()))
+    disk.errors += _checksum_errors(gen, m)
     emb = np.load(gen / "embeddings.npy")
     problems = [
         (len(ids) != count, f"{len(ids)} items, manifest count {count}"),
@@ -320,10 +371,18 @@ def _check_generation(gen: Path, m: dict, disk: Disk) -> None:
         (len(emb) and np.abs(np.linalg.norm(emb, axis=1) - 1).max() > 1e-3, "embeddings not unit-norm"),
     ]
     disk.errors += [why for bad, why in problems if bad]
-    keys = [p if k != "video" else f"{p}@{x:.3f}" for p, k, x in zip(paths, kinds, t)]
-    disk.keys, disk.ids = Counter(keys), dict(zip(keys, ids.tolist()))
     if count and not disk.errors:
         _check_faiss(gen / "index.faiss", ids, emb, disk)
+
+
+def _checksum_errors(gen: Path, m: dict) -> list[str]:
+    """Each file's size and CRC-32 as the manifest recorded them at the commit."""
+    out = []
+    for name, want in (m.get("checksums") or {}).items():
+        data = (gen / name).read_bytes() if (gen / name).is_file() else None
+        if data is None or len(data) != want["size"] or f"{zlib.crc32(data):08x}" != want["crc32"]:
+            out.append(f"{gen.name}/{name} differs from its commit's checksum")
+    return out
 
 
 def _faiss_ids(index) -> np.ndarray:
@@ -386,13 +445,16 @@ class Reference:
     after: Disk  # what an unkilled run ends with
     commits: int  # generations an unkilled run writes
     changes: int  # changes of the index folder seen during the first unkilled run (its commits' steps)
+    damaged: bool = False  # the template was damaged after ``before`` was read (a repair's starting point)
 
 
 def prepare(ws: Workspace, s: Scenario, runs: int) -> Reference:
     template = ws.root / "templates" / re.sub(r"\W+", "-", s.name)
     if s.before is not None:
         s.before(ws, template)
-    before = read_disk(template)
+    before = read_disk(template)  # intact: what a repair must not lose
+    if s.damage is not None:
+        s.damage(template)
     walls, changes, after = [], [], None
     for i in range(runs):
         idx = ws.root / "reference" / str(i)
@@ -412,7 +474,7 @@ def prepare(ws: Workspace, s: Scenario, runs: int) -> Reference:
         raise RuntimeError(f"{s.name}: the unkilled run ends with {len(paths)} paths, expected {len(s.expected(ws))}; "
                            f"{after.errors}")
     return Reference(s, template, before, statistics.median(walls[1:] or walls), after,
-                     after.generation - before.generation, changes[0])
+                     after.generation - before.generation, changes[0], s.damage is not None)
 
 
 def watch(p: subprocess.Popen, idx: Path) -> int:
@@ -516,10 +578,16 @@ def trial(ws: Workspace, ref: Reference, when: Moment, idx: Path) -> Kill:
 def check_kill(ws: Workspace, ref: Reference, idx: Path, disk: Disk, k: Kill) -> None:
     """Checks 1-4 of the module's docstring; ``k.problems`` counts what failed."""
     s, before, after = ref.scenario, ref.before, ref.after
-    if disk.manifest is None and before.manifest is not None:
+    if ref.damaged and _untouched(idx, ref.template):  # a repair killed before it changed anything: as damaged
+        k.notes["left_as_it_was"] = True  # as before it started; the re-run below must repair it
+        disk = replace(before, leftovers=disk.leftovers)  # its "leftovers" are the damage, not the kill's
+    elif disk.manifest is None and before.manifest is not None:
         disk.errors.append("manifest.json is gone")
-    problem = query_problem(ws, idx, committed=disk.manifest is not None)
-    kept = before.keys & after.keys  # what the operation must never lose
+    problem = None if k.notes.get("left_as_it_was") else query_problem(ws, idx, committed=disk.manifest is not None)
+    pending = s.reembeds(ws) if s.reembeds else set()
+    kept = Counter({key: n for key, n in (before.keys & after.keys).items() if key.split("@")[0] not in pending})
+    if pending:  # lost to the damage, not to the kill: they must be back once the re-run completes
+        k.notes["awaiting_reembedding"] = len(pending - set(disk.keys))
     k.problems = {
         "unusable": disk.errors + ([problem] if problem else []),
         "lost_items": sum((kept - disk.keys).values()),
@@ -540,6 +608,17 @@ def check_kill(ws: Workspace, ref: Reference, idx: Path, disk: Disk, k: Kill) ->
     }
     if already:  # the killed run had committed: the re-run says so in one line, and sweeps nothing yet
         k.notes = {"rerun_said_done": p.stderr.strip(), "leftovers_until_the_next_write": again.leftovers}
+
+
+def _untouched(idx: Path, template: Path) -> bool:
+    """``idx`` holds the template's manifest and generations byte for byte (new leftovers aside)."""
+    for x in template.iterdir():
+        files = [x] if x.is_file() else list(x.iterdir())
+        for f in files:
+            twin = idx / f.relative_to(template)
+            if not twin.is_file() or twin.read_bytes() != f.read_bytes():
+                return False
+    return (idx / MANIFEST).exists() == (template / MANIFEST).exists()
 
 
 DRAWS = {"uniform": 0.6, "first 5 %": 0.1, "last 10 %": 0.1, "after a folder change": 0.2}  # shares of the kills
@@ -606,7 +685,8 @@ def record(ws: Workspace, refs: list[Reference], done: list[Kill], seed: int, se
         fractions.setdefault(k.classification, []).append(k.fraction)
     command = f"python benchmarks/crash_harness.py --kills {len(done)} --seed {seed} --photos {ws.n} --texts {ws.texts}"
     return {
-        "what": "SIGKILL of `mmsearch index` (first runs; photos, a video, a --texts file added) and `mmsearch remove`, "
+        "what": "SIGKILL of `mmsearch index` (first runs; photos, a video, a --texts file added), `mmsearch remove` "
+                "and `mmsearch doctor --repair` (of a damaged faiss index, a deleted manifest, truncated embeddings), "
                 "each in a fresh process group, at seeded random moments over the whole run; after each kill an "
                 "independent check of the index folder, a query, the items before the kill, and the operation run "
                 "again to completion",
@@ -630,6 +710,8 @@ def record(ws: Workspace, refs: list[Reference], done: list[Kill], seed: int, se
         "lost_items": _total(done, "lost_items"),
         "problems": {p: _total(done, p) for p in PROBLEMS},
         "reruns_that_said_done": sum("rerun_said_done" in k.notes for k in done),
+        "repairs_killed_before_changing_anything": sum(bool(k.notes.get("left_as_it_was")) for k in done),
+        "repairs_killed_before_re_embedding": sum(bool(k.notes.get("awaiting_reembedding")) for k in done),
         "leftovers_until_the_next_write": sum(bool(k.notes.get("leftovers_until_the_next_write")) for k in done),
         "failures": [k.__dict__ for k in done if k.failed][:20],
         "total_seconds": round(seconds, 1),

@@ -52,6 +52,7 @@ from .store import (
     read_manifest,
     sweep,
     write_lock,
+    write_manifest,
 )
 from .weights import load_query_bank
 
@@ -123,7 +124,7 @@ def repair(path: str | Path, encoder=None, on_progress=None) -> DoctorReport:
         doctor = Doctor(path)
         report = doctor.examine()
         doctor.repair()
-    if doctor.roots_to_reindex:  # index_folder takes the lock itself
+    if read_manifest(path).reembed:  # index_folder takes the lock itself
         doctor.reembed(encoder, on_progress)
     with write_lock(path):
         after = Doctor(path)
@@ -165,6 +166,9 @@ class Doctor:
             self.current = check_generation(self.path, manifest)
             r.found += self.current.findings
             r.generation, r.count = manifest.generation_dir, manifest.count
+            if manifest.reembed:  # a repair went back to an earlier generation and stopped before re-embedding
+                r.found.append(Finding(MANIFEST, f"files under {', '.join(manifest.reembed)} are still to be "
+                                                 "embedded again after a repair", "indexed again"))
             prev = _copy_of(self.path, manifest.previous) if manifest.previous else None
             if prev is not None and check_generation(self.path, prev).data_ok:
                 r.previous = manifest.previous
@@ -194,8 +198,10 @@ class Doctor:
             self._fall_back(cur)
         elif not (cur.faiss_ok and cur.hubs_ok):
             self._rebuild(cur)
-        gone = sweep(self.path, keep=kept(read_manifest(self.path)))
+        now = read_manifest(self.path)
+        gone = sweep(self.path, keep=kept(now))
         self.report.repaired += [f"removed {name} (no manifest named it)" for name in gone]
+        self.roots_to_reindex = [r for r in now.reembed if Path(r).is_dir()]
 
     def _restore_manifest(self) -> Health:
         """The newest generation whose manifest copy and data are intact becomes current again."""
@@ -254,11 +260,11 @@ class Doctor:
             self.report.repaired.append(f"no intact generation to go back to: {m.generation_dir}'s items are dropped")
         if cur.items is not None:
             self.report.lost = sorted(set(cur.items.path) - set(items.path))
-        base = base.copy(next_id=max(base.next_id, m.next_id), roots=sorted(set(base.roots) | set(m.roots)),
-                         failed=m.failed)
+        roots = sorted(set(base.roots) | set(m.roots))
+        # the folders to index again are recorded in the commit: a repair killed before it re-embeds goes on next time
+        base = base.copy(next_id=max(base.next_id, m.next_id), roots=roots, failed=m.failed, reembed=roots)
         self._rebuild(Health(base, items, emb, faiss_ok=prev is not None and prev.faiss_ok,
                              hubs_ok=prev is None or prev.hubs_ok))
-        self.roots_to_reindex = [r for r in base.roots if Path(r).is_dir()]
 
     def _commit(self, items: Items, emb: np.ndarray, vindex, manifest: Manifest) -> None:
         committed = commit(self.path, items, emb, vindex, manifest)
@@ -272,6 +278,8 @@ class Doctor:
             r: IndexReport = index_folder(root, self.path, encoder=encoder, config=IndexingConfig(),
                                           on_progress=on_progress)
             self.report.reembedded += r.embedded
+        with write_lock(self.path):
+            write_manifest(self.path, read_manifest(self.path).copy(reembed=[]))
         if self.report.reembedded:
             self.report.repaired.append(f"re-embedded {self.report.reembedded} files under "
                                         f"{', '.join(self.roots_to_reindex)}")

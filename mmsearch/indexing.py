@@ -47,6 +47,7 @@ from .store import (
     Items,
     _read_embeddings,
     check_index_folder,
+    check_rows,
     commit,
     kept,
     read_items,
@@ -572,6 +573,7 @@ class IndexWriter:
         else:
             self.manifest = read_manifest(self.path)
             self.items = read_items(self.path, self.manifest)
+            check_rows(self.path, self.manifest, self.items, None)
         # keep the index settings the user chose when the index was built; a dict changes some of them
         spec = self.spec_arg
         if spec is None:
@@ -784,6 +786,8 @@ class IndexWriter:
         """The index's vectors in RAM (they are edited in place), the faiss index when it can be updated."""
         m = self.manifest
         stored = _read_embeddings(self.path / m.generation_dir / EMBEDDINGS) if m.count else None
+        if stored is not None:
+            check_rows(self.path, m, None, stored)
         embeddings = np.array(stored, dtype=np.float32) if stored is not None else np.zeros((0, dim), np.float32)
         self.copied_emb = embeddings[copied_rows] if copied_rows else None
         if m.count and m.index.kind:

@@ -11,6 +11,7 @@ were (``extra``), so an older mmsearch updating a newer index does not drop them
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -101,6 +102,7 @@ class Manifest:
     index_type: str | None = None  # format 1 kept only this of the index settings
     checksums: dict[str, FileSum] = field(default_factory=dict)  # generation file name -> as committed (older: {})
     previous: str | None = None  # the generation committed before this one, kept for `mmsearch doctor --repair`
+    reembed: list[str] = field(default_factory=list)  # folders a repair went back from, still to be indexed again
     extra: dict[str, Any] = field(default_factory=dict)  # fields of a newer format, kept as they were
 
     # ---- derived facts ---------------------------------------------------------------------------
@@ -142,10 +144,19 @@ class Manifest:
         want("dim", self.dim is None or (type(self.dim) is int and self.dim >= 0))
         want("counts_by_kind", isinstance(self.counts_by_kind, dict))
         want("files", isinstance(self.files, dict))
-        want("roots", isinstance(self.roots, list) and all(isinstance(r, str) for r in self.roots))
+        for name in ("roots", "reembed"):
+            want(name, isinstance(getattr(self, name), list) and all(isinstance(r, str) for r in getattr(self, name)))
         for name in ("created", "updated", "index_type"):
             want(name, getattr(self, name) is None or isinstance(getattr(self, name), str))
         want("generation_dir", self.generation_dir is not None or self.count == 0)
+        want("model", all(v is None or isinstance(v, str) for k, v in vars(self.model).items() if k != "dim"))
+        want("index", isinstance(self.index.params, dict) and (self.index.kind is None or isinstance(self.index.kind, str)))
+        want("hubness", self.hubness is None or _hub_settings(self.hubness))
+        want("index_spec", self.index_spec is None or _spec_types(self.index_spec))
+        want("video_sampling", self.video_sampling is None or _sampling(self.video_sampling))
+        want("video_sampled", all(isinstance(p, str) and _sampling(s) for p, s in self.video_sampled.items()))
+        want("failed", all(isinstance(p, str) and type(f.size) is int and type(f.mtime_ns) is int
+                           and isinstance(f.reason, str) for p, f in self.failed.items()))
 
     @classmethod
     def _from_json(cls, d: dict[str, Any]) -> "Manifest":
@@ -202,6 +213,8 @@ class Manifest:
             out["checksums"] = {name: asdict(f) for name, f in self.checksums.items()}
         if self.previous is not None:
             out["previous"] = self.previous
+        if self.reembed:
+            out["reembed"] = self.reembed
         if self.index_spec is None:
             del out["index_spec"]
         return {**out, **self.extra}
@@ -211,6 +224,38 @@ class Manifest:
 
     def copy(self, **changes) -> "Manifest":
         return replace(self, **changes)
+
+
+def _number(x, low: float = 0.0) -> bool:
+    return type(x) in (int, float) and math.isfinite(x) and x >= low
+
+
+def _sampling(s: Sampling) -> bool:
+    return _number(s.frame_interval) and s.frame_interval > 0 and _number(s.skip_similar)
+
+
+def _spec_types(spec: IndexSpec) -> bool:
+    """Each setting of the type its default has (None allowed where the default is None; memory: "4G" or bytes)."""
+    for f in fields(IndexSpec):
+        v, default = getattr(spec, f.name), f.default
+        if f.name == "memory":
+            ok = v is None or type(v) in (int, str)
+        elif default is None:
+            ok = v is None or type(v) is (str if f.name == "factory" else int)
+        elif type(default) is float:
+            ok = _number(v)
+        else:
+            ok = type(v) is type(default)
+        if not ok:
+            return False
+    return True
+
+
+def _hub_settings(h) -> bool:
+    """QueryBank.settings() as the manifest stores it: per modality, k >= 1, beta >= 0, a threshold."""
+    return isinstance(h, dict) and all(
+        m in ("text", "image") and isinstance(s, dict) and type(s.get("k")) is int and s["k"] >= 1
+        and _number(s.get("beta")) and _number(s.get("threshold"), -math.inf) for m, s in h.items())
 
 
 def normalise_spec(spec: IndexSpec) -> IndexSpec:

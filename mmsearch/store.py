@@ -197,6 +197,7 @@ class Collection:
             gen = path / manifest.generation_dir
             try:
                 c = cls(path, manifest, _read_items(gen / ITEMS), _read_embeddings(gen / EMBEDDINGS))
+                c._check_rows()
                 if load_index and c.count:
                     c.index  # noqa: B018 - load it now, while the generation exists
                 return c
@@ -206,6 +207,9 @@ class Collection:
                         f"index {path} is missing files of {manifest.generation_dir}: {repair_hint(path)}"
                     ) from None
         raise AssertionError("unreachable")
+
+    def _check_rows(self) -> None:
+        check_rows(self.path, self.manifest, self.items, self.embeddings)
 
     @property
     def count(self) -> int:
@@ -241,7 +245,11 @@ class Collection:
 
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Item-table rows of the given item ids (flattened)."""
-        return self.lookup.rows(np.ravel(ids))
+        try:
+            return self.lookup.rows(np.ravel(ids))
+        except KeyError as e:
+            raise IndexFormatError(f"index {self.path}: its faiss index and items table disagree ({e.args[0]}): "
+                                   f"{repair_hint(self.path)}") from None
 
     def facts(self) -> dict:
         """What `mmsearch info` shows: model, counts, dimension, index kind and parameters, size, dates."""
@@ -266,6 +274,16 @@ class Collection:
     def disk_bytes(self) -> int:
         gen = self.path / self.manifest.generation_dir
         return sum(f.stat().st_size for f in gen.iterdir() if f.is_file()) + (self.path / MANIFEST).stat().st_size
+
+
+def check_rows(path: Path, m: Manifest, items: Items | None, embeddings: np.ndarray | None) -> None:
+    """Items and/or embeddings agree with the manifest on the number of items (a damaged or edited
+    table does not): an IndexFormatError naming `mmsearch doctor` otherwise."""
+    n_items = len(items) if items is not None else m.count
+    rows = (embeddings.shape[0] if embeddings.ndim == 2 else -1) if embeddings is not None else m.count
+    if not n_items == rows == m.count:
+        raise IndexFormatError(f"index {path}: {m.generation_dir} holds {n_items} items and {rows} embeddings, "
+                               f"the manifest says {m.count}: {repair_hint(path)}")
 
 
 @contextlib.contextmanager
@@ -312,7 +330,11 @@ def commit(path: str | Path, items: Items, embeddings: np.ndarray, vindex, base:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(path)
-    atomic_write_bytes(path / MANIFEST, manifest.dumps())  # the commit point
+    try:
+        atomic_write_bytes(path / MANIFEST, manifest.dumps())  # the commit point
+    except Exception:  # not committed (a full disk): the old manifest still names the old generation
+        shutil.rmtree(path / name, ignore_errors=True)
+        raise
     sweep(path, keep=kept(manifest))
     return manifest
 
@@ -450,6 +472,7 @@ def _read_items(path: Path) -> Items:
                             ("digest", None)):
             if name in names:
                 col = f.read(columns=[name], use_threads=False).column(0)
+                _check_column(path, name, col)
                 cols[name] = _strings(col) if dtype is None else np.array(col.to_numpy(), dtype=dtype)
     except (FileNotFoundError, IndexFormatError):
         raise
@@ -457,9 +480,32 @@ def _read_items(path: Path) -> Items:
         raise IndexFormatError(f"{path} is unreadable ({e}): {repair_hint(path.parent.parent)}") from e
     if "path_bytes" in names:
         raw = f.read(columns=["path_bytes"], use_threads=False).column(0).to_pylist()
+        if not all(b is None or isinstance(b, bytes) for b in raw):
+            raise IndexFormatError(f"{path} has a malformed path_bytes column: {repair_hint(path.parent.parent)}")
         cols["path"] = [os.fsdecode(b) if b is not None else p for p, b in zip(cols["path"], raw)]
+    if len(np.unique(cols["id"])) != len(cols["id"]) or not set(cols["kind"]) <= KINDS:
+        raise IndexFormatError(f"{path} has repeated item ids or unknown kinds: {repair_hint(path.parent.parent)}")
     return Items(cols["id"], cols["path"], cols["size"], cols["mtime_ns"], cols["kind"], cols.get("text"),
                  cols.get("t"), cols.get("hub"), cols.get("digest"))
+
+
+KINDS = {"image", "video", "text"}
+_REQUIRED = {"id", "path", "size", "mtime_ns", "kind"}  # never null
+
+
+def _check_column(path: Path, name: str, col) -> None:
+    """The items table's schema: integer ids, sizes and times, string paths and kinds (none null), string
+    or null texts and digests, float times and hub values. A table damaged or edited by hand fails here."""
+    import pyarrow as pa
+
+    t = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
+    kind = ("int" if pa.types.is_integer(t) else "str" if pa.types.is_string(t) or pa.types.is_large_string(t)
+            else "float" if pa.types.is_floating(t) else "null" if pa.types.is_null(t) else str(t))
+    want = {"id": "int", "size": "int", "mtime_ns": "int", "path": "str", "kind": "str", "text": "str",
+            "digest": "str", "t": "float", "hub": "float"}[name]
+    if (kind != want and not (kind == "null" and name not in _REQUIRED)) or (name in _REQUIRED and col.null_count):
+        raise IndexFormatError(f"{path} has a malformed {name} column ({col.type}, {col.null_count} nulls): "
+                               f"{repair_hint(path.parent.parent)}")
 
 
 def _strings(column) -> list:

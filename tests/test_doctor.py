@@ -159,3 +159,24 @@ def test_doctor_on_a_folder_that_is_no_index_is_one_line(tmp_path):
     for target in (tmp_path / "nothing", tmp_path):
         r = runner.invoke(app, ["doctor", "--index", str(target)])
         assert r.exit_code == 1 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_repair_stopped_before_re_embedding_goes_on_at_the_next_repair(two_commits, encoder, monkeypatch):
+    idx, first, second = two_commits
+    emb = idx / "gen-000002" / "embeddings.npy"
+    emb.write_bytes(emb.read_bytes()[:1000])
+
+    def killed(self, *a, **k):
+        raise KeyboardInterrupt  # as a Ctrl-C (or a kill) between going back and re-embedding
+
+    monkeypatch.setattr(doctor.Doctor, "reembed", killed)
+    with pytest.raises(KeyboardInterrupt):
+        doctor.repair(idx, encoder=encoder)
+    monkeypatch.undo()
+    assert Collection.open(idx).count == 8  # back to the first commit; the rest is recorded as still to embed
+    found = doctor.examine(idx)
+    assert [f.problem for f in found.found] == [f"files under {second}, {first} are still to be embedded again "
+                                                "after a repair"]
+    report = doctor.repair(idx, encoder=encoder)
+    assert report.healthy and report.reembedded == 4 and Collection.open(idx).count == 12
+    assert read_manifest(idx).reembed == []

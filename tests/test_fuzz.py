@@ -343,18 +343,6 @@ def _retyped(values: list, kind: str):
     return pa.array([b"\xff" * 3] * n, pa.binary())
 
 
-MANIFEST_BUG = ("bug in mmsearch/manifest.py: Manifest.from_json checks no field's type or form, so a manifest that "
-                "is valid JSON with a field of the wrong type fails later, as an internal error, wherever the field is used")
-
-
-ITEMS_BUG = ("bug in mmsearch/store.py: _read_items checks the items table's columns exist but not their types, "
-             "nulls or ids, and Collection.open does not check that it has a row per embedding: a damaged or foreign "
-             "table fails later as an internal error")
-
-
-XFAIL_RAISES = (pytest.fail.Exception, AssertionError)  # what `clean` raises: a helper's own bug still fails
-
-
 def damaged_index_commands(b: Base, idx: Path) -> None:
     """Every command that reads the index answers or says in one line what is wrong."""
     clean(cli("info", "--index", idx))
@@ -376,7 +364,6 @@ def test_fuzzed_manifest_bytes(base, edits):
         damaged_index_commands(base, idx)
 
 
-@pytest.mark.xfail(strict=True, raises=XFAIL_RAISES, reason=MANIFEST_BUG)
 @settings(FUZZ, max_examples=examples(40), phases=[Phase.explicit, Phase.generate],
           report_multiple_bugs=False)
 @given(data=st.data())
@@ -398,8 +385,6 @@ def test_fuzzed_items_table(base, edits):
         damaged_index_commands(base, idx)
 
 
-@pytest.mark.xfail(strict=True, raises=XFAIL_RAISES, reason=ITEMS_BUG)
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # store.py casts null ids
 @settings(FUZZ, max_examples=examples(30), phases=[Phase.explicit, Phase.generate],
           report_multiple_bugs=False)
 @given(data=st.data())
@@ -423,7 +408,6 @@ def test_fuzzed_items_table_values(base, data):
     (("model", "pretrained"), []),  # encoder.get_encoder: an unhashable cache key
 ], ids=["generation_dir-int", "generation_dir-elsewhere", "hubness-list", "beta-string", "roots-int",
         "frame_interval-string", "pretrained-list"])
-@pytest.mark.xfail(strict=True, raises=XFAIL_RAISES, reason=MANIFEST_BUG)
 def test_a_manifest_field_of_the_wrong_type_is_one_error_line(base, field, value):
     with index_copy(base) as idx:
         doc = json.loads((idx / "manifest.json").read_text())
@@ -448,7 +432,6 @@ def _set_column(table, name, values, type_=None):
     lambda t: _set_column(t, "path", [None, *t.column("path").to_pylist()[1:]]),  # cli.printable(None)
     lambda t: _set_column(t, "kind", [k.encode() for k in t.column("kind").to_pylist()]),  # bytes in the JSON output
 ], ids=["row-missing", "ids-unknown", "id-twice", "path-null", "kind-binary"])
-@pytest.mark.xfail(strict=True, raises=XFAIL_RAISES, reason=ITEMS_BUG)
 def test_an_items_table_that_disagrees_with_the_index_is_one_error_line(base, damage):
     import pyarrow.parquet as pq
 
