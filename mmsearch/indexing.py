@@ -108,6 +108,17 @@ def _inode(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def _same_bytes(a: str, b: str) -> bool:
+    """Whether two files hold the same bytes (read until the first difference): a copy takes another
+    file's vector only when it is one, not merely because its size and sampled digest match."""
+    import filecmp
+
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except (OSError, ValueError):
+        return False
+
+
 def _under(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
@@ -743,10 +754,10 @@ class IndexWriter:
             if f.kind == "text" and f.text in known_text:
                 self.copied.append(f)
                 rows.append(known_text[f.text])
-            elif key is not None and key in indexed:
+            elif key is not None and key in indexed and _same_bytes(f.path, self._now(indexed[key][0])):
                 self.copied += [replace(f, t=float(self.items.t[r]) if f.kind == "video" else None) for r in indexed[key]]
                 rows += indexed[key]
-            elif key is not None and key in first:
+            elif key is not None and key in first and _same_bytes(f.path, first[key]):
                 self.followers.setdefault(first[key], []).append(f)
             else:
                 if key is not None and key[2] is not None:
@@ -754,6 +765,11 @@ class IndexWriter:
                 self.to_encode.append(f)
         self.report.copied = len({f.path for f in self.copied})
         return rows
+
+    def _now(self, row: int) -> str:
+        """Where the file of an indexed row is now (moved files: their new path)."""
+        path = self.items.path[row]
+        return self.moves[path].path if path in self.moves else path
 
     def _known_texts(self) -> dict[str, int]:
         """text -> its row in the index, when this run has texts (a line that only moved keeps its vector)."""

@@ -268,6 +268,29 @@ def test_a_copied_photo_takes_the_originals_vector_and_an_edited_copy_is_embedde
     assert (r.added, r.copied, r.embedded, enc.embedded) == (1, 0, 1, 1)
 
 
+def test_a_file_that_matches_a_copy_only_where_the_digest_samples_is_embedded(photo_dir, encoder, tmp_path):
+    """The fast digest reads the first, middle and last 64 KB; a copy is confirmed byte for byte before it
+    takes another file's vector. Two 400 KB files (a photo padded after its end marker, which decoders
+    ignore) that differ at 100 KB only: the second is embedded, not copied."""
+    from tests.conftest import CountingEncoder
+
+    folder, _ = photo_dir
+    padded = tmp_path / "padded"
+    padded.mkdir()
+    data = bytearray(min(folder.rglob("*.jpg")).read_bytes())
+    data += bytes(400_000 - len(data))
+    (padded / "a.jpg").write_bytes(bytes(data))
+    idx = tmp_path / "idx"
+    index_folder(padded, idx, encoder=encoder)
+    data[100_000] ^= 0x55  # outside the three sampled 64 KB blocks
+    later = tmp_path / "later"
+    later.mkdir()
+    (later / "b.jpg").write_bytes(bytes(data))
+    enc = CountingEncoder(encoder)
+    r = index_folder(later, idx, encoder=enc)
+    assert (r.added, r.copied, r.embedded, enc.embedded) == (1, 0, 1, 1)
+
+
 def test_a_moved_photo_stays_a_move_when_a_copy_of_it_appears_too(photo_dir, encoder, tmp_path):
     folder, _ = photo_dir
     idx = tmp_path / "idx"
