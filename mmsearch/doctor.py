@@ -101,7 +101,7 @@ class DoctorReport:
     found: list[Finding] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)  # what was done, one line each
     lost: list[str] = field(default_factory=list)  # paths whose vectors could not be recovered
-    reembedded: int = 0  # files embedded again by the repair
+    reembedded: int = 0  # items (photos, video frames, texts) embedded again by the repair
     remaining: list[Finding] | None = None  # still wrong after the repair (None: no repair ran)
 
     @property
@@ -281,7 +281,7 @@ class Doctor:
         with write_lock(self.path):
             write_manifest(self.path, read_manifest(self.path).copy(reembed=[]))
         if self.report.reembedded:
-            self.report.repaired.append(f"re-embedded {self.report.reembedded} files under "
+            self.report.repaired.append(f"re-embedded {self.report.reembedded} items (photos, video frames) under "
                                         f"{', '.join(self.roots_to_reindex)}")
 
 

@@ -632,7 +632,7 @@ class IndexWriter:
             if olds:  # identical files (copies) vanished together: one each
                 moves[olds.pop()] = f
                 plan.to_embed.remove(f)
-        returning = [r for r, p in enumerate(items.path) if p in moves and p in plan.removed_paths]
+        returning = [r for r, p in enumerate(items.path) if p in moves and p in plan.removed_paths] if moves else []
         if returning:  # rows the plan had dropped come back, under their new path
             plan.keep_rows = np.sort(np.concatenate([plan.keep_rows, np.asarray(returning, np.int64)]))
             plan.removed -= sum(1 for old in moves if old in plan.removed_paths)

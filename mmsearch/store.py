@@ -483,8 +483,8 @@ def _read_items(path: Path) -> Items:
         if not all(b is None or isinstance(b, bytes) for b in raw):
             raise IndexFormatError(f"{path} has a malformed path_bytes column: {repair_hint(path.parent.parent)}")
         cols["path"] = [os.fsdecode(b) if b is not None else p for p, b in zip(cols["path"], raw)]
-    if len(np.unique(cols["id"])) != len(cols["id"]) or not set(cols["kind"]) <= KINDS:
-        raise IndexFormatError(f"{path} has repeated item ids or unknown kinds: {repair_hint(path.parent.parent)}")
+    if not _unique(cols["id"]):
+        raise IndexFormatError(f"{path} has repeated item ids: {repair_hint(path.parent.parent)}")
     return Items(cols["id"], cols["path"], cols["size"], cols["mtime_ns"], cols["kind"], cols.get("text"),
                  cols.get("t"), cols.get("hub"), cols.get("digest"))
 
@@ -506,6 +506,19 @@ def _check_column(path: Path, name: str, col) -> None:
     if (kind != want and not (kind == "null" and name not in _REQUIRED)) or (name in _REQUIRED and col.null_count):
         raise IndexFormatError(f"{path} has a malformed {name} column ({col.type}, {col.null_count} nulls): "
                                f"{repair_hint(path.parent.parent)}")
+    if name == "kind":
+        import pyarrow.compute as pc
+
+        unknown = set(pc.unique(col).to_pylist()) - KINDS
+        if unknown:
+            raise IndexFormatError(f"{path} has items of unknown kind {sorted(unknown)[0]!r}: {repair_hint(path.parent.parent)}")
+
+
+def _unique(ids: np.ndarray) -> bool:
+    """No id repeats (ids are stored ascending, so one pass decides; else a sort)."""
+    if len(ids) < 2 or (np.diff(ids) > 0).all():
+        return True
+    return bool((np.diff(np.sort(ids)) != 0).all())
 
 
 def _strings(column) -> list:
