@@ -400,7 +400,8 @@ def print_crash() -> None:
     p = r["problems"]
     rerun = p["rerun_failed"] + p["rerun_unusable"] + p["rerun_items_differ"] + p["rerun_ids_changed"]
     print(f"{r['kills']} kills with SIGKILL ({r['machine']}; {r['total_seconds'] / 60:.0f} min), from `{r['command']}`: "
-          f"`mmsearch index` and `mmsearch remove` in a fresh process group each, {r['photos']} photos, a commit every "
+          f"`mmsearch index`, `mmsearch remove` and `mmsearch doctor --repair` (of a damaged index) in a fresh process "
+          f"group each, {r['photos']} photos, a commit every "
           f"{r['commit_every']}, killed at seeded random moments (uniform over an unkilled run, some in its first 5 % "
           "or last 10 %, some 0-5 ms after a change of the index folder). After each kill an independent check "
           "(manifest, items, embeddings, faiss ids and vectors, leftovers), a query, the items from before, then the "
@@ -408,7 +409,11 @@ def print_crash() -> None:
           f"{p['not_all_or_nothing']} removes half done, {p['ids_changed'] + p['rerun_ids_changed']} ids changed, "
           f"{rerun} re-runs that failed or ended with other items than an unkilled run"
           + (f" ({r['reruns_that_said_done']} re-runs of a remove killed after its commit said in one `error:` line "
-             "that the index holds none of those items any more)" if r.get("reruns_that_said_done") else "") + ".")
+             "that the index holds none of those items any more)" if r.get("reruns_that_said_done") else "") + "."
+          + (f" Of the repairs, {r['repairs_killed_before_changing_anything']} were killed before they changed anything "
+             f"(the index left as damaged as it was) and {r['repairs_killed_before_re_embedding']} after going back to "
+             "the previous commit but before re-embedding what the damage cost (the manifest records what is still to "
+             "embed); every re-run completed the repair." if "repairs_killed_before_re_embedding" in r else ""))
     print()
     print("| what the kill left in the index folder | kills |")
     print("|---|---|")
@@ -419,6 +424,15 @@ def print_crash() -> None:
     print("|---|---|---|---|")
     for name, sc in r["scenarios"].items():
         print(f"| {name} | {sc['unkilled_seconds']:.2f} s | {sc['commits']} | {sc['kills']} |")
+
+
+def print_crash_summary() -> None:
+    """One line for the README: the crash harness's totals."""
+    r = load("crash_harness.json")
+    if r:
+        print(f"- **Killed at random, never broken:** {r['kills']} `kill -9`s of `mmsearch index`, `remove` and "
+              f"`doctor --repair` left {r['unusable_indexes']} unusable indexes and lost {r['lost_items']} committed "
+              f"items (`{r['command']}`; [details](docs/reliability.md#the-crash-harness)).")
 
 
 def print_video() -> None:
@@ -585,7 +599,8 @@ SECTIONS = {
     "reindex": print_reindex,                   # docs/benchmarks.md
     "serve-load": print_serve_load,             # docs/serve.md
     "rename": print_rename,                     # docs/cli.md
-    "crash": print_crash,                       # docs/index.md
+    "crash": print_crash,                       # docs/reliability.md
+    "crash-summary": print_crash_summary,       # README
     "video": print_video,                       # docs/benchmarks.md
     "video-examples": print_video_examples,     # docs/video.md
 }
