@@ -56,7 +56,7 @@ from .store import (
     write_lock,
     write_manifest,
 )
-from .video import sample_frames
+from .video import Shot, VideoSampler, detect_shots
 from .weights import check_weights, fingerprint, load_query_bank, model_record
 
 
@@ -231,24 +231,28 @@ def _try_again(e: Exception) -> bool:
     return isinstance(e, (MediaReadError, FileNotFoundError)) or is_transient(e)
 
 
-def _video_batches(f: MediaFile, encoder, config: IndexingConfig):
-    """The batches of one video's sampled frames (see ``_visual_batches``)."""
+def _video_batches(f: MediaFile, encoder, config: IndexingConfig, videos: dict | None = None):
+    """The batches of one video's sampled frames (see ``_visual_batches``); once they are all sampled,
+    ``videos[path]`` holds the video's shots and how it was sampled (``VideoSampler``)."""
 
     pixels, records = [], []
+    sampler = VideoSampler(f.path, config.frame_interval, config.skip_similar)
     try:
-        for frame in sample_frames(f.path, config.frame_interval, config.skip_similar):
+        for frame in sampler.frames():
             pixels.append(encoder.preprocess(frame.image))
-            records.append(replace(f, t=frame.t))
+            records.append(replace(f, t=frame.t, shot=frame.shot))
             if len(pixels) == config.batch_size:
                 yield np.stack(pixels), records, [], False, 0
                 pixels, records = [], []
     except (MediaError, OSError) as e:  # the frames already sent are dropped by the consumer
         yield None, [], [Skipped(f.path, _reason(e, f.path), unreadable=_try_again(e))], True, 1
         return
+    if videos is not None:
+        videos[f.path] = (list(sampler.shots), sampler.mode)
     yield (np.stack(pixels) if pixels else None), records, [], True, 1
 
 
-def _visual_batches(files: Sequence[MediaFile], encoder, config: IndexingConfig):
+def _visual_batches(files: Sequence[MediaFile], encoder, config: IndexingConfig, videos: dict | None = None):
     """(pixels or None, records, skipped, boundary, files done) per batch of images or video frames.
 
     Images are decoded in worker threads (Pillow releases the GIL while decoding and resizing), in
@@ -269,7 +273,7 @@ def _visual_batches(files: Sequence[MediaFile], encoder, config: IndexingConfig)
                 yield (np.stack(pixels) if pixels else None), ok, bad, True, len(ok) + len(bad)
                 pixels, ok, bad = [], [], []
         if f.kind == "video":
-            yield from _video_batches(f, encoder, config)
+            yield from _video_batches(f, encoder, config, videos)
             continue
         px, skipped = decoded
         if skipped is not None:
@@ -287,18 +291,20 @@ def embed_files(
     config: IndexingConfig = IndexingConfig(),
     on_progress: Callable[[int], None] | None = None,
     on_skip: Callable[[Skipped], None] | None = None,
+    videos: dict | None = None,
 ):
     """Yield (records, embeddings, boundary) per batch; decoding runs ahead of the forward pass in a
     thread. Records are the files (one per video frame, with ``t`` set); ``boundary`` says whether
     committing after this batch is safe (not in the middle of a video). ``on_skip`` is called for
-    files that fail, before the batch that follows them (for a video: after its frames so far)."""
+    files that fail, before the batch that follows them (for a video: after its frames so far).
+    ``videos`` (a dict) receives each sampled video's (shots, sampling mode)."""
     texts = [f for f in files if f.kind == "text"]
     for chunk in batched(texts, 256):
         yield list(chunk), encoder.embed_texts([f.text for f in chunk]), True
         if on_progress:
             on_progress(len(chunk))
     visual = [f for f in files if f.kind != "text"]
-    for pixels, ok, bad, boundary, files_done in prefetch_iter(_visual_batches(visual, encoder, config), depth=2):
+    for pixels, ok, bad, boundary, files_done in prefetch_iter(_visual_batches(visual, encoder, config, videos), depth=2):
         for s in bad:
             if on_skip:
                 on_skip(s)
@@ -482,6 +488,23 @@ def sync_index(vindex, embeddings: np.ndarray, ids: np.ndarray, spec: IndexSpec,
     return vindex
 
 
+def _shots_of(items: Items, rows: list[int]) -> list[Shot]:
+    """The shots of one video's frames as the items table holds them (for a copy of that video)."""
+    bounds = {int(items.shot[r]): (float(items.shot_start[r]), float(items.shot_end[r])) for r in rows}
+    return [Shot(*bounds[i]) for i in sorted(bounds)] if all(i >= 0 for i in bounds) else []
+
+
+def _assign_shots(items: Items, rows: np.ndarray, shots: list[Shot]) -> None:
+    """Put each frame (row) in the shot its time falls in, with that shot's bounds (in place)."""
+    if not shots:
+        return
+    starts = np.asarray([s.start for s in shots])
+    shot = np.clip(np.searchsorted(starts, items.t[rows] + 1e-6, side="right") - 1, 0, len(shots) - 1)
+    items.shot[rows] = shot
+    items.shot_start[rows] = starts[shot]
+    items.shot_end[rows] = np.asarray([s.end for s in shots])[shot]
+
+
 class _Pending:
     """Items added and ids dropped since the writer's arrays were last folded (at each commit)."""
 
@@ -532,6 +555,7 @@ class IndexWriter:
         self.vindex = None  # the faiss index, updated in place between commits
         self.reembedded: set[int] = set()  # ids whose vector changed since vindex was last synced
         self.video_ids: dict[str, list[int]] = {}  # frame ids of the videos embedded in this run
+        self.video_shots: dict[str, tuple[list[Shot], str]] = {}  # video path -> (its shots, how it was sampled)
         self.saved = False
         self.done = 0  # files embedded (a video once all its frames are)
         self._digests: dict[str, str | None] = {}
@@ -599,6 +623,7 @@ class IndexWriter:
             float(cfg.skip_similar if cfg.skip_similar is not None else last.skip_similar))
         self.config = replace(cfg, frame_interval=self.sampling.frame_interval, skip_similar=self.sampling.skip_similar)
         self.sampled = dict(self.manifest.video_sampled)  # video path -> the sampling its frames came from
+        self.modes = dict(self.manifest.video_modes)  # video path -> "seek" or "decode": how it was sampled
 
     def _plan(self, files: Sequence[MediaFile], unreadable: Sequence[str]) -> None:
         old = self.manifest.failed
@@ -755,7 +780,10 @@ class IndexWriter:
                 self.copied.append(f)
                 rows.append(known_text[f.text])
             elif key is not None and key in indexed and _same_bytes(f.path, self._now(indexed[key][0])):
-                self.copied += [replace(f, t=float(self.items.t[r]) if f.kind == "video" else None) for r in indexed[key]]
+                self.copied += [replace(f, t=float(self.items.t[r]), shot=int(self.items.shot[r])) if f.kind == "video"
+                                else replace(f, t=None) for r in indexed[key]]
+                if f.kind == "video":
+                    self.video_shots[f.path] = (_shots_of(self.items, indexed[key]), "copied")
                 rows += indexed[key]
             elif key is not None and key in first and _same_bytes(f.path, first[key]):
                 self.followers.setdefault(first[key], []).append(f)
@@ -844,7 +872,8 @@ class IndexWriter:
 
     def _model_batches(self, files: list[MediaFile]):
         if files:
-            for ok, emb, boundary in embed_files(files, self.encoder, self.config, self._progress, self._failed):
+            for ok, emb, boundary in embed_files(files, self.encoder, self.config, self._progress, self._failed,
+                                                 self.video_shots):
                 yield ok, emb, boundary, True
 
     def _follower_batches(self):
@@ -919,7 +948,8 @@ class IndexWriter:
                                np.asarray([f.mtime_ns for f in files], np.int64), [f.kind for f in files],
                                [f.text for f in files],
                                np.asarray([np.nan if f.t is None else f.t for f in files], np.float64),
-                               digest=[self._digest(f) for f in files]),
+                               digest=[self._digest(f) for f in files],
+                               shot=np.asarray([-1 if f.shot is None else f.shot for f in files], np.int32)),
                          np.stack([v for _, v in fresh]))
 
     def _digest(self, f: MediaFile) -> str | None:
@@ -968,9 +998,11 @@ class IndexWriter:
         self.vindex = sync_index(self.vindex, self.embeddings, self.items.id, self.spec, self.reembedded,
                                  self.report.index_notes)
         self.reembedded.clear()
+        self._fill_shots()
         videos = {p for p, k in zip(self.items.path, self.items.kind) if k == "video"}
         base = self.manifest.copy(failed=dict(self.failures), index_spec=self.spec, hubness=self.hubness, roots=self._roots(),
                                   video_sampled={p: v for p, v in self.sampled.items() if p in videos},
+                                  video_modes={p: v for p, v in self.modes.items() if p in videos},
                                   video_sampling=self.sampling)
         self.manifest = commit(self.path, self.items, self.embeddings, self.vindex, base)
 
@@ -982,6 +1014,27 @@ class IndexWriter:
             self._save()
         else:
             self._record_failures()
+
+    def _fill_shots(self) -> None:
+        """Each video frame's shot bounds: from the sampling of the videos embedded in this run, and, for
+        videos indexed before shots existed, from a pass of the shot detector (their frames keep their
+        vectors: each is put in the shot its time falls in)."""
+        items = self.items
+        due = np.flatnonzero((np.asarray(items.kind, dtype=object) == "video") & np.isnan(items.shot_start))
+        by_path: dict[str, list[int]] = {}
+        for r in due.tolist():
+            by_path.setdefault(items.path[r], []).append(r)
+        for path, rows in by_path.items():
+            if path in self.video_shots:
+                shots, mode = self.video_shots[path]
+                if mode != "copied":
+                    self.modes[path] = mode
+            else:
+                try:
+                    shots = detect_shots(path)
+                except (MediaError, OSError):  # cuts unknown: the whole video is one shot
+                    shots = [Shot(0.0, float("inf"))]
+            _assign_shots(items, np.asarray(rows), shots)
 
     # ---- small helpers -----------------------------------------------------------------------------
     def _unmeasured(self) -> np.ndarray:

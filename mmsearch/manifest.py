@@ -86,6 +86,7 @@ class Manifest:
     index_spec: IndexSpec | None = None  # the settings the faiss index is built with (format 1: None)
     video_sampled: dict[str, Sampling] = field(default_factory=dict)  # video path -> how its frames were sampled
     video_sampling: Sampling | None = None  # the sampling of the last run: later runs keep it
+    video_modes: dict[str, str] = field(default_factory=dict)  # video path -> "seek" or "decode" (how it was sampled)
     hubness: dict | None = None  # QueryBank.settings() the items' hub values were measured with
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -154,6 +155,8 @@ class Manifest:
         want("hubness", self.hubness is None or _hub_settings(self.hubness))
         want("index_spec", self.index_spec is None or _spec_types(self.index_spec))
         want("video_sampling", self.video_sampling is None or _sampling(self.video_sampling))
+        want("video_modes", isinstance(self.video_modes, dict)
+             and all(isinstance(p, str) and m in ("seek", "decode") for p, m in self.video_modes.items()))
         want("video_sampled", all(isinstance(p, str) and _sampling(s) for p, s in self.video_sampled.items()))
         want("failed", all(isinstance(p, str) and type(f.size) is int and type(f.mtime_ns) is int
                            and isinstance(f.reason, str) for p, f in self.failed.items()))
@@ -215,6 +218,8 @@ class Manifest:
             out["previous"] = self.previous
         if self.reembed:
             out["reembed"] = self.reembed
+        if self.video_modes:
+            out["video_modes"] = self.video_modes
         if self.index_spec is None:
             del out["index_spec"]
         return {**out, **self.extra}

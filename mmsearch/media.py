@@ -36,6 +36,7 @@ class MediaFile:
     kind: str  # "image", "video" or "text"
     text: str | None = None  # the text itself, for kind "text"
     t: float | None = None  # seconds into the video, for one sampled frame of a "video"
+    shot: int | None = None  # the shot of that frame within its video (0-based)
 
 
 @dataclass(frozen=True)

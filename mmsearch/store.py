@@ -109,8 +109,17 @@ class Items:
     t: np.ndarray | None = None  # float64 seconds of a video frame; NaN for images and texts
     hub: np.ndarray | None = None  # float32 hubness of the item's vector (mmsearch.hubness); NaN: not measured
     digest: list[str | None] | None = None  # media.fast_digest of the file (None: not known), to spot moves
+    shot: np.ndarray | None = None  # int32 shot of a video frame within its video (0-based); -1: not a frame, or not known
+    shot_start: np.ndarray | None = None  # float64 seconds where that shot starts (its cut); NaN: none
+    shot_end: np.ndarray | None = None  # float64 seconds where that shot ends (the next cut, or the video's end)
 
     def __post_init__(self) -> None:
+        if self.shot is None:
+            self.shot = np.full(len(self.path), -1, np.int32)
+        if self.shot_start is None:
+            self.shot_start = np.full(len(self.path), np.nan)
+        if self.shot_end is None:
+            self.shot_end = np.full(len(self.path), np.nan)
         if self.digest is None:
             self.digest = [None] * len(self.path)
         if self.text is None:
@@ -132,13 +141,15 @@ class Items:
         rows = np.asarray(rows, dtype=np.int64)
         return Items(self.id[rows], [self.path[i] for i in rows], self.size[rows], self.mtime_ns[rows],
                      [self.kind[i] for i in rows], [self.text[i] for i in rows], self.t[rows], self.hub[rows],
-                     [self.digest[i] for i in rows])
+                     [self.digest[i] for i in rows], self.shot[rows], self.shot_start[rows], self.shot_end[rows])
 
     @staticmethod
     def concat(a: "Items", b: "Items") -> "Items":
         return Items(np.concatenate([a.id, b.id]), a.path + b.path, np.concatenate([a.size, b.size]),
                      np.concatenate([a.mtime_ns, b.mtime_ns]), a.kind + b.kind, a.text + b.text,
-                     np.concatenate([a.t, b.t]), np.concatenate([a.hub, b.hub]), a.digest + b.digest)
+                     np.concatenate([a.t, b.t]), np.concatenate([a.hub, b.hub]), a.digest + b.digest,
+                     np.concatenate([a.shot, b.shot]), np.concatenate([a.shot_start, b.shot_start]),
+                     np.concatenate([a.shot_end, b.shot_end]))
 
 
 def read_manifest(path: str | Path) -> Manifest:
@@ -394,6 +405,9 @@ def _write_files(folder: Path, items: Items, embeddings: np.ndarray, vindex) -> 
         "t": pa.array(items.t, pa.float64()),
         "hub": pa.array(items.hub, pa.float32()),
         "digest": pa.array(items.digest, pa.string()),
+        "shot": pa.array(items.shot, pa.int32()),
+        "shot_start": pa.array(items.shot_start, pa.float64()),
+        "shot_end": pa.array(items.shot_end, pa.float64()),
     }
     if raw is not None:  # file names that are not UTF-8: their bytes, so they round-trip exactly
         columns["path_bytes"] = pa.array(raw, pa.binary())
@@ -469,7 +483,8 @@ def _read_items(path: Path) -> Items:
         cols = {}
         for name, dtype in (("id", np.int64), ("path", None), ("size", np.int64), ("mtime_ns", np.int64),
                             ("kind", None), ("text", None), ("t", np.float64), ("hub", np.float32),
-                            ("digest", None)):
+                            ("digest", None), ("shot", np.int32), ("shot_start", np.float64),
+                            ("shot_end", np.float64)):
             if name in names:
                 col = f.read(columns=[name], use_threads=False).column(0)
                 _check_column(path, name, col)
@@ -486,11 +501,12 @@ def _read_items(path: Path) -> Items:
     if not _unique(cols["id"]):
         raise IndexFormatError(f"{path} has repeated item ids: {repair_hint(path.parent.parent)}")
     return Items(cols["id"], cols["path"], cols["size"], cols["mtime_ns"], cols["kind"], cols.get("text"),
-                 cols.get("t"), cols.get("hub"), cols.get("digest"))
+                 cols.get("t"), cols.get("hub"), cols.get("digest"), cols.get("shot"), cols.get("shot_start"),
+                 cols.get("shot_end"))
 
 
 KINDS = {"image", "video", "text"}
-_REQUIRED = {"id", "path", "size", "mtime_ns", "kind"}  # never null
+_REQUIRED = {"id", "path", "size", "mtime_ns", "kind", "shot"}  # never null (when present)
 
 
 def _check_column(path: Path, name: str, col) -> None:
@@ -502,7 +518,8 @@ def _check_column(path: Path, name: str, col) -> None:
     kind = ("int" if pa.types.is_integer(t) else "str" if pa.types.is_string(t) or pa.types.is_large_string(t)
             else "float" if pa.types.is_floating(t) else "null" if pa.types.is_null(t) else str(t))
     want = {"id": "int", "size": "int", "mtime_ns": "int", "path": "str", "kind": "str", "text": "str",
-            "digest": "str", "t": "float", "hub": "float"}[name]
+            "digest": "str", "t": "float", "hub": "float", "shot": "int", "shot_start": "float",
+            "shot_end": "float"}[name]
     if (kind != want and not (kind == "null" and name not in _REQUIRED)) or (name in _REQUIRED and col.null_count):
         raise IndexFormatError(f"{path} has a malformed {name} column ({col.type}, {col.null_count} nulls): "
                                f"{repair_hint(path.parent.parent)}")
