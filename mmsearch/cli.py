@@ -396,6 +396,7 @@ def query(
     ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1, help="HNSW search breadth [default: tuned at build]."),
     rerank: Optional[int] = typer.Option(None, "--rerank", min=1, help="IVF-PQ: re-rank k x this many candidates [default: the index's]."),
     plain: bool = typer.Option(False, "--plain", help="Rank by plain cosine, without the model's hubness correction."),
+    per_video: int = typer.Option(3, "--per-video", min=1, help="At most this many spans (shots) of one video."),
     model: Optional[Path] = typer.Option(
         None, "--model", help="An exported model folder (`mmsearch export`) of the index's model [default: the index's model]."),
     backend: BackendOpt = "auto",
@@ -407,7 +408,7 @@ def query(
     if kind not in KINDS:
         _fail(f"unknown --kind {kind!r}: use image, video, text, all or auto")
     searcher = _searcher(index, model, backend, nprobe=nprobe, ef_search=ef_search, rerank_factor=rerank,
-                         hubness=not plain)
+                         hubness=not plain, per_video=per_video)
     if queries is not None:
         return _echo_batch(searcher, queries, k, kind, as_json)
     hits = searcher.search_image(image, k, kind) if image is not None else searcher.search_text(text, k, kind)

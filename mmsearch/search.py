@@ -22,11 +22,13 @@ from .errors import (
 )
 from .hubness import corrections, rerank
 from .index import exact_knn, gpu_count
+from .manifest import Sampling
 from .store import Collection, read_manifest
 from .weights import check_weights
 
 EXACT_FILTER_MAX = 50_000  # a modality with at most this many items is searched exactly when filtered
 SPAN_MARGIN = 0.1  # video frames scoring within this (cosine) of a span's best frame extend the span
+PER_VIDEO = 3  # at most this many spans (shots) of one video in a result list
 
 
 def _spans(frames: list[tuple[int, float, int]], margin: float) -> list[list[tuple[int, float, int]]]:
@@ -57,6 +59,7 @@ class Hit:
     text: str | None = None  # the text, for kind "text"
     start: float | None = None  # for kind "video": the span of matching frames, seconds
     end: float | None = None
+    shot: int | None = None  # for kind "video": the shot the span lies in (None: an index without shots)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,15 +92,21 @@ class Searcher:
 
     def __init__(self, index: str | os.PathLike | Collection, encoder=None, nprobe: int | None = None,
                  ef_search: int | None = None, rerank_factor: int | None = None, gpu: bool | None = None,
-                 span_margin: float = SPAN_MARGIN, hubness: bool = True, backend: str = "auto") -> None:
+                 span_margin: float = SPAN_MARGIN, hubness: bool = True, backend: str = "auto",
+                 per_video: int = PER_VIDEO) -> None:
         """``nprobe`` / ``ef_search`` / ``rerank_factor`` override the values tuned at build time for
         every query; ``gpu`` (None: when faiss-gpu sees a CUDA device) searches the index on the GPU;
         ``span_margin`` (cosine) decides which neighbouring video frames join a hit's time span;
         ``hubness`` False ranks cross-modal queries by plain cosine, without the correction the
         model's query bank calibrated (see mmsearch.hubness; models without a bank have none);
         ``backend`` runs the index's model when no ``encoder`` is given ("auto": ONNX Runtime when
-        the model has an export, see mmsearch.encoder)."""
+        the model has an export, see mmsearch.encoder); ``per_video`` caps the spans of one video in a
+        result list."""
+        if per_video < 1:
+            raise BadQueryError(f"--per-video must be at least 1, got {per_video}")
         self.span_margin = span_margin
+        self.per_video = per_video
+        self._shot_rows: dict[tuple[str, int], np.ndarray] | None = None
         self.hubness = hubness
         self.backend = backend
         self._loading = None  # the index's encoder, loading in a background thread while the index loads
@@ -236,17 +245,21 @@ class Searcher:
             self._kind_rows[key] = np.flatnonzero(np.isin(self._kind_array(), list(key)))
         return self._kind_rows[key]
 
-    def hits(self, D: np.ndarray, I: np.ndarray, k: int | None = None) -> list[list[Hit]]:
+    def hits(self, D: np.ndarray, I: np.ndarray, k: int | None = None, queries: np.ndarray | None = None,
+             query: str | None = None) -> list[list[Hit]]:
         """Turn search results into Hit lists (one per query), best first, at most ``k`` each.
 
-        Video frames become spans: starting from a video's best frame, neighbouring sampled frames
-        (consecutive frame ids) that were also found and score within ``span_margin`` of it join
-        its span; the frames left over form further spans the same way. A span scores as its best
-        frame.
+        Video frames become spans. In an index with shots (and given the ``queries`` vectors), a
+        video hit is a moment within one shot: every frame of a shot that was found is scored (with
+        the same hubness correction), and the span runs from the first to the last of its frames
+        scoring within ``span_margin`` of its best; one hit per shot, at most ``per_video`` per
+        video. Without shots, neighbouring sampled frames (consecutive ids) that were also found
+        and score within ``span_margin`` of a video's best frame join its span. A span scores as
+        its best frame.
         """
         items = self.collection.items
         out = []
-        for scores, ids in zip(D, I):
+        for qi, (scores, ids) in enumerate(zip(D, I)):
             rows = self.collection.rows_of(ids)
             hits: list[Hit] = []
             frames: dict[str, list[tuple[int, float, int]]] = {}
@@ -256,15 +269,58 @@ class Searcher:
                 else:
                     hits.append(Hit(rank=0, score=float(s), path=items.path[row], kind=items.kind[row], id=int(i),
                                     text=items.text[row]))
+            q = queries[qi] if queries is not None else None
             for path, fs in frames.items():
-                for span in _spans(fs, self.span_margin):
-                    best = max(span, key=lambda x: x[1])
-                    times = [float(items.t[r]) for _, _, r in span]
-                    hits.append(Hit(rank=0, score=best[1], path=path, kind="video", id=best[0],
-                                    start=min(times), end=max(times)))
+                hits += self._video_hits(path, fs, q, query)[: self.per_video]
             hits.sort(key=lambda h: -h.score)
             out.append([replace(h, rank=r + 1) for r, h in enumerate(hits[:k] if k else hits)])
         return out
+
+    def _video_hits(self, path: str, fs: list[tuple[int, float, int]], q: np.ndarray | None,
+                    query: str | None) -> list[Hit]:
+        """The hits of one video's frames found for one query, best first."""
+        items, out = self.collection.items, []
+        by_shot: dict[int, list[tuple[int, float, int]]] = {}
+        for f in fs:
+            by_shot.setdefault(int(items.shot[f[2]]), []).append(f)
+        for shot, found in by_shot.items():
+            if shot < 0 or q is None:  # no shots known: spans of neighbouring frames found
+                for span in _spans(found, self.span_margin):
+                    best = max(span, key=lambda x: x[1])
+                    times = [float(items.t[r]) for _, _, r in span]
+                    out.append(Hit(rank=0, score=best[1], path=path, kind="video", id=best[0],
+                                   start=min(times), end=max(times)))
+            else:
+                out.append(self._shot_hit(path, shot, q, query))
+        return sorted(out, key=lambda h: -h.score)
+
+    def _shot_hit(self, path: str, shot: int, q: np.ndarray, query: str | None) -> Hit:
+        """One shot's hit: all its frames scored, the span of those within the margin of the best."""
+        items = self.collection.items
+        rows = self._rows_of_shot(path, shot)
+        scores = np.asarray(self.collection.embeddings[rows], np.float32) @ q
+        corr = self._correction(query, ("video",)) if query is not None else None
+        if corr is not None:
+            scores = scores + corr[rows]
+        best = int(np.argmax(scores))
+        near = np.flatnonzero(scores >= scores[best] - self.span_margin)
+        first, last = rows[near[0]], rows[near[-1]]
+        interval = (self.collection.manifest.video_sampling or Sampling()).frame_interval
+        cut, next_cut = float(items.shot_start[first]), float(items.shot_end[last])
+        start = cut if near[0] == 0 and not np.isnan(cut) else float(items.t[first])
+        end = float(items.t[last]) + interval
+        end = min(end, next_cut) if not np.isnan(next_cut) else end
+        return Hit(rank=0, score=float(scores[best]), path=path, kind="video", id=int(items.id[rows[best]]),
+                   start=start, end=max(end, float(items.t[last])), shot=shot)
+
+    def _rows_of_shot(self, path: str, shot: int) -> np.ndarray:
+        """The rows of one shot's frames, in time order (the map is built once per Searcher)."""
+        if self._shot_rows is None:
+            items, groups = self.collection.items, {}
+            for r in np.flatnonzero(items.shot >= 0).tolist():
+                groups.setdefault((items.path[r], int(items.shot[r])), []).append(r)
+            self._shot_rows = {key: np.asarray(sorted(rs, key=lambda r: items.t[r])) for key, rs in groups.items()}
+        return self._shot_rows[(path, shot)]
 
     def _search(self, q: np.ndarray, k: int, kind, query: str | None = None) -> list[list[Hit]]:
         """Hits for query vectors; with videos in the candidates, fetch deeper until k hits remain
@@ -276,7 +332,7 @@ class Searcher:
         fetch = max(1, min(n, 4 * k if has_video else k))  # n == 0: search_vectors says what is missing
         while True:
             D, I = self.search_vectors(q, fetch, kind, query)
-            hits = self.hits(D, I, k)
+            hits = self.hits(D, I, k, q, query)
             if not has_video or fetch >= n or all(len(h) >= k for h in hits):
                 return hits
             fetch = min(n, 4 * fetch)
