@@ -57,7 +57,8 @@ def make_index(work: Path, n_items: int, n_videos: int, dim: int = 256) -> tuple
     video = np.repeat(np.arange(n_videos), per)
     items = Items(np.arange(n, dtype=np.int64), [paths[v] for v in video], np.asarray(sizes, np.int64)[video],
                   np.asarray(mtimes, np.int64)[video], ["video"] * n, None,
-                  np.tile(np.arange(per, dtype=np.float64), n_videos), rng.random(n, dtype=np.float32))
+                  np.tile(np.arange(per, dtype=np.float64), n_videos), rng.random(n, dtype=np.float32),
+                  shot=np.zeros(n, np.int32), shot_start=np.zeros(n), shot_end=np.full(n, float(per)))  # one shot each
     emb = np.empty((n, dim), np.float32)
     for start in range(0, n, 100_000):
         block = rng.standard_normal((min(100_000, n - start), dim), dtype=np.float32)

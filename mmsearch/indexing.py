@@ -637,7 +637,9 @@ class IndexWriter:
         self.report.unchanged, self.report.removed = plan.unchanged, plan.removed
         self.moves = self._find_moves()
         self.report.duplicates = self._find_duplicates()
-        self.dirty = bool(plan.removed or plan.resampled or self.moves)  # something not yet committed
+        kept_t, kept_start = self.items.t[plan.keep_rows], self.items.shot_start[plan.keep_rows]
+        shots_due = bool(np.any(~np.isnan(kept_t) & np.isnan(kept_start)))  # video frames of an index before shots
+        self.dirty = bool(plan.removed or plan.resampled or self.moves or shots_due)  # something not yet committed
         self._use_bank(getattr(self.encoder, "query_bank", None) if self.encoder is not None else None)
 
     def _find_moves(self) -> dict[str, MediaFile]:
@@ -1020,7 +1022,7 @@ class IndexWriter:
         videos indexed before shots existed, from a pass of the shot detector (their frames keep their
         vectors: each is put in the shot its time falls in)."""
         items = self.items
-        due = np.flatnonzero((np.asarray(items.kind, dtype=object) == "video") & np.isnan(items.shot_start))
+        due = np.flatnonzero(~np.isnan(items.t) & np.isnan(items.shot_start))  # video frames (only they have a t)
         by_path: dict[str, list[int]] = {}
         for r in due.tolist():
             by_path.setdefault(items.path[r], []).append(r)
