@@ -363,7 +363,18 @@ class _CutDetector:
 
     @classmethod
     def differ(cls, a: np.ndarray, b: np.ndarray, fps: float) -> bool:
-        """Whether two frames differ as much as the two sides of a cut."""
+        """Whether two frames seconds apart differ like the two sides of a cut: by ContentDetector's
+        score and by their colours (motion alone changes every pixel of a moving picture, not its colours)."""
+        import cv2  # PySceneDetect's dependency
+
         d = cls(fps)
         d.is_cut(0.0, a)
-        return d.is_cut(1.0, b)
+        if not d.is_cut(1.0, b):
+            return False
+        ha, hb = (cv2.calcHist([cv2.cvtColor(x, cv2.COLOR_BGR2HSV)], [0, 1], None, [16, 16], [0, 180, 0, 256]) for x in (a, b))
+        return 1.0 - cv2.compareHist(ha, hb, cv2.HISTCMP_CORREL) >= COLOUR_CHANGE
+
+
+#: 1 - correlation of two frames' hue-saturation histograms that, with a cut's content score, makes a
+#: seek go back and look for the cut in the frames it skipped
+COLOUR_CHANGE = 0.3
