@@ -8,7 +8,7 @@ does not grow with its length. ``av`` is imported inside functions so importing 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -22,6 +22,13 @@ from .media import is_transient
 class Frame:
     t: float  # seconds from the start of the video stream
     image: "object"  # a PIL RGB image
+    shot: int = 0  # index of the shot this frame belongs to, 0-based, in time order
+
+
+@dataclass(frozen=True)
+class Shot:
+    start: float  # seconds: the cut that starts it (0.0 for the first)
+    end: float  # seconds: the next cut, or the end of the video
 
 
 def _open(path: str):
@@ -84,56 +91,118 @@ def _stream_seconds(stream) -> float | None:
 
 
 def sample_frames(path: str, interval: float = 1.0, skip_similar: float | None = None) -> Iterator[Frame]:
-    """Frames of the video at ``path``: the first, then the first at or after each ``interval`` seconds.
+    """Frames of the video at ``path``: the first, then the first at or after each ``interval`` seconds,
+    and the first frame of every shot. See VideoSampler (this is ``VideoSampler(...).frames()``)."""
+    return VideoSampler(path, interval, skip_similar).frames()
 
-    ``skip_similar`` (e.g. 3.0) drops a sampled frame whose 16x16 grey thumbnail differs from the
-    last kept one by less than that many grey levels on average (static shots). A file that cannot
-    be opened, a stream that breaks part way, or a video whose last frame ends more than a second
-    before its video stream's duration in the header (truncated) raises MediaError, possibly after
-    some frames: the caller drops what it got, as for a corrupt image.
+
+def detect_shots(path: str) -> list[Shot]:
+    """The shots of the video at ``path``, from one pass that decodes every frame (no images kept)."""
+    sampler = VideoSampler(path, interval=MAX_SECONDS, mode="decode")
+    for _ in sampler.frames():
+        pass
+    return sampler.shots
+
+
+class VideoSampler:
+    """One pass over one video: sampled frames, and the shots found while sampling.
+
+    Frames: the first, then the first at or after every ``interval`` seconds, plus the first frame of
+    every shot (a shorter shot than the interval is never missed). ``skip_similar`` (e.g. 3.0) drops a
+    regular sample whose 16x16 grey thumbnail differs from the last kept one by less than that many
+    grey levels on average (static shots); a shot's first frame is always kept.
+
+    ``mode``: "decode" decodes every frame; "seek" seeks to the keyframe before a sample time when one
+    lies ahead of the decoder and decodes forward from it; "auto" seeks when the file's keyframe index
+    says that skips at least half the frames (interval much longer than the keyframe spacing). Frame
+    times are the same either way: each is the first frame at or after its sample time. After
+    ``frames()``, ``mode`` says which way the video was sampled, ``shots`` holds its shots and
+    ``decoded`` the number of frames decoded.
+
+    Shots: PySceneDetect's ContentDetector on low-resolution frames. Decoding forward, it sees every
+    frame; across a seek it compares the last frame decoded with the keyframe landed on, and when they
+    differ like a cut, decodes the skipped stretch to find it. A cut that comes back to the same
+    picture within one skipped stretch is missed in seek mode.
+
+    A file that cannot be opened, a stream that breaks part way, or a video whose last frame ends
+    more than a second before its video stream's duration in the header (truncated) raises
+    MediaError, possibly after some frames: the caller drops what it got, as for a corrupt image.
     """
-    if not interval > 0:
-        raise BadArgumentError(f"frame interval must be positive seconds, got {interval}")
-    container, stream = _open(path)
-    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-    next_t, last_thumb, kept, last_t, gap = 0.0, None, 0, 0.0, 0.0
-    fps = float(stream.average_rate) if stream.average_rate else 25.0
-    decoded = 0
-    try:
-        frames = container.decode(stream)
-        while True:
-            try:
-                frame = next(frames)
-            except StopIteration:
-                break
-            except Exception as e:  # av raises its own FFmpeg errors for broken streams
-                if is_transient(e):
-                    raise MediaReadError(f"{path}: cannot read after {last_t:.1f}s: {_reason(e)}") from None
-                raise MediaError(f"{path}: cannot decode video after {last_t:.1f}s ({_reason(e)})") from None
-            t = _seconds(frame, stream, start)
-            if t is None:  # no timestamp: count frames at the nominal rate
-                t = last_t + (1.0 / fps if decoded else 0.0)
-            if decoded:
-                gap = max(gap, t - last_t)  # the longest a frame stays on screen
-            last_t, decoded = t, decoded + 1
-            if t + 1e-6 < next_t:
+
+    def __init__(self, path: str, interval: float = 1.0, skip_similar: float | None = None, mode: str = "auto"):
+        if not interval > 0:
+            raise BadArgumentError(f"frame interval must be positive seconds, got {interval}")
+        if mode not in ("auto", "seek", "decode"):
+            raise BadArgumentError(f"sampling mode must be auto, seek or decode, got {mode!r}")
+        self.path, self.interval, self.skip_similar = path, interval, skip_similar
+        self.requested = mode  # what the caller asked for
+        self.mode = "decode" if mode == "auto" else mode  # how the video was sampled (set by frames())
+        self.shots: list[Shot] = []  # complete once frames() is exhausted
+        self.decoded = 0  # frames decoded, thumbnails of skipped stretches included
+
+    def frames(self) -> Iterator[Frame]:
+        container, stream = _open(self.path)
+        try:
+            p = _Pass.of(self.path, container, stream)
+            if self.requested == "auto":
+                self.mode = "seek" if _seek_pays(p.keyframes, p.total, self.interval) else "decode"
+            yield from self._sample(p)
+            self.decoded = p.decoded
+            _check_complete(p)
+            self.shots = _shots(p.cuts, p.last_t + max(p.gap, 1.0 / p.fps), p.total)
+        finally:
+            container.close()
+
+    def _sample(self, p: "_Pass") -> Iterator[Frame]:
+        next_t, kept, last_thumb = 0.0, 0, None
+        for frame, t, cut in p.run(self.mode == "seek", lambda: next_t):
+            if not cut and t + 1e-6 < next_t:
                 continue
-            next_t = (np.floor(t / interval + 1e-9) + 1) * interval
+            if t + 1e-6 >= next_t:
+                next_t = (np.floor(t / self.interval + 1e-9) + 1) * self.interval
             image = frame.to_image()
-            if skip_similar:
+            if self.skip_similar:
                 thumb = _thumb(image)
-                if last_thumb is not None and float(np.abs(thumb - last_thumb).mean()) < skip_similar:
+                if not cut and last_thumb is not None and float(np.abs(thumb - last_thumb).mean()) < self.skip_similar:
                     continue
                 last_thumb = thumb
             kept += 1
-            yield Frame(max(0.0, round(t, 3)), image)
+            yield Frame(max(0.0, round(t, 3)), image, len(p.cuts))
         if kept == 0:
-            raise MediaError(f"{path}: no decodable video frames")
-        total = _stream_seconds(stream)  # the video stream's own length (a container's may include audio)
-        if total is not None and last_t + max(gap, 1.0 / fps) < total - 1.0:
-            raise MediaError(f"{path}: truncated video: frames stop at {last_t:.1f}s of {total:.1f}s")
-    finally:
-        container.close()
+            raise MediaError(f"{self.path}: no decodable video frames")
+
+
+#: ContentDetector's score (mean change of hue, saturation and brightness, 0-255) that makes a cut: its default
+CUT_THRESHOLD = 27.0
+#: a cut closer than this to the previous one is a flash, not a shot (seconds)
+MIN_SHOT_SECONDS = 0.5
+#: width of the frames the cut detector sees (height keeps the aspect ratio)
+ANALYSIS_WIDTH = 160
+#: seek only to skip at least this many seconds of frames (a seek costs a decoder flush)
+MIN_SEEK_SKIP = 0.5
+
+
+def _seek_pays(keyframes: list[float], total: float | None, interval: float) -> bool:
+    """Whether seeking to the keyframe before each sample time skips at least half of the frames."""
+    if len(keyframes) < 2 or not total:
+        return False
+    decoded, pos, s = 0.0, 0.0, 0.0
+    while s < total:
+        k = keyframes[max(0, int(np.searchsorted(keyframes, s + 1e-6)) - 1)]
+        decoded += s - (k if k > pos + MIN_SEEK_SKIP else pos)
+        pos, s = s, s + interval
+    return decoded <= 0.5 * total
+
+
+def _shots(cuts: list[float], last_end: float, total: float | None) -> list[Shot]:
+    end = max(last_end, total or 0.0)
+    starts = [0.0] + cuts
+    return [Shot(a, b) for a, b in zip(starts, starts[1:] + [round(end, 3)])]
+
+
+def _check_complete(p: "_Pass") -> None:
+    if p.total is not None and p.last_t + max(p.gap, 1.0 / p.fps) < p.total - 1.0:
+        raise MediaError(f"{p.path}: truncated video: frames stop at {p.last_t:.1f}s of {p.total:.1f}s")
 
 
 MAX_SECONDS = 1e7  # about 115 days: no video is longer, and seeking past it would overflow
@@ -169,3 +238,143 @@ def frame_at(path: str, seconds: float):
         return best.to_image()
     finally:
         container.close()
+
+
+@dataclass
+class _Pass:
+    """One pass over an open video: the decoder (restarted by each seek), the cut detector of the
+    current continuous run, and what was found so far."""
+
+    path: str
+    container: object
+    stream: object
+    start: float  # the stream's first timestamp (seconds)
+    fps: float  # nominal frame rate (for frames without timestamps)
+    total: float | None  # the video stream's duration from the header
+    keyframes: list[float]  # keyframe times from the file's index (empty when it has none)
+    size: tuple[int, int]  # (width, height) of the frames the cut detector sees
+    decoder: Iterator | None = None
+    detector: "_CutDetector | None" = None
+    cuts: list[float] = field(default_factory=list)  # start times of the shots after the first
+    last_t: float = 0.0  # the latest frame time decoded
+    gap: float = 0.0  # the longest a frame stays on screen
+    decoded: int = 0
+    run_t: float | None = None  # time of the previous frame of this continuous run
+    probe: tuple[float, np.ndarray] | None = None  # (time, thumbnail) of the frame before a seek
+    prime_until: float | None = None  # frames up to here were seen already: feed the detector only
+    hold_until: float = -1.0  # do not seek again before this time (decoding a skipped stretch)
+
+    @classmethod
+    def of(cls, path: str, container, stream) -> "_Pass":
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        fps = float(stream.average_rate) if stream.average_rate else 25.0
+        keys = sorted({float(e.timestamp * stream.time_base) - start for e in stream.index_entries if e.is_keyframe})
+        w, h = stream.width or ANALYSIS_WIDTH, stream.height or ANALYSIS_WIDTH
+        size = (ANALYSIS_WIDTH, max(2, int(round(ANALYSIS_WIDTH * h / w / 2)) * 2))
+        return cls(path, container, stream, start, fps, _stream_seconds(stream), keys, size)
+
+    def run(self, seek: bool, target) -> Iterator[tuple[object, float, bool]]:
+        """(frame, time, starts a shot) for each frame decoded, in time order; with ``seek``, jumps
+        to the keyframe before ``target()`` (the next sample time) when one lies ahead."""
+        self._restart(None)
+        while (got := self._next()) is not None:
+            frame, t = got
+            thumb = frame.to_ndarray(format="bgr24", width=self.size[0], height=self.size[1], interpolation="AREA")
+            if self.probe is not None and self._skipped_a_cut(t, thumb):
+                continue
+            if self.prime_until is not None and t <= self.prime_until + 1e-6:
+                self.detector.is_cut(t, thumb)  # frames seen before the skipped stretch
+                continue
+            self.prime_until = None
+            cut = self._cut(t, thumb)
+            yield frame, t, cut
+            if seek and t >= self.hold_until:
+                n = target()
+                k = self.keyframes[max(0, int(np.searchsorted(self.keyframes, n + 1e-6)) - 1)] if self.keyframes else 0.0
+                if k > t + MIN_SEEK_SKIP:
+                    self.probe = (t, thumb)
+                    self._restart(n)
+
+    def _skipped_a_cut(self, t: float, thumb: np.ndarray) -> bool:
+        """At the first frame after a seek: when it differs from the frame before the seek like a
+        cut, go back and decode the skipped stretch (True: drop this frame)."""
+        before_t, before = self.probe
+        self.probe = None
+        if not _CutDetector.differ(before, thumb, self.fps):
+            return False
+        self.hold_until = t
+        self._restart(before_t)
+        self.prime_until = before_t
+        return True
+
+    def _cut(self, t: float, thumb: np.ndarray) -> bool:
+        cut = self.detector.is_cut(t, thumb)
+        last = self.cuts[-1] if self.cuts else 0.0
+        if cut and t - last >= MIN_SHOT_SECONDS:
+            self.cuts.append(max(0.0, round(t, 3)))
+            return True
+        return False
+
+    def _restart(self, at: float | None) -> None:
+        """A new continuous run: from the start, or from the keyframe at or before ``at`` seconds."""
+        if at is not None:
+            try:
+                ts = int((at + self.start) / self.stream.time_base)
+                self.container.seek(ts, stream=self.stream, backward=True, any_frame=False)
+            except Exception as e:  # noqa: BLE001 - av raises its own errors for files it cannot seek in
+                raise MediaError(f"{self.path}: cannot seek in the video ({_reason(e)})") from None
+        self.decoder = self.container.decode(self.stream)
+        self.detector = _CutDetector(self.fps)
+        self.run_t = None
+
+    def _next(self) -> tuple[object, float] | None:
+        try:
+            frame = next(self.decoder)
+        except StopIteration:
+            return None
+        except Exception as e:  # av raises its own FFmpeg errors for broken streams
+            if is_transient(e):
+                raise MediaReadError(f"{self.path}: cannot read after {self.last_t:.1f}s: {_reason(e)}") from None
+            raise MediaError(f"{self.path}: cannot decode video after {self.last_t:.1f}s ({_reason(e)})") from None
+        t = _seconds(frame, self.stream, self.start)
+        if t is None:  # no timestamp: count frames at the nominal rate
+            t = self.run_t + 1.0 / self.fps if self.run_t is not None else (self.last_t if self.decoded else 0.0)
+        if self.run_t is not None:
+            self.gap = max(self.gap, t - self.run_t)
+        self.run_t, self.last_t, self.decoded = t, max(self.last_t, t), self.decoded + 1
+        return frame, t
+
+
+class _CutDetector:
+    """PySceneDetect's ContentDetector, fed one low-resolution BGR frame at a time (one per run of
+    consecutive frames; its own minimum scene length is off: _Pass applies MIN_SHOT_SECONDS)."""
+
+    def __init__(self, fps: float):
+        from scenedetect.detectors import ContentDetector
+
+        self._detector = ContentDetector(threshold=CUT_THRESHOLD, min_scene_len=0)
+        self._fps = fps
+
+    def is_cut(self, t: float, bgr: np.ndarray) -> bool:
+        """Whether this frame starts a new shot (compared with the frame fed before it)."""
+        from scenedetect import FrameTimecode
+
+        return bool(self._detector.process_frame(FrameTimecode(max(0.0, t), self._fps), bgr))
+
+    @classmethod
+    def differ(cls, a: np.ndarray, b: np.ndarray, fps: float) -> bool:
+        """Whether two frames seconds apart differ like the two sides of a cut: by ContentDetector's
+        score and by their colours (motion alone changes every pixel of a moving picture, not its colours)."""
+        import cv2  # PySceneDetect's dependency
+
+        d = cls(fps)
+        d.is_cut(0.0, a)
+        if not d.is_cut(1.0, b):
+            return False
+        ha, hb = (cv2.calcHist([cv2.cvtColor(x, cv2.COLOR_BGR2HSV)], [0, 1], None, [16, 16], [0, 180, 0, 256]) for x in (a, b))
+        return 1.0 - cv2.compareHist(ha, hb, cv2.HISTCMP_CORREL) >= COLOUR_CHANGE
+
+
+#: 1 - correlation of two frames' hue-saturation histograms that, with a cut's content score, makes a
+#: seek go back and look for the cut in the frames it skipped
+COLOUR_CHANGE = 0.3

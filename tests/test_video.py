@@ -18,7 +18,7 @@ from mmsearch.manifest import Sampling
 from mmsearch.indexing import index_folder
 from mmsearch.search import Searcher
 from mmsearch.store import Collection
-from mmsearch.video import duration, frame_at, sample_frames
+from mmsearch.video import Shot, VideoSampler, detect_shots, duration, frame_at, sample_frames
 from tests.conftest import VIDEOS
 
 runner = CliRunner()
@@ -281,3 +281,94 @@ def test_indexing_texts_does_not_reset_how_videos_were_sampled(tmp_path, encoder
     # a later run that does not mention the interval keeps the index's (no re-sampling at 1 s)
     r = index_folder(folder, idx, encoder=encoder)
     assert (r.unchanged, r.updated) == (1, 0)
+
+
+def _write_shots(path, shots, fps=25, gop=250, size=(160, 120)) -> None:
+    """A libx264 test video (keyframe every ``gop`` frames) of ``shots``: (seconds, seed) pairs, each a
+    different random picture that drifts a pixel every 8 frames (motion within a shot, a cut between shots)."""
+    import av
+
+    w, h = size
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps, options={"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for seconds, seed in shots:
+            rng = np.random.default_rng(seed)
+            tint = np.array([(250, 60, 60), (60, 250, 60), (60, 60, 250), (250, 250, 60)][seed % 4])  # its own colours
+            base = (rng.integers(0, 128, (h // 8, w // 8 * 3, 3)) + tint // 2).astype(np.uint8).repeat(8, 0).repeat(8, 1)
+            for i in range(round(seconds * fps)):
+                img = np.ascontiguousarray(base[:, i // 8 % (w * 2): i // 8 % (w * 2) + w])
+                for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+@pytest.mark.xfail(strict=True, reason="the change at 3.4-3.5 s is a 0.3 s dissolve (ContentDetector scores <= 6.2 a frame, "
+                                       "a cut is 27; HistogramDetector does not separate it from hand motion in box.mp4 either)")
+def test_the_cut_in_airplane_then_field_is_found():
+    shots = detect_shots(clip("airplane_then_field.mp4"))
+    assert any(abs(s.start - sum(CUT) / 2) <= 0.5 for s in shots[1:]), shots
+    frames = list(VideoSampler(clip("airplane_then_field.mp4"), 1.0).frames())
+    assert any(f.shot == 1 and CUT[0] - 1.0 <= f.t <= CUT[1] + 1.0 for f in frames), [(f.t, f.shot) for f in frames]
+
+
+@pytest.mark.parametrize("name,seconds", [("vtest.avi", 79.5), ("chaplin.mp4", 9.64)])
+def test_a_static_shot_is_not_split(name, seconds):
+    """vtest.avi: a fixed camera on people walking for 80 s; chaplin.mp4: one continuous shot."""
+    assert detect_shots(clip(name)) == [Shot(0.0, seconds)]
+    sampler = VideoSampler(clip(name), 1.0)
+    assert {f.shot for f in sampler.frames()} == {0} and sampler.shots == [Shot(0.0, seconds)]
+
+
+@pytest.mark.parametrize("mode", ["decode", "seek"])
+def test_a_short_shot_between_samples_gets_its_first_frame(tmp_path, mode):
+    video = tmp_path / "shots.mp4"
+    _write_shots(video, [(2.2, 1), (0.6, 2), (3.2, 3)], gop=25)  # a 0.6 s shot between the samples at 2 and 3 s
+    sampler = VideoSampler(str(video), 1.0, mode=mode)
+    got = [(f.t, f.shot) for f in sampler.frames()]
+    assert got == [(0.0, 0), (1.0, 0), (2.0, 0), (2.2, 1), (2.8, 2), (3.0, 2), (4.0, 2), (5.0, 2)]
+    assert sampler.shots == [Shot(0.0, 2.2), Shot(2.2, 2.8), Shot(2.8, 6.0)] and sampler.mode == mode
+
+
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory):
+    """150 s, keyframes every 10 s, cuts at 37 s, 61.4 s (inside a keyframe stretch) and 130 s."""
+    video = tmp_path_factory.mktemp("long") / "long.mp4"
+    _write_shots(video, [(37, 1), (24.4, 2), (68.6, 3), (20, 4)], gop=250)
+    return str(video)
+
+
+@pytest.mark.parametrize("interval", [1.0, 7.0, 20.0, 45.0])
+def test_seeking_samples_the_frames_full_decoding_does(long_video, interval):
+    full, seek = VideoSampler(long_video, interval, mode="decode"), VideoSampler(long_video, interval, mode="seek")
+    a, b = list(full.frames()), list(seek.frames())
+    assert [f.t for f in b] == pytest.approx([f.t for f in a], abs=0.04)  # within one frame at 25 fps
+    assert [f.shot for f in b] == [f.shot for f in a]
+    assert full.shots == seek.shots == [Shot(0.0, 37.0), Shot(37.0, 61.4), Shot(61.4, 130.0), Shot(130.0, 150.0)]
+    assert {37.0, 61.4, 130.0} <= {f.t for f in b}  # each shot's first frame is sampled
+    assert np.array_equal(np.asarray(a[-1].image), np.asarray(b[-1].image))  # the same picture, too
+    assert full.decoded == 3750
+    if interval == 20.0:  # 2 of its 7 skipped stretches hold a cut and are decoded to find it; 45 s: all 3 do
+        assert seek.decoded < 3750 / 2, seek.decoded
+
+
+def test_auto_mode_seeks_only_when_that_skips_frames(long_video):
+    for interval, mode in [(1.0, "decode"), (7.0, "decode"), (20.0, "seek"), (45.0, "seek")]:
+        sampler = VideoSampler(long_video, interval)
+        assert sampler.mode == "decode"  # nothing sampled yet
+        list(sampler.frames())
+        assert sampler.mode == mode, interval
+    sampler = VideoSampler(clip("chaplin.mp4"), 20.0)  # one keyframe: nothing to seek to
+    list(sampler.frames())
+    assert sampler.mode == "decode"
+    with pytest.raises(ValueError, match="sampling mode"):
+        VideoSampler(long_video, 1.0, mode="fast")
+
+
+def test_a_truncated_video_is_an_error_when_seeking_too(tmp_path, long_video):
+    data = open(long_video, "rb").read()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MediaError):
+        list(VideoSampler(str(cut), 20.0, mode="seek").frames())
