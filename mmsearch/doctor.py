@@ -293,12 +293,12 @@ def check_generation(path: Path, m: Manifest) -> Health:
         return h
     gen = path / m.generation_dir
     if not gen.is_dir():
-        h.findings.append(Finding(m.generation_dir, "the generation folder the manifest names is missing",
-                                  "the previous generation, else an empty index, and its folders indexed again"))
+        h.findings.append(Finding(m.generation_dir, "the generation folder the manifest names is missing", FALL_BACK))
         return h
     damaged = _bad_sums(gen, m)
-    h.items = _check_items(gen, m, damaged.get(ITEMS), h.findings)
-    h.embeddings = _check_embeddings(gen, m, damaged.get(EMBEDDINGS), h.findings)
+    h.items = _check_part(gen, ITEMS, damaged.get(ITEMS), _read_items, lambda x: _items_problem(x, m), h.findings)
+    h.embeddings = _check_part(gen, EMBEDDINGS, damaged.get(EMBEDDINGS), _read_embeddings,
+                               lambda x: _vectors_problem(x, m), h.findings)
     if h.data_ok:
         h.faiss_ok = _check_faiss(gen, m, h, damaged.get(FAISS))
         h.hubs_ok = _check_hubs(m, h)
@@ -319,48 +319,33 @@ def _bad_sums(gen: Path, m: Manifest) -> dict[str, str]:
     return out
 
 
-def _check_items(gen: Path, m: Manifest, damage: str | None, findings: list[Finding]) -> Items | None:
-    where, fix = f"{gen.name}/{ITEMS}", "the previous generation, else an empty index, and its folders indexed again"
-    problem = damage
+FALL_BACK = "the previous generation, else an empty index, and its folders indexed again"
+
+
+def _check_part(gen: Path, name: str, damage: str | None, read, problem_of, findings: list[Finding]):
+    """One data file of a generation, read with ``read`` and judged by ``problem_of``; None (and a
+    finding) when its checksum, its reading or its contents say it is damaged."""
+    problem, value = damage, None
     if problem is None:
         try:
-            items = _read_items(gen / ITEMS)
+            value = read(gen / name)
         except (OSError, MmsearchError) as e:
-            items, problem = None, _why(e)
-        if items is not None:
-            problem = _items_problem(items, m)
+            problem = _why(e)
+        if value is not None:
+            problem = problem_of(value)
     if problem is not None:
-        findings.append(Finding(where, problem, fix))
+        findings.append(Finding(f"{gen.name}/{name}", problem, FALL_BACK))
         return None
-    return items
+    return value
 
 
 def _items_problem(items: Items, m: Manifest) -> str | None:
+    """What reading the table does not check already (types, nulls, repeated ids, kinds: store._read_items)."""
     if len(items) != m.count:
         return f"{len(items)} rows, the manifest says {m.count}"
-    if len(np.unique(items.id)) != len(items):
-        return "item ids repeat"
     if len(items) and (items.id.min() < 0 or items.id.max() >= m.next_id):
         return "item ids outside those the index handed out"
-    if any(p is None for p in items.path) or not set(items.kind) <= set(QUERY_OF):
-        return "rows without a path or with an unknown kind"
     return None
-
-
-def _check_embeddings(gen: Path, m: Manifest, damage: str | None, findings: list[Finding]) -> np.ndarray | None:
-    where, fix = f"{gen.name}/{EMBEDDINGS}", "the previous generation, else an empty index, and its folders indexed again"
-    problem, emb = damage, None
-    if problem is None:
-        try:
-            emb = _read_embeddings(gen / EMBEDDINGS)
-        except (OSError, MmsearchError) as e:
-            problem = _why(e)
-        if emb is not None:
-            problem = _vectors_problem(emb, m)
-    if problem is not None:
-        findings.append(Finding(where, problem, fix))
-        return None
-    return emb
 
 
 def _vectors_problem(emb: np.ndarray, m: Manifest) -> str | None:
