@@ -451,6 +451,28 @@ def print_video() -> None:
               f"per hour of video |")
 
 
+def print_video_long_gop() -> None:
+    """docs/benchmarks.md: sampling long-GOP 1080p and 4K clips, before issue 17 and each mode now."""
+    v = load("video_long_gop_mmsearch-lite2.json")
+    if v is None:
+        print("(no record: run `python benchmarks/video_throughput.py --long-gop`)")
+        return
+    print(f"Long-GOP sampling ({v['what']}; {v['machine']}), from `{v['command']}`:")
+    print()
+    print("| clip | keyframe every | one frame every | before | decode | seek | auto (mode) | auto vs before "
+          "| reference frames only | end to end | shot detector |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in v["clips"]:
+        a = r["auto"]
+        print(f"| {r['resolution']} | {r['keyframe_every_s']:g} s | {r['interval_s']:g} s | {r['before_seconds']:.2f} s "
+              f"| {r['decode']['seconds']:.2f} s | {r['seek']['seconds']:.2f} s | {a['seconds']:.2f} s ({a['mode']}) "
+              f"| {r['speedup_auto_vs_before']:.2f}× | {r['reference_frames_only_seconds']:.2f} s "
+              f"| {r['end_to_end_frames_per_s']} frames/s | {100 * r['detector_share_of_end_to_end']:.1f} % |")
+    shifts = [r[m]["max_shift_vs_full_decoding_frames"] for r in v["clips"] for m in ("decode", "seek", "auto")]
+    print()
+    print(f"Every mode sampled the frames full decoding samples, within {max(shifts):g} frames.")
+
+
 def print_video_examples() -> None:
     """docs/video.md's session: index the shared clips, two queries, one frame, with their real output."""
     v = load("video_examples.json")
@@ -603,6 +625,7 @@ SECTIONS = {
     "crash-summary": print_crash_summary,       # README
     "video": print_video,                       # docs/benchmarks.md
     "video-examples": print_video_examples,     # docs/video.md
+    "video-long-gop": print_video_long_gop,     # docs/benchmarks.md
 }
 MARKED = re.compile(r"^<!-- report:(?P<name>[\w-]+) -->\n(?:.*?\n)?<!-- /report:(?P=name) -->$", re.S | re.M)  # whole lines
 

@@ -236,7 +236,7 @@ def _video_batches(f: MediaFile, encoder, config: IndexingConfig, videos: dict |
     ``videos[path]`` holds the video's shots and how it was sampled (``VideoSampler``)."""
 
     pixels, records = [], []
-    sampler = VideoSampler(f.path, config.frame_interval, config.skip_similar)
+    sampler = VideoSampler(f.path, config.frame_interval, config.skip_similar, min_side=encoder.image_size)
     try:
         for frame in sampler.frames():
             pixels.append(encoder.preprocess(frame.image))

@@ -84,6 +84,12 @@ def _in_background(fn, *args):
     return future
 
 
+def _check_per_video(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise BadQueryError(f"per_video (--per-video) must be a whole number of at least 1, got {n!r}")
+    return int(n)
+
+
 class Searcher:
     """Search one index. ``Searcher("indexes/default").search_text("a dog", k=5)``.
 
@@ -102,10 +108,8 @@ class Searcher:
         ``backend`` runs the index's model when no ``encoder`` is given ("auto": ONNX Runtime when
         the model has an export, see mmsearch.encoder); ``per_video`` caps the spans of one video in a
         result list."""
-        if per_video < 1:
-            raise BadQueryError(f"--per-video must be at least 1, got {per_video}")
         self.span_margin = span_margin
-        self.per_video = per_video
+        self.per_video = _check_per_video(per_video)
         self._shot_rows: dict[tuple[str, int], np.ndarray] | None = None
         self.hubness = hubness
         self.backend = backend
@@ -246,19 +250,18 @@ class Searcher:
         return self._kind_rows[key]
 
     def hits(self, D: np.ndarray, I: np.ndarray, k: int | None = None, queries: np.ndarray | None = None,
-             query: str | None = None) -> list[list[Hit]]:
+             query: str | None = None, per_video: int | None = None) -> list[list[Hit]]:
         """Turn search results into Hit lists (one per query), best first, at most ``k`` each.
 
         Video frames become spans. In an index with shots (and given the ``queries`` vectors), a
         video hit is a moment within one shot: every frame of a shot that was found is scored (with
         the same hubness correction), and the span runs from the first to the last of its frames
-        scoring within ``span_margin`` of its best; one hit per shot, at most ``per_video`` per
-        video. Without shots, neighbouring sampled frames (consecutive ids) that were also found
+        scoring within ``span_margin`` of its best; one hit per shot, at most ``per_video`` (default:
+        the Searcher's) per video. Without shots, neighbouring sampled frames (consecutive ids) that were also found
         and score within ``span_margin`` of a video's best frame join its span. A span scores as
         its best frame.
         """
-        items = self.collection.items
-        out = []
+        items, out, per_video = self.collection.items, [], _check_per_video(self.per_video if per_video is None else per_video)
         for qi, (scores, ids) in enumerate(zip(D, I)):
             rows = self.collection.rows_of(ids)
             hits: list[Hit] = []
@@ -271,7 +274,7 @@ class Searcher:
                                     text=items.text[row]))
             q = queries[qi] if queries is not None else None
             for path, fs in frames.items():
-                hits += self._video_hits(path, fs, q, query)[: self.per_video]
+                hits += self._video_hits(path, fs, q, query)[:per_video]
             hits.sort(key=lambda h: -h.score)
             out.append([replace(h, rank=r + 1) for r, h in enumerate(hits[:k] if k else hits)])
         return out
@@ -322,7 +325,8 @@ class Searcher:
             self._shot_rows = {key: np.asarray(sorted(rs, key=lambda r: items.t[r])) for key, rs in groups.items()}
         return self._shot_rows[(path, shot)]
 
-    def _search(self, q: np.ndarray, k: int, kind, query: str | None = None) -> list[list[Hit]]:
+    def _search(self, q: np.ndarray, k: int, kind, query: str | None = None,
+                per_video: int | None = None) -> list[list[Hit]]:
         """Hits for query vectors; with videos in the candidates, fetch deeper until k hits remain
         after merging frames into spans."""
         if k < 1:
@@ -332,7 +336,7 @@ class Searcher:
         fetch = max(1, min(n, 4 * k if has_video else k))  # n == 0: search_vectors says what is missing
         while True:
             D, I = self.search_vectors(q, fetch, kind, query)
-            hits = self.hits(D, I, k, q, query)
+            hits = self.hits(D, I, k, q, query, per_video)
             if not has_video or fetch >= n or all(len(h) >= k for h in hits):
                 return hits
             fetch = min(n, 4 * fetch)

@@ -112,7 +112,16 @@ class VideoSampler:
     regular sample whose 16x16 grey thumbnail differs from the last kept one by less than that many
     grey levels on average (static shots); a shot's first frame is always kept.
 
-    ``mode``: "decode" decodes every frame; "seek" seeks to the keyframe before a sample time when one
+    ``min_side``: the caller will downscale frames to this shortest side anyway, so a frame is converted
+    to RGB at 1/2, 1/4 or 1/8 of its size as long as both sides stay >= ``min_side`` (as photos are
+    decoded, ``media.load_image``): converting a 4K frame in full costs about 45 ms, more than decoding it.
+
+    Decoding skips frames no other frame refers to (``skip_frame=NONREF``: most B-frames) while the
+    next sample time is more than ``NONREF_MARGIN`` frames ahead, so sampled frames are the same as
+    with full decoding and the cut detector still sees most frames (a cut is found on the first
+    frame decoded after it, at most a few frames late).
+
+    ``mode``: "decode" decodes every frame needed; "seek" seeks to the keyframe before a sample time when one
     lies ahead of the decoder and decodes forward from it; "auto" seeks when the file's keyframe index
     says that skips at least half the frames (interval much longer than the keyframe spacing). Frame
     times are the same either way: each is the first frame at or after its sample time. After
@@ -129,12 +138,13 @@ class VideoSampler:
     MediaError, possibly after some frames: the caller drops what it got, as for a corrupt image.
     """
 
-    def __init__(self, path: str, interval: float = 1.0, skip_similar: float | None = None, mode: str = "auto"):
+    def __init__(self, path: str, interval: float = 1.0, skip_similar: float | None = None, mode: str = "auto",
+                 min_side: int | None = None):
         if not interval > 0:
             raise BadArgumentError(f"frame interval must be positive seconds, got {interval}")
         if mode not in ("auto", "seek", "decode"):
             raise BadArgumentError(f"sampling mode must be auto, seek or decode, got {mode!r}")
-        self.path, self.interval, self.skip_similar = path, interval, skip_similar
+        self.path, self.interval, self.skip_similar, self.min_side = path, interval, skip_similar, min_side
         self.requested = mode  # what the caller asked for
         self.mode = "decode" if mode == "auto" else mode  # how the video was sampled (set by frames())
         self.shots: list[Shot] = []  # complete once frames() is exhausted
@@ -149,7 +159,7 @@ class VideoSampler:
             yield from self._sample(p)
             self.decoded = p.decoded
             _check_complete(p)
-            self.shots = _shots(p.cuts, p.last_t + max(p.gap, 1.0 / p.fps), p.total)
+            self.shots = _shots(p.cuts, p.end, p.total)
         finally:
             container.close()
 
@@ -160,7 +170,7 @@ class VideoSampler:
                 continue
             if t + 1e-6 >= next_t:
                 next_t = (np.floor(t / self.interval + 1e-9) + 1) * self.interval
-            image = frame.to_image()
+            image = _image(frame, self.min_side)
             if self.skip_similar:
                 thumb = _thumb(image)
                 if not cut and last_thumb is not None and float(np.abs(thumb - last_thumb).mean()) < self.skip_similar:
@@ -178,6 +188,9 @@ CUT_THRESHOLD = 27.0
 MIN_SHOT_SECONDS = 0.5
 #: width of the frames the cut detector sees (height keeps the aspect ratio)
 ANALYSIS_WIDTH = 160
+#: frames before a sample time (besides one per decoder thread) from which non-reference frames are
+#: decoded again: covers the decoder's reordering delay (x264 uses up to 4 frames with B-pyramids)
+NONREF_MARGIN = 5
 #: seek only to skip at least this many seconds of frames (a seek costs a decoder flush)
 MIN_SEEK_SKIP = 0.5
 
@@ -201,7 +214,7 @@ def _shots(cuts: list[float], last_end: float, total: float | None) -> list[Shot
 
 
 def _check_complete(p: "_Pass") -> None:
-    if p.total is not None and p.last_t + max(p.gap, 1.0 / p.fps) < p.total - 1.0:
+    if p.total is not None and p.end < p.total - 1.0:
         raise MediaError(f"{p.path}: truncated video: frames stop at {p.last_t:.1f}s of {p.total:.1f}s")
 
 
@@ -240,6 +253,16 @@ def frame_at(path: str, seconds: float):
         container.close()
 
 
+def _image(frame, min_side: int | None):
+    """``frame`` as a PIL RGB image, at 1/2, 1/4 or 1/8 of its size while both sides stay >= ``min_side``."""
+    scale = 1
+    while min_side and scale < 8 and min(frame.width, frame.height) // (scale * 2) >= min_side:
+        scale *= 2
+    if scale == 1:
+        return frame.to_image()
+    return frame.to_image(width=frame.width // scale, height=frame.height // scale, interpolation="AREA")
+
+
 def _planes(frame) -> list[np.ndarray]:
     return [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width] for p in frame.planes]
 
@@ -272,7 +295,7 @@ class _Pass:
     start: float  # the stream's first timestamp (seconds)
     fps: float  # nominal frame rate (for frames without timestamps)
     total: float | None  # the video stream's duration from the header
-    keyframes: list[float]  # keyframe times from the file's index (empty when it has none)
+    keyframes: list[float]  # when keyframes are shown, from the file's index (empty when it has none)
     size: tuple[int, int]  # (width, height) of the frames the cut detector sees
     decoder: Iterator | None = None
     detector: "_CutDetector | None" = None
@@ -284,15 +307,26 @@ class _Pass:
     probe: tuple[float, np.ndarray] | None = None  # (time, thumbnail) of the frame before a seek
     prime_until: float | None = None  # frames up to here were seen already: feed the detector only
     hold_until: float = -1.0  # do not seek again before this time (decoding a skipped stretch)
+    skipping: str = "DEFAULT"  # what the decoder skips (FFmpeg's skip_frame): DEFAULT or NONREF
+    sought: float | None = None  # the sample time of the latest seek
+    last_duration: float | None = None  # how long the latest frame stays on screen, when the file says
+
+    @property
+    def end(self) -> float:
+        """When the latest frame decoded leaves the screen."""
+        return self.last_t + (self.last_duration or max(self.gap, 1.0 / self.fps))
 
     @classmethod
     def of(cls, path: str, container, stream) -> "_Pass":
         start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         fps = float(stream.average_rate) if stream.average_rate else 25.0
         keys = sorted({float(e.timestamp * stream.time_base) - start for e in stream.index_entries if e.is_keyframe})
+        # mp4 indexes time keyframes in decoding order, ahead of display order by the B-frame delay
+        # (the first keyframe is shown at the stream's start); seeking takes display times
+        lead = max(0.0, -keys[0]) if keys else 0.0
         w, h = stream.width or ANALYSIS_WIDTH, stream.height or ANALYSIS_WIDTH
         size = (ANALYSIS_WIDTH, max(2, int(round(ANALYSIS_WIDTH * h / w / 2)) * 2))
-        return cls(path, container, stream, start, fps, _stream_seconds(stream), keys, size)
+        return cls(path, container, stream, start, fps, _stream_seconds(stream), [k + lead for k in keys], size)
 
     def run(self, seek: bool, target) -> Iterator[tuple[object, float, bool]]:
         """(frame, time, starts a shot) for each frame decoded, in time order; with ``seek``, jumps
@@ -309,12 +343,36 @@ class _Pass:
             self.prime_until = None
             cut = self._cut(t, thumb)
             yield frame, t, cut
+            n = target()
+            self._skip("NONREF" if n - t > self._margin() else "DEFAULT")
             if seek and t >= self.hold_until:
-                n = target()
-                k = self.keyframes[max(0, int(np.searchsorted(self.keyframes, n + 1e-6)) - 1)] if self.keyframes else 0.0
-                if k > t + MIN_SEEK_SKIP:
-                    self.probe = (t, thumb)
+                k = self._keyframe_before(n)
+                if k > t + MIN_SEEK_SKIP and n != self.sought:  # one seek per sample time, whatever happens
+                    self.probe, self.sought = (t, thumb), n
                     self._restart(n)
+                    self._skip(self._after_seek(n, k))
+
+    def _keyframe_before(self, t: float) -> float:
+        """When the last keyframe at or before ``t`` is shown (0.0 without an index)."""
+        return self.keyframes[max(0, int(np.searchsorted(self.keyframes, t + 1e-6)) - 1)] if self.keyframes else 0.0
+
+    def _after_seek(self, n: float, k: float) -> str:
+        """What the decoder may skip after seeking to keyframe ``k`` for the sample at ``n``:
+        non-reference frames while ``n`` is far. (Skipping all but keyframes when ``k`` is the
+        sample costs more: with frame threads the decoder then reads on to the next keyframe and
+        decodes it before it hands over this one.)"""
+        return "NONREF" if n - k > self._margin() else "DEFAULT"
+
+    def _margin(self) -> float:
+        """Seconds before a sample time from which every frame is decoded: the frames already handed
+        to the decoder's threads and its reordering buffer are decoded with the setting they got."""
+        cc = self.stream.codec_context
+        return (NONREF_MARGIN + (cc.thread_count or 1)) / self.fps
+
+    def _skip(self, level: str) -> None:
+        if level != self.skipping:
+            self.stream.codec_context.skip_frame = level
+            self.skipping = level
 
     def _skipped_a_cut(self, t: float, thumb: np.ndarray) -> bool:
         """At the first frame after a seek: when it differs from the frame before the seek like a
@@ -325,6 +383,7 @@ class _Pass:
             return False
         self.hold_until = t
         self._restart(before_t)
+        self._skip("DEFAULT")  # every frame of the stretch, to find the cut
         self.prime_until = before_t
         return True
 
@@ -340,7 +399,9 @@ class _Pass:
         """A new continuous run: from the start, or from the keyframe at or before ``at`` seconds."""
         if at is not None:
             try:
-                ts = int((at + self.start) / self.stream.time_base)
+                # FFmpeg seeks by display time; int() could round 2.0 s down to a tick before the
+                # keyframe shown then, and land on the one before it
+                ts = round((at + self.start) / self.stream.time_base)
                 self.container.seek(ts, stream=self.stream, backward=True, any_frame=False)
             except Exception as e:  # noqa: BLE001 - av raises its own errors for files it cannot seek in
                 raise MediaError(f"{self.path}: cannot seek in the video ({_reason(e)})") from None
@@ -360,8 +421,10 @@ class _Pass:
         t = _seconds(frame, self.stream, self.start)
         if t is None:  # no timestamp: count frames at the nominal rate
             t = self.run_t + 1.0 / self.fps if self.run_t is not None else (self.last_t if self.decoded else 0.0)
-        if self.run_t is not None:
+        if self.run_t is not None and self.skipping == "DEFAULT":  # skipped frames are not gaps
             self.gap = max(self.gap, t - self.run_t)
+        if t >= self.last_t and frame.duration and frame.time_base:
+            self.last_duration = float(frame.duration * frame.time_base)
         self.run_t, self.last_t, self.decoded = t, max(self.last_t, t), self.decoded + 1
         return frame, t
 

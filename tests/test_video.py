@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from mmsearch.cli import app
@@ -283,14 +284,15 @@ def test_indexing_texts_does_not_reset_how_videos_were_sampled(tmp_path, encoder
     assert (r.unchanged, r.updated) == (1, 0)
 
 
-def _write_shots(path, shots, fps=25, gop=250, size=(160, 120)) -> None:
+def _write_shots(path, shots, fps=25, gop=250, size=(160, 120), bframes=0) -> None:
     """A libx264 test video (keyframe every ``gop`` frames) of ``shots``: (seconds, seed) pairs, each a
     different random picture that drifts a pixel every 8 frames (motion within a shot, a cut between shots)."""
     import av
 
     w, h = size
+    options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "preset": "ultrafast", "bf": str(bframes)}
     with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps, options={"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "preset": "ultrafast"})
+        stream = out.add_stream("libx264", rate=fps, options=options)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         for seconds, seed in shots:
             rng = np.random.default_rng(seed)
@@ -372,3 +374,41 @@ def test_a_truncated_video_is_an_error_when_seeking_too(tmp_path, long_video):
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(MediaError):
         list(VideoSampler(str(cut), 20.0, mode="seek").frames())
+
+
+def _every_frame(path: str, interval: float) -> tuple[int, list[tuple[float, np.ndarray]]]:
+    """The naive reference: decode every frame, keep the first at or after each sample time."""
+    import av
+
+    kept, n, next_t = [], 0, 0.0
+    with av.open(path) as c:
+        for frame in c.decode(video=0):
+            n, t = n + 1, float(frame.pts * frame.time_base)
+            if t + 1e-6 >= next_t:
+                next_t = (np.floor(t / interval + 1e-9) + 1) * interval
+                kept.append((round(t, 3), frame.to_ndarray(format="rgb24")))
+    return n, kept
+
+
+@pytest.mark.parametrize("interval", [1.0, 0.5])
+def test_frames_nobody_refers_to_are_skipped_and_the_samples_are_the_same(tmp_path, interval):
+    video = tmp_path / "bframes.mp4"
+    _write_shots(video, [(12, 5)], gop=250, bframes=3)  # one shot; B-frames that no frame refers to
+    n, reference = _every_frame(str(video), interval)
+    sampler = VideoSampler(str(video), interval, mode="decode")
+    frames = list(sampler.frames())
+    assert [f.t for f in frames] == [t for t, _ in reference]
+    assert all(np.array_equal(np.asarray(f.image), pixels) for f, (_, pixels) in zip(frames, reference))
+    assert sampler.decoded < 0.8 * n, (sampler.decoded, n)  # skipped, yet no sampled frame is missed
+    assert sampler.shots == [Shot(0.0, 12.0)]
+
+
+def test_frames_are_converted_at_a_reduced_size_only_down_to_min_side():
+    path = clip("chaplin.mp4")  # 640x360
+    full = next(iter(VideoSampler(path, 5.0).frames())).image
+    assert full.size == (640, 360)
+    assert next(iter(VideoSampler(path, 5.0, min_side=224).frames())).image.size == (640, 360)  # half would be < 224
+    half = next(iter(VideoSampler(path, 5.0, min_side=180).frames())).image
+    assert half.size == (320, 180)
+    diff = np.abs(np.asarray(half, np.float32) - np.asarray(full.resize((320, 180), Image.BOX), np.float32))
+    assert diff.mean() < 3.0, diff.mean()  # the same picture, averaged 2x2

@@ -93,3 +93,29 @@ def test_an_index_from_before_shots_gets_them_without_embedding_again(tmp_path, 
                                                                       fresh.items.shot_end)})
     assert shots[0][:2] == (0, 0.0) and 3.0 <= shots[0][2] == shots[1][1] <= 4.5, shots
     assert index_folder(folder, idx, encoder=counting).changed is False  # and then nothing more to do
+
+
+def test_per_video_in_the_library_and_the_service(shot_index, encoder, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from mmsearch.errors import BadQueryError
+    from mmsearch.serve.app import create_app
+
+    folder, idx = shot_index
+    path = str(folder / "airplane_then_field.mp4")
+    s = Searcher(idx, encoder=encoder)
+    shots = sum(h.path == path for h in s.search_text(PLANE, k=10))
+    assert 2 <= shots <= 3  # one hit for each of its shots, at most the default 3
+    assert sum(h.path == path for h in s._search(encoder.embed_texts([PLANE]), 10, None, "text", per_video=1)[0]) == 1
+    with pytest.raises(BadQueryError, match="per_video"):
+        Searcher(idx, encoder=encoder, per_video=0)
+    with TestClient(create_app(idx, cache_dir=tmp_path / "cache")) as c:
+        for extra, most in (({}, shots), ({"per_video": 1}, 1), ({"per_video": 2}, 2)):
+            got = c.get("/api/search", params={"q": PLANE, "k": 10} | extra).json()["items"]
+            assert sum(i["path"] == path for i in got) == most, got
+            posted = c.post("/api/search", json={"q": PLANE, "k": 10} | extra).json()["items"]
+            assert [i["id"] for i in posted] == [i["id"] for i in got]
+        for bad in (0, "two", 1.5, True):
+            r = c.post("/api/search", json={"q": PLANE, "per_video": bad})
+            assert r.status_code == 400 and "per_video" in r.json()["error"], r.text
+        assert c.get("/api/search", params={"q": PLANE, "per_video": 0}).status_code == 400

@@ -90,13 +90,13 @@ class Results:
                     text=c.items.text[row], start=start, end=end,
                     rank=hit.rank if hit else None, score=round(hit.score, 4) if hit else None)
 
-    def page(self, vector: np.ndarray, k: int, page: int, query: str | None, kind) -> dict:
+    def page(self, vector: np.ndarray, k: int, page: int, query: str | None, kind, per_video: int | None = None) -> dict:
         """One page of results for a query vector (``query``: its modality, for the hubness correction)."""
         k, page = _check_k(k), max(0, int(page))
         t0 = time.perf_counter()
         s = self.snap.searcher
         with self._lock, self.stage("search"):
-            hits = s._search(np.atleast_2d(vector), k * (page + 1) + 1, kind, query)[0]  # one more: a next page?
+            hits = s._search(np.atleast_2d(vector), k * (page + 1) + 1, kind, query, per_video)[0]  # +1: a next page?
             corrected = query is not None and s.hubness and s._correction(query, kind) is not None
         items = [self.item(h.id, h).to_json() for h in hits[page * k:(page + 1) * k]]
         return {"items": items, "next_page": page + 1 if len(hits) > (page + 1) * k else None,
@@ -109,21 +109,21 @@ class Results:
             vector = embed([what])
         return vector, time.perf_counter() - t0
 
-    def text(self, q: str, k: int, page: int, kind: str) -> dict:
+    def text(self, q: str, k: int, page: int, kind: str, per_video: int | None = None) -> dict:
         s = self.snap.searcher
         if not isinstance(q, str) or not q.strip():
             raise BadQueryError("empty query: give some text to search for (q=...), or POST an image")
         wanted = s._kind(_check_kind(kind), "text")
         vector, seconds = self._encode(s.encoder.embed_texts, q)
-        return _took(self.page(vector, k, page, "text", wanted), seconds)
+        return _took(self.page(vector, k, page, "text", wanted, per_video), seconds)
 
-    def image(self, image, k: int, page: int, kind: str) -> dict:
+    def image(self, image, k: int, page: int, kind: str, per_video: int | None = None) -> dict:
         s = self.snap.searcher
         wanted = s._kind(_check_kind(kind), "image")
         vector, seconds = self._encode(s.encoder.embed_images, image)
-        return _took(self.page(vector, k, page, "image", wanted), seconds)
+        return _took(self.page(vector, k, page, "image", wanted, per_video), seconds)
 
-    def similar(self, item_id: int, k: int, page: int, kind: str) -> dict:
+    def similar(self, item_id: int, k: int, page: int, kind: str, per_video: int | None = None) -> dict:
         """Items like a stored one, from its stored vector (nothing re-encoded); same modality by default."""
         s, c = self.snap.searcher, self.snap.collection
         item = self.item(item_id)
@@ -132,7 +132,7 @@ class Results:
             wanted = ("text",) if item.kind == "text" else tuple(x for x in ("image", "video") if len(s._rows_of_kind(x)))
         else:
             wanted = s._kind(_check_kind(kind), "image")
-        return self.page(vector, k, page, None, wanted)
+        return self.page(vector, k, page, None, wanted, per_video)
 
 
 def _took(result: dict, encode_seconds: float) -> dict:

@@ -4,8 +4,8 @@ Endpoints (JSON errors are ``{"error": "..."}`` with a 4xx status; a 500 only fo
 its traceback):
 
     GET  /                          the page (static/index.html; no build step, no CDN)
-    GET  /api/search?q=&k=&page=&kind=   text query
-    POST /api/search                JSON {"q", "k", "page", "kind"}, or multipart with the file in "image"
+    GET  /api/search?q=&k=&page=&kind=&per_video=   text query (per_video: spans of one video, default 3)
+    POST /api/search                JSON {"q", "k", "page", "kind", "per_video"}, or multipart with the file in "image"
     GET  /api/items/{id}            one item;  GET /api/items/{id}/similar  items like it (stored vector)
     GET  /api/info                  what `mmsearch info --json` says
     GET  /thumb/{id}?size=256       EXIF-rotated JPEG thumbnail, cached on disk (a video's: its frame)
@@ -31,6 +31,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from ..errors import (
+    BadQueryError,
     EmptyIndexError,
     IndexNotFoundError,
     MediaError,
@@ -148,6 +149,19 @@ def _install_guards(app: FastAPI, server: Server) -> None:
         return _error(500, f"internal error ({type(e).__name__}); the server log has the details")
 
 
+def _whole(value) -> int | None:
+    """An optional whole-number field of a JSON body or a form (None when absent)."""
+    bad = BadQueryError(f"per_video must be a whole number of at least 1, got {value!r}")
+    if value is None:
+        return None
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise bad
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise bad from None
+
+
 def _item_id(text: str) -> int:
     """An item id from the URL; anything but a plain number (``..``, a path, NUL, ...) is not found."""
     if not (text.isascii() and text.isdigit() and len(text) < 19):
@@ -163,8 +177,8 @@ def _authorised(request: Request, token: str) -> bool:
 
 def _install_api(app: FastAPI, server: Server) -> None:
     @app.get("/api/search")
-    def search_get(q: str = "", k: int = 20, page: int = 0, kind: str = "auto"):
-        return server.results().text(q, k, page, kind)
+    def search_get(q: str = "", k: int = 20, page: int = 0, kind: str = "auto", per_video: int | None = None):
+        return server.results().text(q, k, page, kind, per_video)
 
     @app.post("/api/search")
     async def search_post(request: Request):
@@ -179,9 +193,9 @@ def _install_api(app: FastAPI, server: Server) -> None:
                 raise MediaError("send the query image in the multipart field 'image'")
             data = await upload.read(server.limits.upload_bytes + 1)
             image = read_upload(data, server.limits)
-            args = {k: form.get(k) for k in ("k", "page", "kind") if form.get(k) is not None}
+            args = {k: form.get(k) for k in ("k", "page", "kind", "per_video") if form.get(k) is not None}
             return server.results().image(image, int(args.get("k", 20)), int(args.get("page", 0)),
-                                          str(args.get("kind", "auto")))
+                                          str(args.get("kind", "auto")), _whole(args.get("per_video")))
         try:
             body = json.loads(await request.body() or b"{}")
         except ValueError:
@@ -189,15 +203,15 @@ def _install_api(app: FastAPI, server: Server) -> None:
         if not isinstance(body, dict):
             raise MediaError("send a JSON object: {\"q\": \"...\", \"k\": 20}")
         return server.results().text(str(body.get("q", "")), int(body.get("k", 20)), int(body.get("page", 0)),
-                                     str(body.get("kind", "auto")))
+                                     str(body.get("kind", "auto")), _whole(body.get("per_video")))
 
     @app.get("/api/items/{item_id}")
     def item(item_id: str):
         return server.results().item(_item_id(item_id)).to_json()
 
     @app.get("/api/items/{item_id}/similar")
-    def similar(item_id: str, k: int = 20, page: int = 0, kind: str = "auto"):
-        return server.results().similar(_item_id(item_id), k, page, kind)
+    def similar(item_id: str, k: int = 20, page: int = 0, kind: str = "auto", per_video: int | None = None):
+        return server.results().similar(_item_id(item_id), k, page, kind, per_video)
 
     @app.get("/api/info")
     def info():
