@@ -16,6 +16,13 @@ Datasets (d = 256, the dimension of the default model):
 
     python benchmarks/index_scale.py [--sizes 100000 1000000] [--queries 1000] [--no-real]
 
+Clustered sets (issue 19): ``--clustered 2000 20000`` adds 1M-vector sets of that many tight
+Gaussian clusters with mixed spreads, measured with ``--clustered-methods`` (default: flat and
+``auto``, the index `mmsearch index` builds, its codes chosen by measurement). The record of those:
+
+    python benchmarks/index_scale.py --no-real --sizes --clustered 2000 20000 \
+        --out benchmarks/results/index_scale_clustered.json
+
 Writes benchmarks/results/index_scale.json and benchmarks/results/index_scale.png (with matplotlib,
 the `bench` extra). Real embeddings are cached in .cache/bench/, keyed by the model's weights fingerprint and precision
 (computed once per weights; the slow part of a first run).
@@ -50,6 +57,8 @@ METHODS = {
     "hnsw": (IndexSpec(index_type="hnsw"), "ef_search", [16, 32, 64, 128, 256, 512]),
     "ivfflat": (IndexSpec(index_type="ivfflat"), "nprobe", [1, 2, 4, 8, 16, 32, 64, 128, 256]),
     "ivfpq": (IndexSpec(index_type="ivfpq"), "nprobe", [1, 2, 4, 8, 16, 32, 64, 128, 256]),
+    # what `mmsearch index` builds: at 1M, IVF-PQ with its codes chosen by measurement
+    "auto": (IndexSpec(), "nprobe", [1, 2, 4, 8, 16, 32, 64, 128, 256]),
 }
 
 
@@ -98,6 +107,21 @@ def synthetic(real: np.ndarray, n: int, seed: int) -> np.ndarray:
         m = min(100_000, n - s)
         anchors = real[rng.integers(0, len(real), m)]
         out[s:s + m] = normalise(anchors + 0.5 * rng.standard_normal((m, real.shape[1])).astype(np.float32) @ shape)
+    return out
+
+
+def clustered(n: int, clusters: int, d: int, seed: int) -> np.ndarray:
+    """n unit vectors from ``clusters`` tight Gaussian clusters with mixed spreads: random centres,
+    each cluster's spread log-uniform in 0.05-0.5 (so cosine to the centre ~0.999 down to ~0.9),
+    like bursts of video frames and near-duplicate photos. Seeded; queries are further draws."""
+    rng = np.random.default_rng(seed)
+    centres = normalise(rng.standard_normal((clusters, d)).astype(np.float32))
+    spread = np.exp(rng.uniform(np.log(0.05), np.log(0.5), clusters)).astype(np.float32)
+    out = np.empty((n, d), np.float32)
+    for s in range(0, n, 100_000):
+        label = rng.integers(0, clusters, min(100_000, n - s))
+        noise = rng.standard_normal((len(label), d)).astype(np.float32)
+        out[s:s + len(label)] = normalise(centres[label] + spread[label, None] / np.sqrt(d) * noise)
     return out
 
 
@@ -167,8 +191,11 @@ def run_dataset(name: str, base: np.ndarray, queries: np.ndarray, methods: list[
             curve.append(row)
             print(f"[{name}] {method} {knob}={v}: R@10 {row['recall@10']:.3f} R@1 {row['recall@1']:.3f} "
                   f"single {s_qps:.0f} q/s batched {b_qps:.0f} q/s", flush=True)
+        choice = index.params.get("choice")
+        secs = {**secs, "tune": round(secs["tune"] + (choice["seconds"] if choice else 0.0), 3)}  # choosing is tuning
         out["methods"][method] = {
             "params": {k: v for k, v in index.params.items() if k not in ("tuning",)},
+            "choice": choice,
             "tuning": index.params.get("tuning"),
             "build_seconds": round(build_total - secs["tune"], 2), "tune_seconds": secs["tune"],
             "disk_bytes_per_vector": round(disk / n, 1),
@@ -179,7 +206,7 @@ def run_dataset(name: str, base: np.ndarray, queries: np.ndarray, methods: list[
         }
         del index
     flat = out["methods"].get("flat")
-    pq = out["methods"].get("ivfpq")
+    pq = out["methods"].get("auto") or out["methods"].get("ivfpq")
     if flat and pq:
         at = next(r for r in pq["curve"] if r["tuned"])
         fb = flat["curve"][0]["qps_batched"]
@@ -190,6 +217,8 @@ def run_dataset(name: str, base: np.ndarray, queries: np.ndarray, methods: list[
             ">= 20x flat batched qps": at["qps_batched"] >= 20 * fb,
             "ram per vector vs flat": round(pq["ram_bytes_per_vector"] / flat["ram_bytes_per_vector"], 4),
             "<= 1/8 of flat ram": pq["ram_bytes_per_vector"] <= flat["ram_bytes_per_vector"] / 8,
+            "tuning share of build": round(pq["tune_seconds"] / (pq["build_seconds"] + pq["tune_seconds"]), 3),
+            "<= 25% tuning": pq["tune_seconds"] <= 0.25 * (pq["build_seconds"] + pq["tune_seconds"]),
         }
     return out
 
@@ -234,9 +263,12 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])  # synthetic dataset sizes
     ap.add_argument("--queries", type=int, default=1000, help="held-out queries per synthetic dataset")
     ap.add_argument("--single", type=int, default=200, help="queries timed one at a time")
-    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--methods", nargs="*", default=["flat", "hnsw", "ivfflat", "ivfpq"])
     ap.add_argument("--hnsw-max", type=int, default=10**7, help="skip HNSW above this many vectors")
     ap.add_argument("--no-real", action="store_true", help="skip the real-embeddings dataset")
+    ap.add_argument("--clustered", type=int, nargs="*", default=[], help="cluster counts of clustered sets to add")
+    ap.add_argument("--clustered-n", type=int, default=1_000_000, help="vectors in each clustered set")
+    ap.add_argument("--clustered-methods", nargs="*", default=["flat", "auto"])
     ap.add_argument("--out", default=str(RESULTS / "index_scale.json"))
     args = ap.parse_args()
 
@@ -264,6 +296,14 @@ def main() -> None:
         results["datasets"][name] = run_dataset(name, base, q, args.methods, args)
         results["datasets"][name]["source"] = "real embedding + 0.5 x real-covariance Gaussian noise, normalised (seeded)"
         del base
+    for i, clusters in enumerate(args.clustered):
+        n = args.clustered_n
+        x = clustered(n + args.queries, clusters, real.shape[1], seed=300 + i)
+        name = f"clustered-{clusters // 1000}k-{n // 10**6}m" if n >= 10**6 else f"clustered-{clusters}-{n // 1000}k"
+        results["datasets"][name] = run_dataset(name, x[args.queries:], x[:args.queries], args.clustered_methods, args)
+        results["datasets"][name]["source"] = (f"{clusters} tight Gaussian clusters, spreads log-uniform 0.05-0.5 "
+                                               "(seeded); queries: further draws from the same clusters")
+        del x
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

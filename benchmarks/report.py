@@ -285,7 +285,8 @@ def print_index_scale() -> None:
             knob = next((k for k in ("nprobe", "ef_search") if k in row), None)
             params = {"flat": "exact", "hnsw": f"M={p.get('hnsw_m')}",
                       "ivfflat": f"nlist={p.get('nlist')}",
-                      "ivfpq": f"nlist={p.get('nlist')}, m={p.get('m')}, re-rank k×{p.get('rerank_factor')}"}[method]
+                      "ivfpq": f"nlist={p.get('nlist')}, m={p.get('m')}, re-rank k×{p.get('rerank_factor')}",
+                      "auto": f"{p.get('kind')}, nlist={p.get('nlist')}, m={p.get('m')}x{p.get('nbits')}"}[method]
             print(f"| {name} ({ds['n']:,} × {ds['d']}) | {method} | {params} | {m['build_seconds']:.1f} "
                   f"(+{m['tune_seconds']:.1f}) | {m['disk_bytes_per_vector']:.0f} | {m['ram_bytes_per_vector']:.0f} "
                   f"({m['ram_bytes_per_vector_mmap']:.0f}) | {f'{knob}={row[knob]}' if knob else '–'} | "
@@ -298,6 +299,42 @@ def print_index_scale() -> None:
                   f"recall@10 {t['ivfpq_tuned']['recall@10']:.3f} (≥ 0.95: {ok(t['recall@10 >= 0.95'])}), "
                   f"batched QPS {t['batched qps vs flat']}× Flat (≥ 20×: {ok(t['>= 20x flat batched qps'])}), "
                   f"RAM per vector {t['ram per vector vs flat']:.3f}× Flat (≤ 1/8: {ok(t['<= 1/8 of flat ram'])}).")
+
+
+def print_index_clustered() -> None:
+    """docs/benchmarks.md: the automatic index on clustered 1M sets (issue 19)."""
+    r = load("index_scale_clustered.json")
+    if not r:
+        print("(no record: run `python benchmarks/index_scale.py --no-real --sizes --clustered 2000 20000 "
+              "--out benchmarks/results/index_scale_clustered.json`)")
+        return
+    print(f"The automatic index on clustered sets ({r['machine']}), from `{r['command'].strip()}`; recall@10 "
+          "against exact search on held-out queries; tuning = choosing the codes + tuning nprobe and re-ranking:")
+    print()
+    print("| dataset | codes chosen (tried on a sample: recall, ms/query) | build s | tuning s (share) | "
+          "disk / RAM B/vector | tuned setting | recall@10 | QPS single | QPS batched | × Flat batched |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, ds in r["datasets"].items():
+        m, flat = ds["methods"].get("auto"), ds["methods"].get("flat")
+        if not m or not flat:
+            continue
+        row, c, p = _tuned(m), m.get("choice"), m["params"]
+        tried = "; ".join(f"{t['codes']} {t['recall']:.3f}, {t['ms_per_query']:.3f}" for t in c["trials"]) if c else "–"
+        share = m["tune_seconds"] / (m["build_seconds"] + m["tune_seconds"])
+        print(f"| {name} ({ds['n']:,} × {ds['d']}) | {c['chosen'] if c else p.get('m')} ({tried}) | "
+              f"{m['build_seconds']:.1f} | {m['tune_seconds']:.1f} ({100 * share:.0f} %) | "
+              f"{m['disk_bytes_per_vector']:.0f} / {m['ram_bytes_per_vector']:.0f} | nprobe={row['nprobe']}, "
+              f"re-rank k×{p.get('rerank_factor')} | {row['recall@10']:.3f} | {row['qps_single']:.0f} | "
+              f"{row['qps_batched']:.0f} | {row['qps_batched'] / _tuned(flat)['qps_batched']:.1f} |")
+    for name, ds in r["datasets"].items():
+        t = ds.get("targets")
+        if t:
+            print()
+            print(f"Targets (issue 19) on {name}: recall@10 {t['ivfpq_tuned']['recall@10']:.3f} (≥ 0.95: "
+                  f"{ok(t['recall@10 >= 0.95'])}), batched QPS {t['batched qps vs flat']}× Flat (≥ 20×: "
+                  f"{ok(t['>= 20x flat batched qps'])}), RAM {t['ram per vector vs flat']:.3f}× Flat (≤ 1/8: "
+                  f"{ok(t['<= 1/8 of flat ram'])}), tuning {100 * t['tuning share of build']:.0f} % of the build "
+                  f"(≤ 25 %: {ok(t['<= 25% tuning'])}).")
 
 
 def _scale_sets() -> tuple[dict, dict | None, dict | None]:
@@ -626,6 +663,7 @@ SECTIONS = {
     "video": print_video,                       # docs/benchmarks.md
     "video-examples": print_video_examples,     # docs/video.md
     "video-long-gop": print_video_long_gop,     # docs/benchmarks.md
+    "index-clustered": print_index_clustered,   # docs/benchmarks.md
 }
 MARKED = re.compile(r"^<!-- report:(?P<name>[\w-]+) -->\n(?:.*?\n)?<!-- /report:(?P=name) -->$", re.S | re.M)  # whole lines
 

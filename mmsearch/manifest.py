@@ -192,7 +192,7 @@ class Manifest:
             "model": asdict(self.model),
             "next_id": self.next_id,
             "failed": {p: asdict(f) for p, f in self.failed.items()},
-            "index_spec": asdict(self.index_spec) if self.index_spec is not None else None,
+            "index_spec": _spec_json(self.index_spec) if self.index_spec is not None else None,
             "video_sampled": {p: asdict(s) for p, s in self.video_sampled.items()},
             "video_sampling": asdict(self.video_sampling) if self.video_sampling is not None else None,
             "hubness": self.hubness,
@@ -237,6 +237,16 @@ def _number(x, low: float = 0.0) -> bool:
 
 def _sampling(s: Sampling) -> bool:
     return _number(s.frame_interval) and s.frame_interval > 0 and _number(s.skip_similar)
+
+
+#: IndexSpec fields added later: written only when set away from their default, so a manifest of an
+#: older release reads and writes back unchanged
+_LATER_SPEC_FIELDS = ("choose_sample",)
+
+
+def _spec_json(spec: IndexSpec) -> dict:
+    d, default = asdict(spec), IndexSpec()
+    return {k: v for k, v in d.items() if k not in _LATER_SPEC_FIELDS or v != getattr(default, k)}
 
 
 def _spec_types(spec: IndexSpec) -> bool:

@@ -274,6 +274,7 @@ class Collection:
             "dim": m.dim,
             "index_type": m.index.kind,
             "index_params": m.index.params,
+            **({"index_choice": _choice_line(m.index.params)} if m.index.params.get("choice") else {}),
             "hubness": m.hubness,
             "disk_bytes": self.disk_bytes(),
             "previous_generation": m.previous,  # kept for `mmsearch doctor --repair`
@@ -285,6 +286,12 @@ class Collection:
     def disk_bytes(self) -> int:
         gen = self.path / self.manifest.generation_dir
         return sum(f.stat().st_size for f in gen.iterdir() if f.is_file()) + (self.path / MANIFEST).stat().st_size
+
+
+def _choice_line(params: dict) -> str:
+    from .index.choice import Choice
+
+    return Choice.from_json(params["choice"]).summary()
 
 
 def check_rows(path: Path, m: Manifest, items: Items | None, embeddings: np.ndarray | None) -> None:

@@ -5,7 +5,8 @@ Kinds (chosen by :func:`plan_index` from N, d and a memory budget, or forced):
 ``flat``     exact search (``IndexFlatIP`` in an ``IndexIDMap2``).
 ``hnsw``     graph search (``IndexHNSWFlat``); exact distances, tuned ``efSearch``; no removal in place.
 ``ivfflat``  inverted file over full vectors (``IndexIVFFlat``); exact distances, tuned ``nprobe``.
-``ivfpq``    inverted file over product-quantised codes (``IndexIVFPQ``); its candidates are re-ranked
+``ivfpq``    inverted file over product-quantised codes (``IndexIVFPQ``, or 4-bit fast-scan
+             ``IndexIVFPQFastScan`` when ``choice`` measured it cheaper); its candidates are re-ranked
              exactly with the stored embeddings (``rerank_factor`` x k of them), tuned ``nprobe``.
 ``factory``  any faiss ``index_factory`` string the user forces; re-ranked unless its codes are exact.
 
@@ -21,6 +22,7 @@ One job per module:
 ``vector_index``  :class:`VectorIndex`: build, add, remove, search (with exact re-ranking), save, load
 ``params``        :class:`IndexParams`: what is not in the faiss file, and its manifest JSON
 ``tuning``        :func:`tune` -> :class:`Tuning`: the search setting reaching the target recall
+``choice``        :func:`choose_codes` -> :class:`Choice`: the IVF-PQ code layout, by measurement on a sample
 ``files``         atomic writes and checked reads of index files
 ``legacy``        format-1 index files
 ``gpu``           faiss-gpu: training, adding and searching on a CUDA device

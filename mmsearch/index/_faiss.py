@@ -53,6 +53,8 @@ def new_index(plan: IndexPlan, d: int):
         return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
     if plan.kind == "hnsw":
         return faiss.IndexIDMap2(faiss.IndexHNSWFlat(d, plan.hnsw_m, faiss.METRIC_INNER_PRODUCT))
+    if plan.kind == "ivfpq" and plan.codes:
+        return from_factory(d, f"IVF{plan.nlist},{plan.codes}")
     if plan.kind in ("ivfflat", "ivfpq"):
         quantizer = faiss.IndexFlatIP(d)
         if plan.kind == "ivfflat":

@@ -39,7 +39,7 @@ def _holds(kind: str) -> Callable[[Any], bool]:
         "flat": in_idmap(faiss.IndexFlat),
         "hnsw": in_idmap(faiss.IndexHNSW),
         "ivfflat": lambda ix: isinstance(ix, faiss.IndexIVFFlat),
-        "ivfpq": lambda ix: isinstance(ix, faiss.IndexIVFPQ) or legacy.is_format1(ix),
+        "ivfpq": lambda ix: isinstance(ix, (faiss.IndexIVFPQ, faiss.IndexIVFPQFastScan)) or legacy.is_format1(ix),
         "factory": lambda ix: True,
     }[kind]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .choice import Choice
 from .plan import IndexPlan
 from .tuning import Tuning
 
@@ -23,7 +24,7 @@ class BuildSeconds:
 
 
 # the keys IndexParams itself reads from a manifest, besides the plan's
-_OWN = ("gpu_build", "nprobe", "ef_search", "rerank_factor", "tuning", "build_seconds", "legacy_refine")
+_OWN = ("gpu_build", "nprobe", "ef_search", "rerank_factor", "tuning", "build_seconds", "legacy_refine", "choice")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class IndexParams:
     tuning: Tuning | None = None
     build_seconds: BuildSeconds | None = None
     legacy_refine: bool = False  # a format-1 file searched through faiss's IndexRefineFlat (see legacy.py)
+    choice: Choice | None = None  # how an automatic IVF-PQ index chose its codes (mmsearch.index.choice)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
     # the key order of the manifest these were read from: written back in it (new keys last), as a dict would
     read_order: tuple[str, ...] = field(default=(), compare=False, repr=False)
@@ -56,7 +58,8 @@ class IndexParams:
         for key, value in (("gpu_build", self.gpu_build), ("nprobe", self.nprobe), ("ef_search", self.ef_search),
                            ("tuning", self.tuning and self.tuning.to_json()),
                            ("build_seconds", self.build_seconds and self.build_seconds.to_json()),
-                           ("legacy_refine", self.legacy_refine or None)):
+                           ("legacy_refine", self.legacy_refine or None),
+                           ("choice", self.choice and self.choice.to_json())):
             if value is not None:
                 d[key] = value
         d.update(self.extra)
@@ -74,5 +77,6 @@ class IndexParams:
                    tuning=Tuning.from_json(d["tuning"]) if d.get("tuning") else None,
                    build_seconds=BuildSeconds(**seconds) if seconds else None,
                    legacy_refine=bool(d.get("legacy_refine", False)),
+                   choice=Choice.from_json(d["choice"]) if d.get("choice") else None,
                    extra={k: v for k, v in d.items() if k not in plan_keys and k not in _OWN},
                    read_order=tuple(d))

@@ -42,14 +42,14 @@ def fmt_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def ram_per_vector(kind: str, d: int, m: int = 0, hnsw_m: int = 32) -> int:
+def ram_per_vector(kind: str, d: int, m: int = 0, hnsw_m: int = 32, nbits: int = 8) -> int:
     """Bytes of RAM one vector costs in an index of ``kind`` (codes + id + structure), for budgeting."""
     if kind in ("flat", "ivfflat"):
         return 4 * d + ID_BYTES
     if kind == "hnsw":
         return 4 * d + ID_BYTES + 2 * hnsw_m * 4 + 8  # vectors, id map, links on level 0 (2M ints) and levels
     if kind == "ivfpq":
-        return m + ID_BYTES
+        return m * nbits // 8 + ID_BYTES
     raise ValueError(f"no memory model for index kind {kind!r}")
 
 
@@ -67,6 +67,7 @@ class IndexPlan:
     n_train: int | None = None  # vectors k-means trains on
     m: int | None = None  # PQ sub-quantizers
     nbits: int | None = None  # bits per PQ code
+    codes: str | None = None  # faiss layout of the codes when not plain PQ{m} (e.g. "PQ128x4fsr": 4-bit fast-scan)
     rerank_factor: int | None = None  # lossy codes: candidates re-ranked exactly, as a multiple of k
     hnsw_m: int | None = None  # HNSW graph degree
     ram_bytes_estimate: int | None = None  # what the index should take in RAM
@@ -74,7 +75,7 @@ class IndexPlan:
     # The manifest's key order, as plans have always been written (a dict filled in this order). A
     # factory's n_train is only known once faiss has parsed the string, so it came last there.
     _ORDER = ("memory_budget", "n_trained", "kind", "factory", "reason", "nlist", "n_train", "m", "nbits",
-              "rerank_factor", "hnsw_m", "ram_bytes_estimate")
+              "codes", "rerank_factor", "hnsw_m", "ram_bytes_estimate")
 
     def to_json(self) -> dict[str, Any]:
         """The plan as the manifest stores it (``index.params``), byte for byte as it always was."""

@@ -18,8 +18,10 @@ if TYPE_CHECKING:
 
 #: efSearch values tried for HNSW, smallest first
 EF_SEARCH_CHOICES = (16, 32, 64, 128, 256, 512, 1024, 2048)
-#: lossy codes: when even every IVF list falls short, re-rank deeper, doubling up to this factor
+#: lossy codes: when visiting more IVF lists stops paying, re-rank deeper, doubling up to this factor
 MAX_RERANK_FACTOR = 64
+#: doubling nprobe that raises recall@k by less than this has stopped paying
+PLATEAU = 0.005
 
 
 @dataclass(frozen=True)
@@ -80,9 +82,9 @@ class _Probe:
 
     def __init__(self, index: "VectorIndex", q: np.ndarray, qids: np.ndarray | None, k: int) -> None:
         self.index, self.q, self.qids, self.k = index, q, qids, k
-        lookup = index.lookup
-        _, truth = exact_knn(q, lookup.vectors, k + self.extra, lookup.row_ids())
-        self.truth = truth if qids is None else drop_self(truth, qids, k)
+        self.truth = _truth(index.lookup, q, k + self.extra)
+        if qids is not None:
+            self.truth = drop_self(self.truth, qids, k)
 
     @property
     def extra(self) -> int:
@@ -96,23 +98,43 @@ class _Probe:
         return float(np.mean([len(np.intersect1d(a, b)) / self.k for a, b in zip(I, self.truth)]))
 
 
+def _truth(lookup, q: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the exact top ``k`` stored vectors for each query: faiss's brute-force ``knn`` (BLAS and
+    a heap, several times faster than :func:`exact_knn`'s blocks at a million vectors); numpy's for
+    vectors faiss cannot read in place. Ties may fall either way, which recall does not notice."""
+    from ._faiss import faiss_module
+
+    vectors = lookup.vectors
+    if not (isinstance(vectors, np.ndarray) and vectors.dtype == np.float32 and vectors.flags.c_contiguous):
+        return exact_knn(q, vectors, k, lookup.row_ids())[1]
+    _, rows = faiss_module().knn(np.ascontiguousarray(q, np.float32), vectors, min(k, len(vectors)),
+                                 metric=faiss_module().METRIC_INNER_PRODUCT)
+    return lookup.row_ids()[rows]
+
+
 def _sweep_ivf(index: "VectorIndex", spec: IndexSpec, recall: _Probe) -> list[TuningPoint]:
-    """nprobe doubling until the target; with lossy codes, then deeper re-ranking over the same nprobes."""
+    """A walk to the target: nprobe doubles while that still raises recall; once it stops paying
+    (recall limited by the codes, not by the lists visited) re-ranking doubles instead, at that
+    nprobe from then on. Stops at the first setting that reaches the target, or when neither can grow."""
     nlist = index.nlist
-    candidates = [spec.nprobe] if spec.nprobe else sorted({min(nlist, 2 ** i) for i in range(0, 20)})
-    factors = [int(index.config.rerank_factor or 1)]
-    while index.reranks and factors[-1] < MAX_RERANK_FACTOR:
-        factors.append(factors[-1] * 2)
+    probes = [spec.nprobe] if spec.nprobe else sorted({min(nlist, 2 ** i) for i in range(0, 20)})
+    factor = int(index.config.rerank_factor or 1)
     sweep: list[TuningPoint] = []
-    for f in factors:
-        for p in candidates:
-            r = recall(nprobe=p, rerank_factor=f)
-            sweep.append(TuningPoint(round(r, 4), nprobe=p, rerank_factor=f if index.reranks else None))
-            if r >= spec.target_recall:
-                break
-        if sweep[-1].recall >= spec.target_recall:
-            break
-    return sweep
+    i, lists_paid = 0, True
+    while True:
+        r = recall(nprobe=probes[i], rerank_factor=factor)
+        sweep.append(TuningPoint(round(r, 4), nprobe=probes[i], rerank_factor=factor if index.reranks else None))
+        if r >= spec.target_recall:
+            return sweep
+        if lists_paid and len(sweep) > 1 and sweep[-2].rerank_factor == sweep[-1].rerank_factor:
+            lists_paid = r - sweep[-2].recall >= PLATEAU
+        deeper = index.reranks and factor < MAX_RERANK_FACTOR
+        if i + 1 < len(probes) and (lists_paid or not deeper):
+            i += 1
+        elif deeper:
+            factor *= 2
+        else:
+            return sweep
 
 
 def _sweep_hnsw(spec: IndexSpec, recall: _Probe) -> list[TuningPoint]:

@@ -21,6 +21,7 @@ from .exact import VectorLookup
 from .files import read_index, write_index
 from .params import BuildSeconds, IndexParams
 from .plan import MIN_POINTS_PER_CENTROID, IndexPlan, plan_index
+from .choice import choose_codes
 from .tuning import Tuning, tune
 
 #: kinds whose search returns exact inner products (no re-ranking needed)
@@ -104,7 +105,18 @@ class VectorIndex:
         if n == 0 or d == 0:
             raise ValueError(f"cannot build an index from empty vectors of shape {x.shape}: add items first")
         ids = check_ids(ids, n)
-        plan = plan_index(n, d, spec)
+        plan, choice = plan_index(n, d, spec), None
+        if plan.kind == "ivfpq" and spec.index_type == "auto" and spec.choose_sample > 0:
+            plan, choice = choose_codes(cls, x, plan, spec)
+        self = cls._from_plan(x, ids, plan, spec, tune_queries)
+        self.config = replace(self.config, choice=choice)
+        return self
+
+    @classmethod
+    def _from_plan(cls, x: np.ndarray, ids: np.ndarray, plan: IndexPlan, spec: IndexSpec,
+                   tune_queries: np.ndarray | None = None) -> "VectorIndex":
+        """Build ``plan`` over ``x`` (checked) under ``ids``: train, add, tune."""
+        d = x.shape[1]
         on_gpu = gpu.use_gpu(spec)
         index = _faiss.new_index(plan, d)
         _faiss.seed(index, spec.seed)
@@ -200,8 +212,11 @@ class VectorIndex:
         if self.nlist and n > spec.growth_rebuild * trained:
             return (f"the collection grew from {trained} to {n} vectors since its quantizer was trained "
                     f"(more than {spec.growth_rebuild:g}x): retraining")
-        if self.kind in ("ivfflat", "ivfpq") and plan.m != mine.m:
-            return f"the memory budget now calls for PQ m={plan.m}, this index has m={mine.m}"
+        if self.kind == "ivfpq":
+            planned, held = plan.m * plan.nbits, (mine.m or 0) * (mine.nbits or 8)
+            # codes chosen by measurement may be smaller than the budget allows: only too large ones go
+            if held > planned or (held != planned and self.config.choice is None):
+                return f"the memory budget now calls for PQ m={plan.m}, this index has m={mine.m}"
         return None
 
     # ---- searching -------------------------------------------------------------------------------
@@ -293,15 +308,19 @@ class VectorIndex:
         return np.asarray(D, np.float32), np.asarray(I, np.int64)
 
     def _rerank(self, q: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact scores of the candidates ``I`` (-1 = none) from the stored vectors; the best k."""
+        """Exact scores of the candidates ``I`` (-1 = none) from the stored vectors; the best k.
+
+        The candidates of a block of queries are read at once, each stored vector once and in file
+        order (``VectorLookup.gather``): a memory-mapped embeddings file is read forward, and
+        candidates that several queries share are read once."""
         valid = I >= 0
         safe = np.where(valid, I, I[valid][0] if valid.any() else 0)
         out_D = np.empty((len(q), k), np.float32)
         out_I = np.empty((len(q), k), np.int64)
         step = max(1, (64 << 20) // max(1, I.shape[1] * self.d * 4))  # ~64 MB of gathered vectors at a time
         for s in range(0, len(q), step):
-            vecs = self._lookup.get(safe[s:s + step])
-            scores = np.matmul(vecs, q[s:s + step, :, None])[..., 0]
+            vecs, where = self._lookup.gather(safe[s:s + step])
+            scores = np.einsum("qcd,qd->qc", vecs[where], q[s:s + step], optimize=False)
             scores[~valid[s:s + step]] = -np.inf
             order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
             out_D[s:s + step] = np.take_along_axis(scores, order, 1)
