@@ -337,6 +337,19 @@ def print_index_clustered() -> None:
                   f"(≤ 25 %: {ok(t['<= 25% tuning'])}).")
 
 
+def print_rerank_reads() -> None:
+    """docs/index.md: one sentence on how re-ranking reads its candidates."""
+    r = load("rerank_reads.json")
+    if not r:
+        print("(no record: run `python benchmarks/rerank_reads.py`)")
+        return
+    ratios = [x["sorted_vs_in_place"] for x in r["rows"]]
+    depths = [x["candidates_per_query"] for x in r["rows"]]
+    print(f"Re-ranking reads each query's candidates where they are: reading a block's distinct candidates "
+          f"once, in file order, took {min(ratios):.2f}–{max(ratios):.2f}× as long with the embeddings in the page "
+          f"cache, from {min(depths)} to {max(depths)} candidates a query (`{r['command']}`).")
+
+
 def _scale_sets() -> tuple[dict, dict | None, dict | None]:
     """(datasets of the index record, the real one, the largest synthetic one)."""
     scale = load("index_scale.json") or {"datasets": {}}
@@ -664,6 +677,7 @@ SECTIONS = {
     "video-examples": print_video_examples,     # docs/video.md
     "video-long-gop": print_video_long_gop,     # docs/benchmarks.md
     "index-clustered": print_index_clustered,   # docs/benchmarks.md
+    "rerank-reads": print_rerank_reads,         # docs/index.md
 }
 MARKED = re.compile(r"^<!-- report:(?P<name>[\w-]+) -->\n(?:.*?\n)?<!-- /report:(?P=name) -->$", re.S | re.M)  # whole lines
 

@@ -109,10 +109,9 @@ def choose_codes(cls: type["VectorIndex"], x: np.ndarray, plan: IndexPlan, spec:
     rows = np.sort(rng.choice(n, size=min(n, spec.choose_sample), replace=False))
     sample, ids = np.ascontiguousarray(x[rows]), np.arange(len(rows), dtype=np.int64)
     q = sample[rng.choice(len(sample), size=min(len(sample), TIMING_QUERIES), replace=False)]
-    trials = []
+    trials, sample_spec = [], replace(spec, tune_queries=min(spec.tune_queries, TUNING_QUERIES))
     for codes, m, nbits in candidates(d, plan.m):
         t = time.perf_counter()
-        sample_spec = replace(spec, tune_queries=min(spec.tune_queries, TUNING_QUERIES))
         index = cls._from_plan(sample, ids, _sample_plan(plan, len(sample), d, spec, m, nbits), sample_spec)
         tuning, built = index.config.tuning, time.perf_counter() - t
         trials.append(Trial(codes, m * nbits // 8 + ID_BYTES, tuning.recall if tuning else 0.0,

@@ -49,13 +49,6 @@ class VectorLookup:
         out[self._perm] = self._keys
         return out
 
-    def gather(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(vectors, where): each distinct stored vector among ``ids`` once, read in row order, and
-        for each of ``ids`` its row in ``vectors`` (same shape as ``ids``)."""
-        rows = self.rows(np.ravel(ids))
-        unique, where = np.unique(rows, return_inverse=True)
-        return np.asarray(np.take(self.vectors, unique, axis=0), np.float32), where.reshape(np.shape(ids))
-
     def get(self, ids: np.ndarray) -> np.ndarray:
         rows = self.rows(np.ravel(ids))
         out = np.take(self.vectors, rows, axis=0)  # (sorting the rows first is slower once pages are cached)

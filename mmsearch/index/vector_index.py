@@ -308,19 +308,15 @@ class VectorIndex:
         return np.asarray(D, np.float32), np.asarray(I, np.int64)
 
     def _rerank(self, q: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact scores of the candidates ``I`` (-1 = none) from the stored vectors; the best k.
-
-        The candidates of a block of queries are read at once, each stored vector once and in file
-        order (``VectorLookup.gather``): a memory-mapped embeddings file is read forward, and
-        candidates that several queries share are read once."""
+        """Exact scores of the candidates ``I`` (-1 = none) from the stored vectors; the best k."""
         valid = I >= 0
         safe = np.where(valid, I, I[valid][0] if valid.any() else 0)
         out_D = np.empty((len(q), k), np.float32)
         out_I = np.empty((len(q), k), np.int64)
         step = max(1, (64 << 20) // max(1, I.shape[1] * self.d * 4))  # ~64 MB of gathered vectors at a time
         for s in range(0, len(q), step):
-            vecs, where = self._lookup.gather(safe[s:s + step])
-            scores = np.einsum("qcd,qd->qc", vecs[where], q[s:s + step], optimize=False)
+            vecs = self._lookup.get(safe[s:s + step])
+            scores = np.matmul(vecs, q[s:s + step, :, None])[..., 0]
             scores[~valid[s:s + step]] = -np.inf
             order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
             out_D[s:s + step] = np.take_along_axis(scores, order, 1)
