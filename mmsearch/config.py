@@ -72,7 +72,7 @@ class IndexSpec:
     target_recall: float = 0.95  # tuning goal: recall@10 against exact search
     tune_queries: int = 500  # stored vectors used as held-out tuning queries (their own entry left out)
     rerank_factor: int = 4  # lossy indexes return k * rerank_factor candidates, re-ranked with exact vectors
-    choose_sample: int = 50_000  # "auto" IVF-PQ: code layouts are tried on this many stored vectors; 0 = plain PQ
+    choose_sample: int = 25_000  # "auto" IVF-PQ: code layouts are tried on this many stored vectors; 0 = plain PQ
     growth_rebuild: float = 4.0  # retrain an IVF index once the collection is this many times what it was trained on
     gpu: str = "auto"  # "auto": faiss on the GPU when faiss-gpu sees one (training, adding, search); "never"
     seed: int = 1234  # k-means / sampling seed, so builds are reproducible
