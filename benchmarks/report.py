@@ -296,9 +296,14 @@ def print_index_scale() -> None:
         if t and ds["n"] >= 10**6:  # the targets are set at 1M vectors
             print()
             print(f"Targets (issue 4, at 1M vectors) on {name}: IVF-PQ at the tuned nprobe={t['ivfpq_tuned']['nprobe']}: "
-                  f"recall@10 {t['ivfpq_tuned']['recall@10']:.3f} (≥ 0.95: {ok(t['recall@10 >= 0.95'])}), "
-                  f"batched QPS {t['batched qps vs flat']}× Flat (≥ 20×: {ok(t['>= 20x flat batched qps'])}), "
-                  f"RAM per vector {t['ram per vector vs flat']:.3f}× Flat (≤ 1/8: {ok(t['<= 1/8 of flat ram'])}).")
+                  f"{_index_targets(t, 'RAM per vector')}.")
+
+
+def _index_targets(t: dict, ram: str) -> str:
+    """The recall, QPS and RAM targets of an index record's ``targets``, in words."""
+    return (f"recall@10 {t['ivfpq_tuned']['recall@10']:.3f} (≥ 0.95: {ok(t['recall@10 >= 0.95'])}), "
+            f"batched QPS {t['batched qps vs flat']}× Flat (≥ 20×: {ok(t['>= 20x flat batched qps'])}), "
+            f"{ram} {t['ram per vector vs flat']:.3f}× Flat (≤ 1/8: {ok(t['<= 1/8 of flat ram'])})")
 
 
 def print_index_clustered() -> None:
@@ -330,11 +335,8 @@ def print_index_clustered() -> None:
         t = ds.get("targets")
         if t:
             print()
-            print(f"Targets (issue 19) on {name}: recall@10 {t['ivfpq_tuned']['recall@10']:.3f} (≥ 0.95: "
-                  f"{ok(t['recall@10 >= 0.95'])}), batched QPS {t['batched qps vs flat']}× Flat (≥ 20×: "
-                  f"{ok(t['>= 20x flat batched qps'])}), RAM {t['ram per vector vs flat']:.3f}× Flat (≤ 1/8: "
-                  f"{ok(t['<= 1/8 of flat ram'])}), tuning {100 * t['tuning share of build']:.0f} % of the build "
-                  f"(≤ 25 %: {ok(t['<= 25% tuning'])}).")
+            print(f"Targets (issue 19) on {name}: {_index_targets(t, 'RAM')}, tuning "
+                  f"{100 * t['tuning share of build']:.0f} % of the build (≤ 25 %: {ok(t['<= 25% tuning'])}).")
 
 
 def print_rerank_reads() -> None:
