@@ -17,11 +17,12 @@ Datasets (d = 256, the dimension of the default model):
     python benchmarks/index_scale.py [--sizes 100000 1000000] [--queries 1000] [--no-real]
 
 Clustered sets (issue 19): ``--clustered 2000 20000`` adds 1M-vector sets of that many tight
-Gaussian clusters with mixed spreads, measured with ``--clustered-methods`` (default: flat and
+Gaussian clusters with mixed spreads, measured with ``--clustered-methods`` (``opq`` and ``hnswq``:
+the forced factory strings of the candidates the automatic choice leaves out; default: flat and
 ``auto``, the index `mmsearch index` builds, its codes chosen by measurement). The record of those:
 
     python benchmarks/index_scale.py --no-real --sizes --clustered 2000 20000 \
-        --out benchmarks/results/index_scale_clustered.json
+        --clustered-methods flat auto opq hnswq --out benchmarks/results/index_scale_clustered.json
 
 Writes benchmarks/results/index_scale.json and benchmarks/results/index_scale.png (with matplotlib,
 the `bench` extra). Real embeddings are cached in .cache/bench/, keyed by the model's weights fingerprint and precision
@@ -51,6 +52,9 @@ from mmsearch.index import VectorIndex, VectorLookup, exact_topk  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / ".cache" / "bench"
 
+#: batched QPS is the best of this many passes over the queries
+BATCH_PASSES = 3
+
 METHODS = {
     # name: (IndexSpec, knob swept, values)
     "flat": (IndexSpec(index_type="flat"), None, [None]),
@@ -59,6 +63,10 @@ METHODS = {
     "ivfpq": (IndexSpec(index_type="ivfpq"), "nprobe", [1, 2, 4, 8, 16, 32, 64, 128, 256]),
     # what `mmsearch index` builds: at 1M, IVF-PQ with its codes chosen by measurement
     "auto": (IndexSpec(), "nprobe", [1, 2, 4, 8, 16, 32, 64, 128, 256]),
+    # candidates the automatic choice leaves out, measured beside it (forced factory strings, tuned and
+    # re-ranked the same way): an OPQ rotation, and an HNSW coarse quantizer
+    "opq": (IndexSpec(factory="OPQ64,IVF4096,PQ64x4fsr"), "nprobe", [1, 2, 4, 8, 16, 32, 64, 128, 256]),
+    "hnswq": (IndexSpec(factory="IVF4096_HNSW32,PQ64x4fsr"), "nprobe", [1, 2, 4, 8, 16, 32, 64, 128, 256]),
 }
 
 
@@ -142,15 +150,18 @@ def ram_bytes(path: Path, kind: str, params: dict, mmap: bool) -> int:
 
 
 def qps(index: VectorIndex, q: np.ndarray, k: int, single: int, **kw) -> tuple[float, float, np.ndarray]:
-    """(single-query QPS, batched QPS, ids of the batched run)."""
+    """(single-query QPS, batched QPS: the best of BATCH_PASSES passes over ``q``, ids of the batched run)."""
     index.search(q[:8], k, **kw)  # warm up
     t = time.perf_counter()
     for row in q[:single]:
         index.search(row[None, :], k, **kw)
     single_qps = single / (time.perf_counter() - t)
-    t = time.perf_counter()
-    _, I = index.search(q, k, **kw)
-    return single_qps, len(q) / (time.perf_counter() - t), I
+    best = float("inf")
+    for _ in range(BATCH_PASSES):  # a batch takes 0.1-2 s: one pass is at the mercy of a busy moment
+        t = time.perf_counter()
+        _, I = index.search(q, k, **kw)
+        best = min(best, time.perf_counter() - t)
+    return single_qps, len(q) / best, I
 
 
 def run_dataset(name: str, base: np.ndarray, queries: np.ndarray, methods: list[str], args) -> dict:
@@ -177,7 +188,7 @@ def run_dataset(name: str, base: np.ndarray, queries: np.ndarray, methods: list[
             ram = ram_bytes(path, index.kind, index.params, mmap=False)
             ram_mmap = ram_bytes(path, index.kind, index.params, mmap=True)
         tuned = index.params.get(knob) if knob else None
-        sweep_values = sorted(set(v for v in values if v is not None and (knob != "nprobe" or v <= index.params["nlist"]))
+        sweep_values = sorted(set(v for v in values if v is not None and (knob != "nprobe" or v <= index.nlist))
                               | ({tuned} if tuned else set())) or [None]
         curve = []
         for v in sweep_values:
@@ -283,6 +294,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} threads, faiss {faiss.__version__} "
                    f"({faiss.omp_get_max_threads()} OpenMP threads), no GPU" if not faiss.get_num_gpus()
                    else f"{faiss.get_num_gpus()} GPU(s)",
+        "batched_passes": BATCH_PASSES,  # batched QPS: the best of this many passes
         "datasets": {},
     }
     if not args.no_real:

@@ -359,6 +359,16 @@ def test_forced_factory_strings(clustered, fresh_queries, factory, kind_of_codes
     assert set(np.ravel(I)) <= set(ids)  # the caller's ids, whatever the layout
 
 
+def test_hnsw_coarse_quantizer_visits_every_list_asked_for(clustered, fresh_queries):
+    """An HNSW coarse quantizer returns at most its efSearch lists: nprobe beyond that must still
+    visit nprobe lists (all of them here: IVF-Flat over every list is exact search)."""
+    x, ids = clustered
+    index = VectorIndex.build(x, ids, IndexSpec(factory="IVF128_HNSW32,Flat"))
+    D, I = index.search(fresh_queries, 10, nprobe=128)
+    _, I_ref = exact(x, ids, fresh_queries, 10)
+    assert recall_at(I, I_ref) == 1.0
+
+
 @pytest.mark.parametrize("factory", ["IVF64,PQ7", "garbage", "IVF,Flat"])
 def test_bad_factory_string_is_one_clear_line(clustered, factory):
     x, ids = clustered

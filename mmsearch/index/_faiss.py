@@ -140,6 +140,9 @@ def search_params(index, nprobe: int | None, ef: int | None) -> Any:
     if not (is_ivf(index) and nprobe):
         return None
     p = faiss.SearchParametersIVF(nprobe=int(nprobe))
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):  # an HNSW coarse quantizer finds at most efSearch lists
+        p.quantizer_params = faiss.SearchParametersHNSW(efSearch=max(int(quantizer.hnsw.efSearch), 2 * int(nprobe)))
     wrappers, inner = [], index
     while isinstance(inner, (faiss.IndexPreTransform, faiss.IndexIDMap, faiss.IndexIDMap2)):
         wrappers.append(inner)

@@ -1,7 +1,9 @@
 """Stored vectors by item id (:class:`VectorLookup`) and the one brute-force k-NN (:func:`exact_knn`).
 
 ``exact_knn`` is what every exact answer comes from: the filtered search of one modality, the
-ground truth that tuning and ``mmsearch eval --via-index`` measure an index against. numpy only.
+ground truth that tuning and ``mmsearch eval --via-index`` measure an index against. numpy,
+except the re-rank's gather-and-score (:meth:`VectorLookup.scores`), which uses faiss's threaded
+kernel when faiss is there.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import numpy as np
 BLOCK = 65536
 #: queries scored per step
 QUERY_BLOCK = 2048
+#: ids looked up through a table (8 bytes per id in the span) while they span at most this many
+#: times the stored items; sparser ids use a binary search
+DENSE_SPAN = 4
 
 
 class VectorLookup:
@@ -31,15 +36,75 @@ class VectorLookup:
         else:
             self._perm = np.argsort(ids, kind="stable")
             self._keys = ids[self._perm]
+        self._table: np.ndarray | None = None  # row by (id - first id), built on first use when ids are dense
+
+    def _dense_table(self) -> np.ndarray | None:
+        """Row of each id from the first to the last (-1: not stored), when that span is at most
+        DENSE_SPAN x the items: a lookup instead of a binary search per candidate."""
+        keys = self._keys
+        if self._table is None and len(keys) and keys[-1] - keys[0] < DENSE_SPAN * len(keys) + 1024:
+            table = np.full(int(keys[-1] - keys[0]) + 1, -1, np.int64)
+            table[keys - keys[0]] = np.arange(len(keys)) if self._perm is None else self._perm
+            self._table = table
+        return self._table
+
+    def _find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row of each id, whether it is stored); rows of ids not stored are -1."""
+        keys = self._keys
+        if self._perm is None and len(keys) and keys[-1] - keys[0] == len(keys) - 1:  # one run: row = id - first
+            rows = ids - keys[0]
+            found = (rows >= 0) & (rows < len(keys))
+            return np.where(found, rows, -1), found
+        table = self._dense_table()
+        if table is not None:
+            off = ids - self._keys[0]
+            inside = (off >= 0) & (off < len(table))
+            rows = np.where(inside, table[np.where(inside, off, 0)], -1)
+            return rows, rows >= 0
+        pos = np.minimum(np.searchsorted(self._keys, ids), max(0, len(self._keys) - 1))
+        found = self._keys[pos] == ids if len(self._keys) else np.zeros(ids.shape, bool)
+        rows = pos if self._perm is None else self._perm[pos]
+        return np.where(found, rows, -1), found
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows of ``ids`` (all must be stored), same shape."""
         ids = np.asarray(ids, dtype=np.int64)
-        pos = np.searchsorted(self._keys, ids)
-        pos = np.minimum(pos, len(self._keys) - 1)
-        if not (self._keys[pos] == ids).all():
-            raise KeyError(f"item ids not stored: {ids[self._keys[pos] != ids][:5].tolist()}")
-        return pos if self._perm is None else self._perm[pos]
+        rows, found = self._find(ids)
+        if not found.all():
+            raise KeyError(f"item ids not stored: {ids[~found][:5].tolist()}")
+        return rows
+
+    def scores(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Inner products (nq, m) of each query with the stored vectors of its row of ``ids``
+        (nq, m); -1 (no candidate) scores -inf. Every other id must be stored.
+
+        The gather and the dot products happen in one pass, on faiss's threads when the vectors
+        are contiguous float32 (a memory-mapped file included); numpy otherwise.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        rows, found = self._find(ids)
+        if not (found | (ids < 0)).all():
+            raise KeyError(f"item ids not stored: {ids[~found & (ids >= 0)][:5].tolist()}")
+        q = np.ascontiguousarray(queries, np.float32)
+        v = self.vectors
+        faiss = _faiss_or_none()
+        if faiss and isinstance(v, np.ndarray) and v.dtype == np.float32 and v.ndim == 2 and v.flags.c_contiguous:
+            out = np.empty(rows.shape, np.float32)
+            rows = np.ascontiguousarray(rows)
+            faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(q), faiss.swig_ptr(v),
+                                             faiss.swig_ptr(rows), v.shape[1], rows.shape[0], rows.shape[1])
+            return out
+        return self._scores_numpy(q, rows)
+
+    def _scores_numpy(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        out = np.full(rows.shape, -np.inf, np.float32)
+        step = max(1, (64 << 20) // max(1, rows.shape[1] * self.vectors.shape[1] * 4))  # ~64 MB gathered at a time
+        for s in range(0, len(rows), step):
+            r = rows[s:s + step]
+            vecs = np.asarray(np.take(self.vectors, np.maximum(r, 0), axis=0), np.float32)
+            block = np.matmul(vecs, q[s:s + step, :, None])[..., 0]
+            out[s:s + step] = np.where(r >= 0, block, -np.inf)
+        return out
 
     def row_ids(self) -> np.ndarray:
         """The id of each row."""
@@ -55,7 +120,15 @@ class VectorLookup:
         return np.asarray(out, np.float32).reshape(*np.shape(ids), -1)
 
 
-def _keep_best(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _faiss_or_none():
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def keep_best(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best columns of each row, best first, ties to the lower row number.
 
     Within a row, candidates with equal scores must come in ascending row order (true for the best
@@ -97,7 +170,7 @@ def exact_knn(queries: np.ndarray, vectors: np.ndarray, k: int, ids: np.ndarray 
             if bias is not None:
                 scores = scores + bias[None, start:start + block]
             rows = np.broadcast_to(np.arange(start, start + scores.shape[1]), scores.shape)
-            best_s, best_r = _keep_best(np.concatenate([best_s, scores], 1), np.concatenate([best_r, rows], 1), k)
+            best_s, best_r = keep_best(np.concatenate([best_s, scores], 1), np.concatenate([best_r, rows], 1), k)
         out_D[s:s + QUERY_BLOCK], out_R[s:s + QUERY_BLOCK] = best_s, best_r
     return out_D, (out_R if ids is None else np.asarray(ids, np.int64)[out_R])
 

@@ -17,7 +17,7 @@ from mmsearch.errors import BadArgumentError, EmptyIndexError, IndexFormatError
 
 from . import _faiss, gpu, legacy
 from ._checks import as_matrix, check_ids, check_new_ids
-from .exact import VectorLookup
+from .exact import VectorLookup, keep_best
 from .files import read_index, write_index
 from .params import BuildSeconds, IndexParams
 from .plan import MIN_POINTS_PER_CENTROID, IndexPlan, plan_index
@@ -308,21 +308,11 @@ class VectorIndex:
         return np.asarray(D, np.float32), np.asarray(I, np.int64)
 
     def _rerank(self, q: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact scores of the candidates ``I`` (-1 = none) from the stored vectors; the best k."""
-        valid = I >= 0
-        safe = np.where(valid, I, I[valid][0] if valid.any() else 0)
-        out_D = np.empty((len(q), k), np.float32)
-        out_I = np.empty((len(q), k), np.int64)
-        step = max(1, (64 << 20) // max(1, I.shape[1] * self.d * 4))  # ~64 MB of gathered vectors at a time
-        for s in range(0, len(q), step):
-            vecs = self._lookup.get(safe[s:s + step])
-            scores = np.matmul(vecs, q[s:s + step, :, None])[..., 0]
-            scores[~valid[s:s + step]] = -np.inf
-            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-            out_D[s:s + step] = np.take_along_axis(scores, order, 1)
-            out_I[s:s + step] = np.take_along_axis(I[s:s + step], order, 1)
-        out_I[~np.isfinite(out_D)] = -1
-        return out_D, out_I
+        """Exact scores of the candidates ``I`` (-1 = none) from the stored vectors; the best k
+        (ties in the candidates' order)."""
+        D, I = keep_best(self._lookup.scores(q, I), I, k)
+        I[~np.isfinite(D)] = -1
+        return D, I
 
     # ---- tuning ------------------------------------------------------------------------------------
     def tune(self, spec: IndexSpec = IndexSpec(), queries: np.ndarray | None = None, k: int = 10) -> Tuning | None:
