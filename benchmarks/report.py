@@ -384,6 +384,114 @@ def print_rerank_reads() -> None:
               f"with numpy and scoring them after." if fused else ""))
 
 
+def print_scale_out() -> None:
+    """docs/scale.md: embedding on Ray vs one process, sharded vs single IVF-PQ build (issue 18)."""
+    r = load("scale_out.json")
+    if not r:
+        print("(no record: run `python benchmarks/scale_out.py`)")
+        return
+    e, ix = r["embedding"], r["index"]
+    print(f"Measured by `{r['command'].strip()}` ({r['machine']}, {r['model']}):")
+    print()
+    print("| embedding run over " + f"{e['photos']} Flickr8k photos | seconds | photos/s |")
+    print("|---|---|---|")
+    print(f"| one process, no Ray (both cores) | {e['single_process']['seconds']} | {e['single_process']['photos_per_s']} |")
+    for w in (1, 2):
+        x = e[f"ray_{w}_workers"]
+        print(f"| Ray, {w} embedding actor{'s' if w > 1 else ''} | {x['seconds']} | {x['photos_per_s']} |")
+    print()
+    r2, r1 = e["ray_2_workers"]["photos_per_s"], e["single_process"]["photos_per_s"]
+    print(f"Efficiency at 2 workers: {e['efficiency_2_workers']:.2f} of linear (≥ 0.75: {ok(e['>= 0.75 of linear'])}); "
+          f"the two actors reach {r2 / r1:.2f} of the one-process rate on the same cores. "
+          f"Ray's fixed cost: {e['ray_init_seconds']} s to start a local runtime, and a run over 4 photos took "
+          f"{e['ray_run_4_photos_seconds']} s (actors start and load the model, the pipeline is set up).")
+    print()
+    same = ix["top10_sharded_vs_same_quantizer"]
+    disk = ix.get("top10_sharded_vs_merged_on_disk")
+    print(f"Index: {ix['vectors']:,} × {ix['d']} clustered vectors ({ix['clusters']:,} clusters), codes {ix['codes']}: "
+          f"one IVF-PQ build {ix['single_build_seconds']} s, {ix['shards']} shards on Ray {ix['sharded_build_seconds']} s "
+          f"(both: choice of codes, training on the driver, adding, tuning). Top-10 of 1,000 held-out queries: "
+          f"sharded vs the single build on the same trained quantizer {100 * same:.1f} % the same "
+          f"({100 * ix['identical_rows_sharded_vs_same_quantizer']:.1f} % of rows identical in order), sharded vs merged "
+          f"{100 * ix['top10_sharded_vs_merged']:.1f} %" + (f", vs merged on disk {100 * disk:.1f} %" if disk is not None else "")
+          + f"; recall@10 against exact search {ix['recall10_sharded']:.3f} sharded, {ix['recall10_single']:.3f} "
+          f"for the single build (its own quantizer).")
+
+
+#: what the plan assumes rather than measures (stated beside its arithmetic)
+PLAN_NODE_RAM = 64 * 2**30  # a node's RAM
+PLAN_SHARD_RAM = 16 * 2**30  # index RAM per shard: a quarter of the node, the rest for the page cache
+PLAN_DAYS = {10**8: 1, 10**9: 7}  # embedding the collection within this many days
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**40:.2f} TiB" if n >= 2**40 else f"{n / 2**30:.0f} GiB"
+
+
+def print_scale_plan() -> None:
+    """docs/scale.md: 100M and 1B vectors, with the measured constants and the arithmetic."""
+    sys.path.insert(0, str(ROOT))
+    from mmsearch.config import IndexSpec
+    from mmsearch.index import plan_index
+
+    scale, out, rr = load("index_scale.json"), load("scale_out.json"), load("rerank_reads.json")
+    if not scale or not out or not rr:
+        print("(needs benchmarks/results/index_scale.json, scale_out.json and rerank_reads.json)")
+        return
+    ds = scale["datasets"]["synth-1m"]
+    m, flat = ds["methods"]["ivfpq"], ds["methods"]["flat"]
+    p, row = m["params"], _tuned(m)
+    codes_per_q = row["nprobe"] * 1_000_000 / p["nlist"]
+    scan_rate = row["no_rerank"]["qps_batched"] * codes_per_q  # codes scanned per second, both cores
+    gemm = _tuned(flat)["qps_batched"] * 1_000_000 * 256  # multiply-adds per second of exact batched search
+    per_worker = out["embedding"]["ray_1_workers"]["photos_per_s"]
+    eff = min(1.0, out["embedding"]["efficiency_2_workers"])
+    depth = 10 * p["rerank_factor"]
+    rr_row = min(rr["rows"], key=lambda x: abs(x["candidates_per_query"] - depth))
+    rerank_us = 1000 * rr_row["fused_ms"] / 200
+    train_1m = m["params"]["build_seconds"]["train"]
+    print(f"Measured constants: IVF-PQ at 1M (synth-1m, `{scale['command'].strip()}`): {m['disk_bytes_per_vector']} B/vector "
+          f"on disk, {m['ram_bytes_per_vector']} in RAM (m={p['m']} codes + 8 B id + lists); a 2-core CPU scans "
+          f"{scan_rate / 1e6:.0f} M codes/s ({row['no_rerank']['qps_batched']:.0f} queries/s × nprobe {row['nprobe']} × "
+          f"{codes_per_q:.0f} codes) and does {gemm / 1e9:.0f} G multiply-adds/s in exact batched search (the coarse "
+          f"quantizer's work); re-ranking {rr_row['candidates_per_query']} candidates takes {rerank_us:.1f} µs a query "
+          f"from the page cache (`{rr['command']}`); training (nlist {p['nlist']}, {p['n_train']:,} vectors) "
+          f"{train_1m:.0f} s on the CPU; one embedding actor {per_worker} photos/s, {eff:.2f} efficiency at 2 "
+          f"(`{out['command'].strip()}`). Assumed, not measured: a memory budget of 48 B/vector, "
+          f"{PLAN_NODE_RAM >> 30} GiB nodes with at most {PLAN_SHARD_RAM >> 30} GiB of index per shard, the nprobe "
+          "tuned at 1M kept at scale, no GPU, re-rank vectors in the page cache.")
+    print()
+    print("| | 100M vectors | 1B vectors |")
+    print("|---|---|---|")
+    cols = [_plan_column(n, plan_index(n, 256, IndexSpec(memory=str(n * 48))), p, row, scan_rate, gemm, rerank_us,
+                         train_1m, per_worker, eff) for n in (10**8, 10**9)]
+    for key in cols[0]:
+        print(f"| {key} | {cols[0][key]} | {cols[1][key]} |")
+
+
+def _plan_column(n, plan, p, row, scan_rate, gemm, rerank_us, train_1m, per_worker, eff) -> dict:
+    ram = n * (plan.m * plan.nbits / 8 + 8)
+    shards = max(1, -(-int(ram) // PLAN_SHARD_RAM))
+    nodes = -(-shards // (PLAN_NODE_RAM // PLAN_SHARD_RAM))
+    codes = row["nprobe"] * n / plan.nlist
+    coarse_ms, scan_ms = 1000 * plan.nlist * 256 / gemm, 1000 * codes / scan_rate
+    k_means = train_1m * (plan.n_train / p["n_train"]) * (plan.nlist / p["nlist"])
+    rate = n / (PLAN_DAYS[n] * 86400)
+    return {
+        "index in RAM": f"PQ{plan.m} + id = {plan.m * plan.nbits // 8 + 8} B × N = {_bytes(ram)}",
+        "re-rank vectors on disk": f"4 × 256 B × N = {_bytes(n * 1024)} (float32 embeddings, memory-mapped)",
+        "nlist / training sample": f"{plan.nlist:,} / {plan.n_train:,} vectors",
+        "shards of ≤ 16 GiB": f"⌈{ram / 2**30:.0f} / 16⌉ = {shards}, on {nodes} node{'s' if nodes > 1 else ''}",
+        "quantizer training, CPU (extrapolated)": f"{train_1m:.0f} s × {plan.n_train / p['n_train']:.0f} (sample) × "
+                                                    f"{plan.nlist / p['nlist']:.0f} (lists) ≈ {k_means / 3600:.1f} h on 2 cores",
+        "embedding actors": f"{rate:,.0f} photos/s to finish in {PLAN_DAYS[n]} day{'s' if PLAN_DAYS[n] > 1 else ''} ÷ "
+                            f"({per_worker} × {eff:.2f}) = {-(-rate // (per_worker * eff)):,.0f}",
+        "one query, all shards": f"coarse {plan.nlist:,} × 256 ÷ {gemm / 1e9:.0f} G/s = {coarse_ms:.2f} ms + scan "
+                                 f"nprobe {row['nprobe']} × {n / plan.nlist:,.0f} = {codes:,.0f} codes ÷ {scan_rate / 1e6:.0f} M/s "
+                                 f"= {scan_ms:.2f} ms + re-rank {rerank_us / 1000:.3f} ms ≈ "
+                                 f"{coarse_ms + scan_ms + rerank_us / 1000:.1f} ms of 2 cores",
+    }
+
 def _scale_sets() -> tuple[dict, dict | None, dict | None]:
     """(datasets of the index record, the real one, the largest synthetic one)."""
     scale = load("index_scale.json") or {"datasets": {}}
@@ -712,6 +820,8 @@ SECTIONS = {
     "video-long-gop": print_video_long_gop,     # docs/benchmarks.md
     "index-clustered": print_index_clustered,   # docs/benchmarks.md
     "rerank-reads": print_rerank_reads,         # docs/index.md
+    "scale-out": print_scale_out,               # docs/scale.md
+    "scale-plan": print_scale_plan,             # docs/scale.md
 }
 MARKED = re.compile(r"^<!-- report:(?P<name>[\w-]+) -->\n(?:.*?\n)?<!-- /report:(?P=name) -->$", re.DOTALL | re.MULTILINE)  # whole lines
 

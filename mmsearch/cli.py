@@ -267,17 +267,27 @@ def index(
         None, "--precision", help="fp32 or int8 (ONNX Runtime) [default: the index's, else the model's: int8 for mmsearch-lite2, else fp32]."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     commit_every: int = typer.Option(2048, "--commit-every", min=1, help="Save progress to disk every N images."),
+    ray: bool = typer.Option(False, "--ray", help="Embed on a Ray cluster (pip install 'mmsearch[ray]'): "
+                             "--ray-address's, else RAY_ADDRESS's, else a local one on this machine."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Cluster to join (auto, ray://HOST:10001); implies --ray."),
+    ray_workers: Optional[int] = typer.Option(None, "--ray-workers", min=1, help="Embedding actors [default: one per cluster CPU]."),
     quiet: QuietOpt = False,
 ) -> None:
     """Add new, re-embed changed and drop deleted images and videos of FOLDER (and texts of --texts) in the index."""
-    from .config import IndexingConfig
+    from .config import IndexingConfig, RayOptions
     from .indexing import index_folder, index_texts
 
     spec = _spec_changes(index_type, factory, memory, target_recall, rerank)
     _check_backend(backend, precision)
     _check_sources(folder, texts)
+    on_ray = None
+    if ray or ray_address or ray_workers:
+        from .scale import ray_module
+
+        ray_module()  # not installed: one line now, before any work
+        on_ray = RayOptions(address=ray_address, workers=ray_workers)
     config = IndexingConfig(batch_size=batch_size, commit_every=commit_every, frame_interval=frame_interval,
-                            skip_similar=skip_similar, backend=backend, precision=precision)
+                            skip_similar=skip_similar, backend=backend, precision=precision, ray=on_ray)
     where, ref = _index_dir(index), (ModelRef(model, pretrained) if model else None)
     _check_texts(texts, text_column, where)
     reports = []

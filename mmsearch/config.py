@@ -79,6 +79,17 @@ class IndexSpec:
 
 
 @dataclass(frozen=True)
+class RayOptions:
+    """Embedding on a Ray cluster (``mmsearch index --ray``): see mmsearch.scale."""
+
+    address: str | None = None  # a cluster to join ("auto", "ray://host:10001"); None: RAY_ADDRESS, else a local one
+    workers: int | None = None  # embedding actors, each loading the model once; None: fit to the cluster's CPUs
+    cpus_per_worker: float | None = None  # None: the cluster's CPUs shared so the read tasks keep one free
+    gpus_per_worker: float = 0.0  # > 0: the actors embed on GPUs (ONNX Runtime's CUDA provider)
+    scratch: str | None = None  # folder every node can write for the parquet shards; None: inside the index folder
+
+
+@dataclass(frozen=True)
 class IndexingConfig:
     """How `mmsearch index` reads and embeds files."""
 
@@ -93,6 +104,8 @@ class IndexingConfig:
     frame_interval: float | None = None  # seconds between sampled video frames; None: the index's last setting, else 1
     skip_similar: float | None = None  # drop frames this close (mean grey levels, 16x16) to the last kept one; 0 = off;
     # None: the index's last setting, else off
+    ray: RayOptions | None = None  # embed on a Ray cluster instead of this process (the `ray` extra)
+    decode_threads: int | None = None  # threads decoding images ahead of the model; None: one per core
 
 
 @dataclass(frozen=True)

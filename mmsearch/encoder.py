@@ -112,12 +112,14 @@ class Encoder:
         cache_dir: str | None = None,
         backend: str = "auto",
         precision: str | None = None,
+        threads: int | None = None,
     ) -> None:
         """``backend``: "auto" (ONNX Runtime when the model has an export, see the module docstring),
         "onnx" (export now if need be) or "torch"; ``precision``: "fp32" or "int8" (ONNX only: the
         int8 graphs a built-in model ships, or ``mmsearch export --precision int8`` makes), None for
         the model's default (``mmsearch.weights.default_precision``: int8 for mmsearch-lite2 on ONNX
-        Runtime, else fp32); ``cache_dir``: where open_clip keeps downloaded weights."""
+        Runtime, else fp32); ``cache_dir``: where open_clip keeps downloaded weights; ``threads``:
+        ONNX Runtime's threads per forward pass (None: one per core this process may use)."""
         if backend not in BACKENDS:
             raise ModelLoadError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
         if precision is not None and precision not in PRECISIONS:
@@ -142,7 +144,7 @@ class Encoder:
         #: fingerprint of the weights (recorded in index manifests; None for registry tags)
         self.weights = record.weights
         if self.export_folder is not None:
-            self.backend = OnnxBackend(self.export_folder, precision=precision, device=device)
+            self.backend = OnnxBackend(self.export_folder, precision=precision, device=device, threads=threads)
         else:
             if precision != "fp32":
                 raise ModelLoadError(f"{self.ref.key()} has no export: make its {precision} graphs with "
@@ -244,10 +246,11 @@ _CACHE: dict[tuple, Encoder] = {}
 
 
 def get_encoder(model: str = DEFAULT_MODEL, pretrained: str | None = None, device: str | None = None,
-                backend: str = "auto", precision: str | None = None) -> Encoder:
+                backend: str = "auto", precision: str | None = None, threads: int | None = None) -> Encoder:
     """A shared Encoder per (model, pretrained, device, backend, precision): loading a model takes
     time, so a process that indexes and queries (a test run, a service) loads each model once."""
-    key = (str(model), pretrained, device, backend, precision)
+    key = (str(model), pretrained, device, backend, precision, threads)
     if key not in _CACHE:
-        _CACHE[key] = Encoder(model, pretrained=pretrained, device=device, backend=backend, precision=precision)
+        _CACHE[key] = Encoder(model, pretrained=pretrained, device=device, backend=backend, precision=precision,
+                              threads=threads)
     return _CACHE[key]

@@ -99,7 +99,7 @@ class Searcher:
     def __init__(self, index: str | os.PathLike | Collection, encoder=None, nprobe: int | None = None,
                  ef_search: int | None = None, rerank_factor: int | None = None, gpu: bool | None = None,
                  span_margin: float = SPAN_MARGIN, hubness: bool = True, backend: str = "auto",
-                 per_video: int = PER_VIDEO) -> None:
+                 per_video: int = PER_VIDEO, shards=None) -> None:
         """``nprobe`` / ``ef_search`` / ``rerank_factor`` override the values tuned at build time for
         every query; ``gpu`` (None: when faiss-gpu sees a CUDA device) searches the index on the GPU;
         ``span_margin`` (cosine) decides which neighbouring video frames join a hit's time span;
@@ -107,7 +107,8 @@ class Searcher:
         model's query bank calibrated (see mmsearch.hubness; models without a bank have none);
         ``backend`` runs the index's model when no ``encoder`` is given ("auto": ONNX Runtime when
         the model has an export, see mmsearch.encoder); ``per_video`` caps the spans of one video in a
-        result list."""
+        result list; ``shards`` (a folder or a ``mmsearch.scale.ShardedIndex`` built from this index)
+        answers the nearest-neighbour step from shards instead of the index's own faiss file."""
         self.span_margin = span_margin
         self.per_video = _check_per_video(per_video)
         self._shot_rows: dict[tuple[str, int], np.ndarray] | None = None
@@ -116,7 +117,11 @@ class Searcher:
         self._loading = None  # the index's encoder, loading in a background thread while the index loads
         if encoder is None and not isinstance(index, Collection):
             self._loading = _in_background(self._load_encoder, read_manifest(Path(index)).model)
-        self.collection = index if isinstance(index, Collection) else Collection.open(index, load_index=True)
+        self.collection = index if isinstance(index, Collection) else Collection.open(index, load_index=shards is None)
+        if shards is not None:
+            from .scale.shards import use_shards
+
+            use_shards(self.collection, shards)
         self.search_options = {"nprobe": nprobe, "ef_search": ef_search, "rerank_factor": rerank_factor}
         if self.collection.count == 0:
             raise EmptyIndexError(

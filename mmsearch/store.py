@@ -51,6 +51,7 @@ ITEMS, EMBEDDINGS, FAISS = FILES["items"], FILES["embeddings"], FILES["faiss"]
 COLUMNS = ("id", "path", "size", "mtime_ns", "kind")  # required; "text", "t" and "hub" are optional
 GEN_RE = re.compile(r"^gen-\d{6}$")  # committed generation folders
 PARTIAL_RE = re.compile(r"^\.gen-\d{6}\.partial$")  # generations being written
+SCRATCH_RE = re.compile(r"^\.ray-embed-[0-9a-f]{12}$")  # parquet shards of an embedding run on Ray (mmsearch.scale)
 MANIFEST_TMP_RE = re.compile(r"^\.manifest\.json\..*\.tmp$")
 
 
@@ -61,8 +62,11 @@ OUR_FILES = {ITEMS, EMBEDDINGS, FAISS, MARKER, MANIFEST}  # MANIFEST: the genera
 def made_by_us(folder: Path) -> bool:
     """A generation or partial folder mmsearch wrote: it holds the marker, or (generations of
     releases before the marker) nothing but the files a generation holds and their temp files."""
-    if not (folder.is_dir() and not folder.is_symlink() and (GEN_RE.match(folder.name) or PARTIAL_RE.match(folder.name))):
+    if not (folder.is_dir() and not folder.is_symlink()
+            and (GEN_RE.match(folder.name) or PARTIAL_RE.match(folder.name) or SCRATCH_RE.match(folder.name))):
         return False
+    if SCRATCH_RE.match(folder.name):
+        return (folder / MARKER).is_file()
     if (folder / MARKER).is_file():
         return True
     try:

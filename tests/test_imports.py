@@ -14,6 +14,7 @@ HEAVY = {  # library -> the only modules that may import it (always inside funct
     "transformers": {"mmsearch.models", "mmsearch.train"},
     "faiss": {"mmsearch.index"},
     "onnxruntime": {"mmsearch.backends.onnx_backend", "mmsearch.quantize"},
+    "ray": {"mmsearch.scale"},
 }
 
 

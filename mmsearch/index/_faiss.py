@@ -151,3 +151,19 @@ def search_params(index, nprobe: int | None, ef: int | None) -> Any:
         if isinstance(w, faiss.IndexPreTransform):
             p = faiss.SearchParametersPreTransform(index_params=p)
     return p
+
+
+def merge_on_disk(index, shard_paths: list[str], ivfdata: str) -> None:
+    """Move the lists of the IVF shards in ``shard_paths`` into the empty trained ``index``, stored in
+    one ``ivfdata`` file (faiss.contrib.ondisk: the shards are memory-mapped, not loaded)."""
+    faiss_module()
+    from faiss.contrib.ondisk import merge_ondisk
+
+    merge_ondisk(index, shard_paths, ivfdata)
+
+
+def read_on_disk(path: str):
+    """An index written after :func:`merge_on_disk`, its lists memory-mapped from the .ivfdata beside it."""
+    faiss = faiss_module()
+
+    return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)

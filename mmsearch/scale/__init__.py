@@ -1,0 +1,35 @@
+"""Scale-out on Ray (the optional ``ray`` extra): embedding spread over a cluster's workers
+(:mod:`mmsearch.scale.embed`), and an IVF-PQ index built and searched as shards
+(:mod:`mmsearch.scale.shards`). Nothing here is imported by the single-machine path.
+"""
+
+from __future__ import annotations
+
+from mmsearch.errors import MmsearchError
+
+
+class RayMissingError(MmsearchError, ImportError):
+    """Ray is not installed, and something asked for it."""
+
+
+def ray_module():
+    """The ray module, or one line saying how to install it."""
+    try:
+        import ray
+        import ray.data
+    except ImportError as e:
+        raise RayMissingError(f"--ray needs Ray Data ({e}): pip install 'mmsearch[ray]'") from None
+    return ray
+
+
+def connect(address: str | None = None, num_cpus: int | None = None):
+    """Join the cluster at ``address`` ("auto", "ray://host:10001"; None: RAY_ADDRESS, else start a
+    local one with ``num_cpus``), unless this process already is connected. Returns the ray module."""
+    ray = ray_module()
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the library never prints: the caller reports progress
+    ctx.print_on_execution_start = False
+    return ray
