@@ -1,5 +1,5 @@
-"""Sharded search on a fake 3-node Ray cluster (``ray.cluster_utils.Cluster``, one process tree per
-node on this machine): shard actors spread over the nodes, and a node removed between queries costs
+"""A fake 3-node Ray cluster (``ray.cluster_utils.Cluster``, one process tree per node on this
+machine), one per test: shard actors spread over the nodes, and a node removed between queries costs
 nothing but a restart of its actors elsewhere (issue 18)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from ray.cluster_utils import Cluster
 from mmsearch.config import IndexSpec
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def cluster(model_cache):
     if ray.is_initialized():
         ray.shutdown()
@@ -20,7 +20,8 @@ def cluster(model_cache):
     workers = [c.add_node(num_cpus=1) for _ in range(2)]
     c.wait_for_nodes()
     ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
-    yield c, workers
+    driver = ray.get_runtime_context().get_node_id()
+    yield c, [w for w in workers if w.node_id != driver]  # the nodes a test may remove
     ray.shutdown()
     c.shutdown()
 
@@ -50,3 +51,4 @@ def test_sharded_search_survives_a_node_removed(cluster, tmp_path):
     assert np.array_equal(after[1], before[1])
     np.testing.assert_allclose(after[0], before[0])
     assert victim.node_id not in {s.node() for s in index.searchers}
+
