@@ -242,3 +242,58 @@ def test_a_folder_without_shards_is_a_clear_error(tmp_path):
 
     with pytest.raises(IndexNotFoundError, match="no shards.json"):
         ShardedIndex.open(tmp_path)
+
+
+def _embedding_actor_pids() -> list[int]:
+    """Processes of this machine that Ray titled as embedding actors (``ray::MapWorker(...EmbedWorker...)``)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"EmbedWorker" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_an_actor_killed_mid_run_costs_only_its_batch(tmp_path, encoder, ray_session):
+    """SIGKILL to an embedding actor while the run goes on: Ray starts it again and runs its batch
+    again; the index is the one a single process makes, and nothing half-made was ever committed."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from conftest import flickr8k
+    from mmsearch.data import load_flickr8k
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for src in load_flickr8k(flickr8k(), "dev").subset(300).images:
+        (folder / Path(src).name).symlink_to(src)
+    index_folder(folder, tmp_path / "single", encoder=encoder)
+    config = IndexingConfig(batch_size=2, ray=RayOptions(workers=2))
+    result: dict = {}
+
+    def go() -> None:
+        try:
+            result["report"] = index_folder(folder, tmp_path / "ray", encoder=encoder, config=config)
+        except BaseException as e:  # surfaces below, in the test's thread
+            result["error"] = e
+
+    run = threading.Thread(target=go)
+    run.start()
+    deadline, seen = time.monotonic() + 120, None
+    while seen is None or time.monotonic() < seen + 3:  # actors up for 3 s: batches done, others under way
+        assert run.is_alive() and time.monotonic() < deadline, f"the run ended before an actor could be killed: {result}"
+        if seen is None and _embedding_actor_pids():
+            seen = time.monotonic()
+        time.sleep(0.05)
+    os.kill(_embedding_actor_pids()[0], signal.SIGKILL)
+    killed_while_running = run.is_alive()
+    run.join(timeout=300)
+    assert killed_while_running and "report" in result, result
+    assert result["report"].added == 300 and result["report"].skipped == []
+    one, many = Collection.open(tmp_path / "single"), Collection.open(tmp_path / "ray")
+    assert list(many.items.path) == list(one.items.path) and len(one.items.path) == 300
+    np.testing.assert_allclose(np.asarray(many.embeddings), np.asarray(one.embeddings), atol=2e-3)
