@@ -72,7 +72,7 @@ def embedding(args, tmp: Path) -> dict:
     out = {"photos": args.photos, "single_process": timed_index(folder, tmp / "single", encoder, IndexingConfig())}
     print("single", out["single_process"], flush=True)
     t = time.perf_counter()
-    connect(num_cpus=os.cpu_count())
+    connect("local", num_cpus=os.cpu_count())
     out["ray_init_seconds"] = round(time.perf_counter() - t, 2)
     tiny = timed_index(few, tmp / "tiny", encoder, IndexingConfig(ray=RayOptions(workers=1)))
     out["ray_run_4_photos_seconds"] = tiny["seconds"]

@@ -268,8 +268,8 @@ def index(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     commit_every: int = typer.Option(2048, "--commit-every", min=1, help="Save progress to disk every N images."),
     ray: bool = typer.Option(False, "--ray", help="Embed on a Ray cluster (pip install 'mmsearch[ray]'): "
-                             "--ray-address's, else RAY_ADDRESS's, else a local one on this machine."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Cluster to join (auto, ray://HOST:10001); implies --ray."),
+                             "--ray-address's, else RAY_ADDRESS's, else one running on this machine, else a new local one."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Cluster to join (auto, ray://HOST:10001, local: a new one); implies --ray."),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", min=1, help="Embedding actors [default: one per cluster CPU]."),
     quiet: QuietOpt = False,
 ) -> None:

@@ -82,7 +82,8 @@ class IndexSpec:
 class RayOptions:
     """Embedding on a Ray cluster (``mmsearch index --ray``): see mmsearch.scale."""
 
-    address: str | None = None  # a cluster to join ("auto", "ray://host:10001"); None: RAY_ADDRESS, else a local one
+    address: str | None = None  # a cluster to join ("auto", "ray://host:10001", "local": a new one); None: Ray's rule
+    # (RAY_ADDRESS, else a cluster running on this machine, else a new local one)
     workers: int | None = None  # embedding actors, each loading the model once; None: fit to the cluster's CPUs
     cpus_per_worker: float | None = None  # None: the cluster's CPUs shared so the read tasks keep one free
     gpus_per_worker: float = 0.0  # > 0: the actors embed on GPUs (ONNX Runtime's CUDA provider)

@@ -27,7 +27,7 @@ def ray_session(model_cache):
     """A local Ray runtime started after MMSEARCH_CACHE is set, so its workers share the session's cache."""
     from mmsearch.scale import connect
 
-    connect(num_cpus=2)
+    connect("local", num_cpus=2)  # a runtime of its own, even where another cluster runs
     yield ray
     ray.shutdown()
 
@@ -297,3 +297,24 @@ def test_an_actor_killed_mid_run_costs_only_its_batch(tmp_path, encoder, ray_ses
     one, many = Collection.open(tmp_path / "single"), Collection.open(tmp_path / "ray")
     assert list(many.items.path) == list(one.items.path) and len(one.items.path) == 300
     np.testing.assert_allclose(np.asarray(many.embeddings), np.asarray(one.embeddings), atol=2e-3)
+
+
+def test_cli_index_on_ray_then_query(tmp_path, photo_dir, built_index):
+    """`mmsearch index DIR --ray` as a user runs it (its own Ray runtime, in a fresh process), then
+    `mmsearch query`: the same photos and the same top hits as the index built without Ray."""
+    import json
+
+    folder, _ = photo_dir
+    idx = tmp_path / "idx"
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "mmsearch.cli", *map(str, args)], capture_output=True,
+                              text=True, check=False)
+
+    out = cli("index", folder, "--index", idx, "--ray", "--ray-address", "local", "--ray-workers", "1", "-q")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(cli("info", "--index", idx, "--json").stdout)
+    assert info["count"] == len(list(folder.rglob("*.jpg")))
+    mine = json.loads(cli("query", "a dog running on the grass", "--index", idx, "--json", "-k", "3").stdout)
+    ref = json.loads(cli("query", "a dog running on the grass", "--index", built_index[0], "--json", "-k", "3").stdout)
+    assert [Path(h["path"]).name for h in mine] == [Path(h["path"]).name for h in ref]

@@ -23,12 +23,13 @@ def ray_module():
 
 
 def connect(address: str | None = None, num_cpus: int | None = None):
-    """Join the cluster at ``address`` ("auto", "ray://host:10001"; None: RAY_ADDRESS, else start a
-    local one with ``num_cpus``), unless this process already is connected. Returns the ray module."""
+    """Join the cluster at ``address`` ("auto", "ray://host:10001"; "local": a new one on this
+    machine with ``num_cpus``; None: Ray's rule, i.e. RAY_ADDRESS, else a cluster already running
+    on this machine, else a new one), unless this process already is connected. Returns the ray module."""
     ray = ray_module()
     if not ray.is_initialized():
-        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 **({"num_cpus": num_cpus} if num_cpus and address == "local" else {}))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the library never prints: the caller reports progress
     ctx.print_on_execution_start = False
