@@ -226,29 +226,35 @@ def _read_back(scratch: Path, files: Sequence[MediaFile], dim: int, batch_size: 
     pending: dict[int, list] = {}
     for shard in shards:
         t = pq.read_table(shard).sort_by([("file", "ascending"), ("seq", "ascending")])
-        emb = t.column("embedding").combine_chunks()
-        vectors = emb.values.to_numpy(zero_copy_only=False).reshape(-1, dim) if len(emb) else np.zeros((0, dim), np.float32)
         cols = {name: t.column(name).to_pylist() for name in ("file", "role", "t", "shot", "reason", "unreadable",
                                                              "shots", "mode", "path")}
+        is_item = np.array([r == "item" for r in cols["role"]], bool)
+        vectors = _item_vectors(t.filter(is_item), dim)  # the item rows' vectors, in row order
+        slot = np.cumsum(is_item) - 1  # row -> its vector (item rows only)
         for r in range(t.num_rows):
-            pending.setdefault(cols["file"][r], []).append((r, vectors, cols))
-    done = 0
+            pending.setdefault(cols["file"][r], []).append((r, vectors[slot[r]] if is_item[r] else None, cols))
     for start in range(0, len(files), batch_size):
         ok, vecs = [], []
         for i in range(start, min(len(files), start + batch_size)):
-            for r, vectors, cols in pending.pop(i, []):
+            for r, vector, cols in pending.pop(i, []):
                 role = cols["role"][r]
                 if role == "item":
                     t, shot = cols["t"][r], cols["shot"][r]
                     ok.append(replace(files[i], t=t, shot=shot) if files[i].kind == "video" else files[i])
-                    vecs.append(vectors[r])
+                    vecs.append(vector)
                 elif role == "skip" and on_skip:
                     on_skip(Skipped(files[i].path, cols["reason"][r], unreadable=bool(cols["unreadable"][r])))
                 elif role == "video" and videos is not None:
                     videos[files[i].path] = ([Shot(a, b) for a, b in json.loads(cols["shots"][r])], cols["mode"][r])
-        n = min(len(files), start + batch_size) - start
         yield ok, (np.stack(vecs) if vecs else np.zeros((0, dim), np.float32)), True
-        done += n
         if on_progress:
-            on_progress(n)
+            on_progress(min(len(files), start + batch_size) - start)
+
+
+def _item_vectors(items, dim: int) -> np.ndarray:
+    """(n, dim) float32 from the ``embedding`` column of rows that all have one (no nulls)."""
+    emb = items.column("embedding").combine_chunks()
+    if not len(emb):
+        return np.zeros((0, dim), np.float32)
+    return np.asarray(emb.values.to_numpy(zero_copy_only=False), np.float32).reshape(len(emb), dim)
 
