@@ -5,6 +5,7 @@ line. One local Ray runtime (2 CPUs) serves the whole module."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,7 @@ def media(tmp_path_factory, pairs):
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     shutil.copy2(VIDEOS / "airplane_then_field.mp4", folder / "clip.mp4")
     (folder / "empty.mp4").write_bytes(b"")
+    shutil.copy2(pairs.images[0], os.path.join(os.fsencode(folder), b"caf\xe9 (latin-1).jpg"))  # not UTF-8
     return folder
 
 
@@ -93,6 +95,7 @@ def test_pool_leaves_cpus_for_the_reads():
         assert pool.workers * pool.cpus <= cpus - READ_RESERVE + 1e-9, (cpus, pool)
         assert pool.threads >= 1
     assert Pool.fit(RayOptions(workers=1), 2).cpus == 1.0
+    assert Pool.fit(RayOptions(gpus_per_worker=1), 16, cluster_gpus=2).workers == 2  # as many as the GPUs hold
     assert Pool.fit(RayOptions(workers=3, cpus_per_worker=0.25), 2) == Pool(3, 0.25, 0.0, 1)
 
 
@@ -318,3 +321,43 @@ def test_cli_index_on_ray_then_query(tmp_path, photo_dir, built_index):
     mine = json.loads(cli("query", "a dog running on the grass", "--index", idx, "--json", "-k", "3").stdout)
     ref = json.loads(cli("query", "a dog running on the grass", "--index", built_index[0], "--json", "-k", "3").stdout)
     assert [Path(h["path"]).name for h in mine] == [Path(h["path"]).name for h in ref]
+
+
+def test_files_that_come_back_from_no_worker_are_an_error(tmp_path):
+    """Shards written where the driver cannot see them (a scratch folder not shared by the nodes):
+    one clear error before anything is committed, not files silently left out."""
+    from mmsearch.media import MediaFile
+    from mmsearch.scale import ScaleError
+    from mmsearch.scale.embed import _read_back
+
+    files = [MediaFile(str(tmp_path / "a.jpg"), 1, 1, "image"), MediaFile(str(tmp_path / "b.jpg"), 1, 1, "image")]
+    with pytest.raises(ScaleError, match="2 of 2 files came back from no Ray worker"):
+        next(_read_back(tmp_path, files, 8, 4, None, None, None))
+
+
+def test_sharded_build_refuses_ids_faiss_cannot_hold(tmp_path):
+    from mmsearch.scale.shards import ShardedIndex
+
+    x = clustered(600, 16, seed=7)
+    with pytest.raises(ValueError, match="negative"):
+        ShardedIndex.build(x, np.arange(600) - 1, tmp_path, 2, SHARD_SPEC)
+    with pytest.raises(ValueError, match="unique|duplicate"):
+        ShardedIndex.build(x, np.zeros(600, np.int64), tmp_path, 2, SHARD_SPEC)
+
+
+def test_shards_of_an_older_generation_are_refused(tmp_path, photo_dir, encoder):
+    """A photo changed in place keeps its id: the shards' ids still match, their codes do not."""
+    from mmsearch.errors import IndexFormatError
+    from mmsearch.scale.shards import build_for_index
+    from mmsearch.search import Searcher
+
+    folder, mapping = photo_dir
+    index_folder(folder, tmp_path / "idx", encoder=encoder)
+    spec = IndexSpec(index_type="ivfpq", pq_m=8, nlist=2, choose_sample=0)
+    build_for_index(tmp_path / "idx", tmp_path / "shards", shards=2, spec=spec)
+    Searcher(tmp_path / "idx", encoder=encoder, shards=tmp_path / "shards")  # current: accepted
+    a, b = sorted(mapping.values())[:2]
+    shutil.copyfile(b, a)  # new content under the same name
+    index_folder(folder, tmp_path / "idx", encoder=encoder)
+    with pytest.raises(IndexFormatError, match="not from the current generation"):
+        Searcher(tmp_path / "idx", encoder=encoder, shards=tmp_path / "shards")

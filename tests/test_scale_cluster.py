@@ -14,16 +14,31 @@ from ray.cluster_utils import Cluster
 from mmsearch.config import IndexSpec
 
 
-@pytest.fixture
-def cluster(model_cache):
+def _start(head_cpus: int, workers: int):
     if ray.is_initialized():
         ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    workers = [c.add_node(num_cpus=1) for _ in range(2)]
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus})
+    nodes = [c.add_node(num_cpus=1) for _ in range(workers)]
     c.wait_for_nodes()
     ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
     driver = ray.get_runtime_context().get_node_id()
-    yield c, [w for w in workers if w.node_id != driver]  # the nodes a test may remove
+    return c, [w for w in nodes if w.node_id != driver]  # the nodes a test may remove
+
+
+@pytest.fixture
+def cluster(model_cache):
+    c, removable = _start(head_cpus=1, workers=2)
+    yield c, removable
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture
+def cluster_of_workers(model_cache):
+    """A head that runs nothing (no CPU) and three 1-CPU workers: every actor lands on a worker, and
+    at most one worker is the node the driver is attached to."""
+    c, removable = _start(head_cpus=0, workers=3)
+    yield c, removable
     ray.shutdown()
     c.shutdown()
 
@@ -72,7 +87,7 @@ def _actor_pids_under(raylet: int) -> list[int]:
     return out
 
 
-def test_embedding_survives_a_node_removed_mid_run(cluster, tmp_path, encoder):
+def test_embedding_survives_a_node_removed_mid_run(cluster_of_workers, tmp_path, encoder):
     """A node that goes away while its actor embeds: Ray starts the actor again on a node left and
     runs the lost batches again; the index is the one a single process makes."""
     import threading
@@ -84,13 +99,13 @@ def test_embedding_survives_a_node_removed_mid_run(cluster, tmp_path, encoder):
     from mmsearch.indexing import index_folder
     from mmsearch.store import Collection
 
-    c, removable = cluster
+    c, removable = cluster_of_workers
     folder = tmp_path / "photos"
     folder.mkdir()
-    for src in load_flickr8k(flickr8k(), "dev").subset(200).images:
+    for src in load_flickr8k(flickr8k(), "dev").subset(600).images:
         (folder / Path(src).name).symlink_to(src)
     index_folder(folder, tmp_path / "single", encoder=encoder)
-    config = IndexingConfig(batch_size=2, ray=RayOptions(workers=2, cpus_per_worker=0.5))
+    config = IndexingConfig(batch_size=1, ray=RayOptions(workers=3, cpus_per_worker=0.5))
     result: dict = {}
 
     def go() -> None:
@@ -107,7 +122,7 @@ def test_embedding_survives_a_node_removed_mid_run(cluster, tmp_path, encoder):
         assert run.is_alive() and time.monotonic() < deadline, f"the run ended before a node could be removed: {result}"
         busy = [n for pid, n in raylets.items() if _actor_pids_under(pid)]
         seen = seen or (time.monotonic() if busy else None)
-        if busy and time.monotonic() > seen + 3:  # actors up for 3 s: batches done, others under way
+        if busy and time.monotonic() > seen + 1:  # actors up for 1 s: batches done, others under way
             victim = busy[0]
         time.sleep(0.05)
     c.remove_node(victim)
@@ -115,5 +130,5 @@ def test_embedding_survives_a_node_removed_mid_run(cluster, tmp_path, encoder):
     run.join(timeout=300)
     assert removed_while_running and "report" in result, result
     one, many = Collection.open(tmp_path / "single"), Collection.open(tmp_path / "ray")
-    assert list(many.items.path) == list(one.items.path) and len(one.items.path) == 200
+    assert list(many.items.path) == list(one.items.path) and len(one.items.path) == 600
     np.testing.assert_allclose(np.asarray(many.embeddings), np.asarray(one.embeddings), atol=2e-3)

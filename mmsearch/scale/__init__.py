@@ -12,6 +12,10 @@ class RayMissingError(MmsearchError, ImportError):
     """Ray is not installed, and something asked for it."""
 
 
+class ScaleError(MmsearchError, RuntimeError):
+    """A run on the cluster did not give back what it was given (nothing was committed)."""
+
+
 def ray_module():
     """The ray module, or one line saying how to install it."""
     try:

@@ -36,7 +36,7 @@ from mmsearch.media import MediaFile, Skipped
 from mmsearch.store import MARKER
 from mmsearch.video import Shot
 
-from . import connect
+from . import ScaleError, connect
 
 #: a scratch folder for one run's shards inside the index folder: swept by the next run if left behind
 SCRATCH_PREFIX = ".ray-embed-"
@@ -46,10 +46,11 @@ READ_RESERVE = 0.5
 
 def shard_schema(dim: int):
     """One row per embedded item (``role`` "item"), file that failed ("skip") or sampled video
-    ("video": its shots and sampling mode), keyed by the file's position in the run."""
+    ("video": its shots and sampling mode), keyed by the file's position in the run; ``path`` as
+    the file system's bytes (``os.fsdecode`` gives the name back)."""
     import pyarrow as pa
 
-    return pa.schema([("file", pa.int64()), ("seq", pa.int32()), ("role", pa.string()), ("path", pa.string()),
+    return pa.schema([("file", pa.int64()), ("seq", pa.int32()), ("role", pa.string()), ("path", pa.binary()),
                       ("kind", pa.string()), ("t", pa.float64()), ("shot", pa.int32()),
                       ("embedding", pa.list_(pa.float32(), dim)), ("reason", pa.string()),
                       ("unreadable", pa.bool_()), ("shots", pa.string()), ("mode", pa.string())])
@@ -90,7 +91,7 @@ class EmbedWorker:
     def __call__(self, batch: dict) -> pa.Table:  # noqa: F821
         from mmsearch.embedding import embed_files
 
-        files = [MediaFile(str(p), int(s), int(m), str(k))
+        files = [MediaFile(os.fsdecode(bytes(p)), int(s), int(m), str(k))  # bytes: names need not be UTF-8
                  for p, s, m, k in zip(batch["path"], batch["size"], batch["mtime_ns"], batch["kind"])]
         rows = _Rows({f.path: int(i) for f, i in zip(files, batch["file"])})
         videos: dict = {}
@@ -119,7 +120,7 @@ class _Rows:
 
         def row(path: str, role: str, kind: str, seq: int = 0, t=None, shot=None, reason=None, unreadable=None,
                 shots=None, mode=None) -> None:
-            values = {"file": self.position[path], "seq": seq, "role": role, "path": path, "kind": kind, "t": t,
+            values = {"file": self.position[path], "seq": seq, "role": role, "path": os.fsencode(path), "kind": kind, "t": t,
                       "shot": shot, "reason": reason, "unreadable": unreadable, "shots": shots, "mode": mode}
             for name, v in values.items():
                 cols[name].append(v)
@@ -152,11 +153,14 @@ class Pool:
     threads: int  # ONNX Runtime threads per actor
 
     @classmethod
-    def fit(cls, options: RayOptions, cluster_cpus: float) -> Pool:
+    def fit(cls, options: RayOptions, cluster_cpus: float, cluster_gpus: float = 0.0) -> Pool:
         """The pool ``options`` ask for, sized to the cluster where they leave it open: every actor
-        together takes at most the cluster's CPUs less READ_RESERVE, so reads are never starved."""
+        together takes at most the cluster's CPUs less READ_RESERVE, so reads are never starved;
+        actors on GPUs are as many as the GPUs hold."""
         budget = max(0.25, cluster_cpus - READ_RESERVE)
         workers = options.workers or max(1, int(cluster_cpus))
+        if options.gpus_per_worker and not options.workers:
+            workers = max(1, min(workers, int(cluster_gpus // options.gpus_per_worker)))
         cpus = options.cpus_per_worker if options.cpus_per_worker is not None else min(1.0, budget / workers)
         if options.gpus_per_worker:
             cpus = options.cpus_per_worker if options.cpus_per_worker is not None else min(cpus, 1.0)
@@ -166,7 +170,7 @@ class Pool:
 
 def _scratch(index_path: Path, options: RayOptions) -> Path:
     """A new folder for this run's shards (every node must be able to write it)."""
-    base = Path(options.scratch) if options.scratch else index_path
+    base = Path(options.scratch).resolve() if options.scratch else index_path
     folder = base / f"{SCRATCH_PREFIX}{secrets.token_hex(6)}"
     folder.mkdir(parents=True)
     (folder / MARKER).touch()  # so that the next run's sweep may delete it if this one is killed
@@ -194,8 +198,9 @@ def embed_on_ray(
         return
     options = config.ray or RayOptions()
     ray = connect(options.address)
-    pool = Pool.fit(options, float(ray.cluster_resources().get("CPU", 1)))
-    scratch = _scratch(Path(index_path), options)
+    resources = ray.cluster_resources()
+    pool = Pool.fit(options, float(resources.get("CPU", 1)), float(resources.get("GPU", 0)))
+    scratch = _scratch(Path(index_path).resolve(), options)  # an absolute path: workers run elsewhere
     try:
         _run(ray, visual, EncoderArgs.of(encoder, config.backend, pool.threads, pool.gpus > 0), config, pool, scratch)
         yield from _read_back(scratch, visual, encoder.dim, config.batch_size, on_progress, on_skip, videos)
@@ -205,7 +210,8 @@ def embed_on_ray(
 
 def _run(ray, files: Sequence[MediaFile], args: EncoderArgs, config: IndexingConfig, pool: Pool, scratch: Path) -> None:
     """The Ray Data pipeline: paths -> actors -> parquet shards in ``scratch``."""
-    rows = [{"file": i, "path": f.path, "kind": f.kind, "size": f.size, "mtime_ns": f.mtime_ns} for i, f in enumerate(files)]
+    rows = [{"file": i, "path": os.fsencode(f.path), "kind": f.kind, "size": f.size, "mtime_ns": f.mtime_ns}
+            for i, f in enumerate(files)]
     blocks = max(1, min(len(rows), 4 * pool.workers, math.ceil(len(rows) / config.batch_size)))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     out = ds.map_batches(EmbedWorker, fn_constructor_args=(args, config), batch_size=config.batch_size,
@@ -233,6 +239,10 @@ def _read_back(scratch: Path, files: Sequence[MediaFile], dim: int, batch_size: 
         slot = np.cumsum(is_item) - 1  # row -> its vector (item rows only)
         for r in range(t.num_rows):
             pending.setdefault(cols["file"][r], []).append((r, vectors[slot[r]] if is_item[r] else None, cols))
+    lost = len(files) - len(pending)
+    if lost:
+        raise ScaleError(f"{lost} of {len(files)} files came back from no Ray worker (shards in {scratch.parent}): "
+                         "on a cluster of several machines, pass a scratch folder every node shares (RayOptions.scratch)")
     for start in range(0, len(files), batch_size):
         ok, vecs = [], []
         for i in range(start, min(len(files), start + batch_size)):

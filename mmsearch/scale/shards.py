@@ -45,6 +45,7 @@ from mmsearch.index import (
     gpu,
     plan_index,
 )
+from mmsearch.index._checks import as_matrix, check_ids
 from mmsearch.index.choice import choose_codes
 from mmsearch.index.files import read_index, write_index
 from mmsearch.index.vector_index import _training_sample
@@ -71,6 +72,7 @@ class ShardsManifest:
     kind: str
     params: dict
     shards: tuple[ShardFile, ...]
+    source: str | None = None  # what the vectors were: an index's folder and generation (build_for_index)
 
     @property
     def ntotal(self) -> int:
@@ -90,7 +92,8 @@ class ShardsManifest:
             if d.get("format") != SHARDS_FORMAT:
                 raise IndexFormatError(f"{path} has format {d.get('format')!r}, this mmsearch reads {SHARDS_FORMAT}: "
                                        "upgrade mmsearch or rebuild the shards")
-            return cls(d["format"], int(d["d"]), d["kind"], d["params"], tuple(ShardFile(**s) for s in d["shards"]))
+            return cls(d["format"], int(d["d"]), d["kind"], d["params"], tuple(ShardFile(**s) for s in d["shards"]),
+                       d.get("source"))
         except (ValueError, KeyError, TypeError) as e:
             raise IndexFormatError(f"{path} is malformed ({e!r}): rebuild the shards") from None
 
@@ -159,17 +162,17 @@ class ShardedIndex(VectorIndex):
     @classmethod
     def build(cls, vectors: np.ndarray | str | os.PathLike, ids: np.ndarray, folder: str | os.PathLike,
               shards: int = 2, spec: IndexSpec = IndexSpec(), ray: bool = False,
-              plan: IndexPlan | None = None) -> ShardedIndex:
+              plan: IndexPlan | None = None, source: str | None = None) -> ShardedIndex:
         """Build an IVF-PQ index over ``vectors`` (an (n, d) array, or a .npy file every Ray worker
         can read) under ``ids`` into ``folder`` as ``shards`` shards; ``ray`` adds the shards in Ray
         tasks (a connected cluster: :func:`mmsearch.scale.connect`) and searches them with Ray actors.
         ``plan`` forces the layout (default: what ``spec`` gives a single build)."""
-        folder = Path(folder)
-        x = np.load(vectors, mmap_mode="r") if isinstance(vectors, (str, os.PathLike)) else vectors
+        folder = Path(folder).resolve()  # absolute: Ray tasks and actors may run elsewhere
+        if isinstance(vectors, (str, os.PathLike)):
+            vectors = Path(vectors).resolve()
+        x = np.load(vectors, mmap_mode="r") if isinstance(vectors, Path) else as_matrix(vectors, "vectors")
         n, d = x.shape
-        ids = np.ascontiguousarray(np.asarray(ids, np.int64))
-        if len(ids) != n:
-            raise BadArgumentError(f"{len(ids)} ids for {n} vectors: give one id per vector")
+        ids = np.ascontiguousarray(check_ids(ids, n), np.int64)  # unique, non-negative: -1 means "none" to faiss
         if not 1 <= shards <= n:
             raise BadArgumentError(f"shards must be between 1 and the {n} vectors, got {shards}")
         template, params = cls._trained_template(x, spec, plan)
@@ -179,7 +182,7 @@ class ShardedIndex(VectorIndex):
         bounds = np.linspace(0, n, shards + 1).astype(int)
         files = [ShardFile(f"shard-{i:04d}.faiss", int(a), int(b - a)) for i, (a, b) in enumerate(pairwise(bounds))]
         _add_shards(bytes(_faiss.faiss_module().serialize_index(template)), vectors, x, ids, folder, files, ray)
-        manifest = ShardsManifest(SHARDS_FORMAT, d, "ivfpq", params.to_json(), tuple(files))
+        manifest = ShardsManifest(SHARDS_FORMAT, d, "ivfpq", params.to_json(), tuple(files), source)
         self = cls.open(folder, x, ids, ray=ray, manifest=manifest)
         if self.nlist:
             self.tune(spec)  # through the sharded search, as queries will run
@@ -307,13 +310,24 @@ def build_for_index(index_path: str | os.PathLike, folder: str | os.PathLike, sh
     from mmsearch.store import EMBEDDINGS, Collection
 
     c = Collection.open(index_path, load_index=False)
-    return ShardedIndex.build(c.path / c.manifest.generation_dir / EMBEDDINGS, c.items.id, folder, shards, spec, ray)
+    return ShardedIndex.build(c.path / c.manifest.generation_dir / EMBEDDINGS, c.items.id, folder, shards, spec, ray,
+                              source=_source(c))
+
+
+def _source(collection) -> str:
+    """The index folder and generation the vectors come from (a re-embedded file keeps its id, so ids
+    alone cannot tell shards of an older generation)."""
+    return f"{Path(collection.path).resolve()}:{collection.manifest.generation_dir}"
 
 
 def use_shards(collection, shards: str | os.PathLike | ShardedIndex) -> ShardedIndex:
     """Make ``collection`` answer its nearest-neighbour searches from ``shards`` (built from its vectors)."""
     sharded = shards if isinstance(shards, ShardedIndex) else ShardedIndex.open(shards)
     ids = np.asarray(collection.items.id, np.int64)
+    if sharded.manifest.source not in (None, _source(collection)):
+        raise IndexFormatError(f"shards {sharded.folder} were built from {sharded.manifest.source}, not from the "
+                               f"current generation of index {collection.path}: build them again from it "
+                               "(mmsearch.scale.shards.build_for_index)")
     if sharded.ntotal != len(ids) or not np.array_equal(sharded.ids(), np.sort(ids)):
         raise IndexFormatError(f"shards {sharded.folder} hold {sharded.ntotal} items, not the {len(ids)} of index "
                                f"{collection.path}: build them again from it (mmsearch.scale.shards.build_for_index)")
