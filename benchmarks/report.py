@@ -410,7 +410,7 @@ def print_scale_out() -> None:
     disk = ix.get("top10_sharded_vs_merged_on_disk")
     print(f"Index: {ix['vectors']:,} × {ix['d']} clustered vectors ({ix['clusters']:,} clusters), codes {ix['codes']}: "
           f"one IVF-PQ build {ix['single_build_seconds']} s, {ix['shards']} shards on Ray {ix['sharded_build_seconds']} s "
-          f"(both: choice of codes, training on the driver, adding, tuning). Top-10 of 1,000 held-out queries: "
+          f"(both: training, adding, tuning; the shards train on the driver and add their codes in Ray tasks). Top-10 of 1,000 held-out queries: "
           f"sharded vs the single build on the same trained quantizer {100 * same:.1f} % the same "
           f"({100 * ix['identical_rows_sharded_vs_same_quantizer']:.1f} % of rows identical in order), sharded vs merged "
           f"{100 * ix['top10_sharded_vs_merged']:.1f} %" + (f", vs merged on disk {100 * disk:.1f} %" if disk is not None else "")
