@@ -95,13 +95,9 @@ def photo_folder_subset(folder: Path, n: int, tmp: Path) -> Path:
     return few
 
 
-def top10_agreement(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.mean([len(np.intersect1d(x, y)) / x.shape[0] for x, y in zip(a, b)]))
-
-
 def index_build(args, tmp: Path) -> dict:
     import faiss
-    from index_scale import clustered
+    from index_scale import clustered, recall
 
     from mmsearch.index import VectorIndex
     from mmsearch.index.files import read_index
@@ -125,19 +121,19 @@ def index_build(args, tmp: Path) -> dict:
     reference = VectorIndex(same_q, "ivfpq", sharded.params)
     reference.attach(base, ids)
     truth = faiss.knn(q, base, 10, metric=faiss.METRIC_INNER_PRODUCT)[1]
-    I_sh = sharded.search(q, 10)[1]
+    I_sh, I_ref = sharded.search(q, 10)[1], reference.search(q, 10)[1]
     out = {"vectors": len(base), "d": 256, "clusters": 2000, "shards": 2,
            "codes": sharded.config.plan.codes or f"PQ{sharded.config.plan.m}",
            "single_build_seconds": round(single_s, 2), "sharded_build_seconds": round(sharded_s, 2),
            "sharded_tuned": {"nprobe": sharded.config.nprobe, "rerank_factor": sharded.config.rerank_factor},
            "single_tuned": {"nprobe": single.config.nprobe, "rerank_factor": single.config.rerank_factor},
-           "top10_sharded_vs_same_quantizer": top10_agreement(I_sh, reference.search(q, 10)[1]),
-           "identical_rows_sharded_vs_same_quantizer": float(np.mean((I_sh == reference.search(q, 10)[1]).all(1))),
-           "top10_sharded_vs_merged": top10_agreement(I_sh, sharded.merge().search(q, 10)[1]),
-           "recall10_sharded": top10_agreement(I_sh, truth),
-           "recall10_single": top10_agreement(single.search(q, 10)[1], truth)}
+           "top10_sharded_vs_same_quantizer": recall(I_sh, I_ref, 10),
+           "identical_rows_sharded_vs_same_quantizer": float(np.mean((I_sh == I_ref).all(1))),
+           "top10_sharded_vs_merged": recall(I_sh, sharded.merge().search(q, 10)[1], 10),
+           "recall10_sharded": recall(I_sh, truth, 10),
+           "recall10_single": recall(single.search(q, 10)[1], truth, 10)}
     if not sharded.config.plan.codes:  # on-disk merging takes plain PQ lists only
-        out["top10_sharded_vs_merged_on_disk"] = top10_agreement(I_sh, sharded.merge(on_disk=True).search(q, 10)[1])
+        out["top10_sharded_vs_merged_on_disk"] = recall(I_sh, sharded.merge(on_disk=True).search(q, 10)[1], 10)
     print(out, flush=True)
     return out
 

@@ -51,7 +51,8 @@ ITEMS, EMBEDDINGS, FAISS = FILES["items"], FILES["embeddings"], FILES["faiss"]
 COLUMNS = ("id", "path", "size", "mtime_ns", "kind")  # required; "text", "t" and "hub" are optional
 GEN_RE = re.compile(r"^gen-\d{6}$")  # committed generation folders
 PARTIAL_RE = re.compile(r"^\.gen-\d{6}\.partial$")  # generations being written
-SCRATCH_RE = re.compile(r"^\.ray-embed-[0-9a-f]{12}$")  # parquet shards of an embedding run on Ray (mmsearch.scale)
+SCRATCH_PREFIX = ".ray-embed-"  # + 12 hex digits: parquet shards of an embedding run on Ray (mmsearch.scale)
+SCRATCH_RE = re.compile(rf"^{re.escape(SCRATCH_PREFIX)}[0-9a-f]{{12}}$")
 MANIFEST_TMP_RE = re.compile(r"^\.manifest\.json\..*\.tmp$")
 
 

@@ -247,60 +247,29 @@ def test_a_folder_without_shards_is_a_clear_error(tmp_path):
         ShardedIndex.open(tmp_path)
 
 
-def _embedding_actor_pids() -> list[int]:
-    """Processes of this machine that Ray titled as embedding actors (``ray::MapWorker(...EmbedWorker...)``)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and b"EmbedWorker" in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
-
-
 def test_an_actor_killed_mid_run_costs_only_its_batch(tmp_path, encoder, ray_session):
     """SIGKILL to an embedding actor while the run goes on: Ray starts it again and runs its batch
-    again; the index is the one a single process makes, and nothing half-made was ever committed."""
-    import os
+    again; the index is the one a single process makes."""
     import signal
-    import threading
     import time
 
-    from conftest import flickr8k
-    from mmsearch.data import load_flickr8k
+    from ray_runs import BackgroundIndex, actor_pids, assert_same_index, dev_photos
 
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for src in load_flickr8k(flickr8k(), "dev").subset(300).images:
-        (folder / Path(src).name).symlink_to(src)
+    folder = dev_photos(tmp_path / "photos", 300)
     index_folder(folder, tmp_path / "single", encoder=encoder)
-    config = IndexingConfig(batch_size=2, ray=RayOptions(workers=2))
-    result: dict = {}
-
-    def go() -> None:
-        try:
-            result["report"] = index_folder(folder, tmp_path / "ray", encoder=encoder, config=config)
-        except BaseException as e:  # surfaces below, in the test's thread
-            result["error"] = e
-
-    run = threading.Thread(target=go)
-    run.start()
+    run = BackgroundIndex(folder, tmp_path / "ray", encoder, IndexingConfig(batch_size=2, ray=RayOptions(workers=2)))
     deadline, seen = time.monotonic() + 120, None
     while seen is None or time.monotonic() < seen + 3:  # actors up for 3 s: batches done, others under way
-        assert run.is_alive() and time.monotonic() < deadline, f"the run ended before an actor could be killed: {result}"
-        if seen is None and _embedding_actor_pids():
+        assert run.running() and time.monotonic() < deadline, f"the run ended before an actor could be killed: {run.error}"
+        if seen is None and actor_pids():
             seen = time.monotonic()
         time.sleep(0.05)
-    os.kill(_embedding_actor_pids()[0], signal.SIGKILL)
-    killed_while_running = run.is_alive()
-    run.join(timeout=300)
-    assert killed_while_running and "report" in result, result
-    assert result["report"].added == 300 and result["report"].skipped == []
-    one, many = Collection.open(tmp_path / "single"), Collection.open(tmp_path / "ray")
-    assert list(many.items.path) == list(one.items.path) and len(one.items.path) == 300
-    np.testing.assert_allclose(np.asarray(many.embeddings), np.asarray(one.embeddings), atol=2e-3)
-
+    os.kill(actor_pids()[0], signal.SIGKILL)
+    killed_while_running = run.running()
+    run.finish()
+    assert killed_while_running
+    assert run.report.added == 300 and run.report.skipped == []
+    assert_same_index(tmp_path / "single", tmp_path / "ray", 300)
 
 def test_cli_index_on_ray_then_query(tmp_path, photo_dir, built_index):
     """`mmsearch index DIR --ray` as a user runs it (its own Ray runtime, in a fresh process), then

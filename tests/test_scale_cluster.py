@@ -4,8 +4,6 @@ nothing but a restart of its actors elsewhere (issue 18)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import ray
@@ -71,64 +69,32 @@ def test_sharded_search_survives_a_node_removed(cluster, tmp_path):
 
 
 
-def _parent(pid: int) -> int:
-    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-
-
-def _actor_pids_under(raylet: int) -> list[int]:
-    """Embedding actors (processes Ray titled ``ray::MapWorker(...EmbedWorker...)``) the raylet started."""
-    out = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and b"EmbedWorker" in (proc / "cmdline").read_bytes() and _parent(int(proc.name)) == raylet:
-                out.append(int(proc.name))
-        except OSError:
-            continue
-    return out
-
 
 def test_embedding_survives_a_node_removed_mid_run(cluster_of_workers, tmp_path, encoder):
     """A node that goes away while its actor embeds: Ray starts the actor again on a node left and
     runs the lost batches again; the index is the one a single process makes."""
-    import threading
     import time
 
-    from conftest import flickr8k
     from mmsearch.config import IndexingConfig, RayOptions
-    from mmsearch.data import load_flickr8k
     from mmsearch.indexing import index_folder
-    from mmsearch.store import Collection
+    from ray_runs import BackgroundIndex, actor_pids, assert_same_index, dev_photos
 
     c, removable = cluster_of_workers
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for src in load_flickr8k(flickr8k(), "dev").subset(600).images:
-        (folder / Path(src).name).symlink_to(src)
+    folder = dev_photos(tmp_path / "photos", 600)
     index_folder(folder, tmp_path / "single", encoder=encoder)
     config = IndexingConfig(batch_size=1, ray=RayOptions(workers=3, cpus_per_worker=0.5))
-    result: dict = {}
-
-    def go() -> None:
-        try:
-            result["report"] = index_folder(folder, tmp_path / "ray", encoder=encoder, config=config)
-        except BaseException as e:  # surfaces below, in the test's thread
-            result["error"] = e
-
-    run = threading.Thread(target=go)
-    run.start()
+    run = BackgroundIndex(folder, tmp_path / "ray", encoder, config)
     raylets = {n.all_processes["raylet"][0].process.pid: n for n in removable}
     deadline, victim, seen = time.monotonic() + 120, None, None
     while victim is None:
-        assert run.is_alive() and time.monotonic() < deadline, f"the run ended before a node could be removed: {result}"
-        busy = [n for pid, n in raylets.items() if _actor_pids_under(pid)]
+        assert run.running() and time.monotonic() < deadline, f"the run ended before a node could be removed: {run.error}"
+        busy = [n for pid, n in raylets.items() if actor_pids(parent=pid)]
         seen = seen or (time.monotonic() if busy else None)
         if busy and time.monotonic() > seen + 1:  # actors up for 1 s: batches done, others under way
             victim = busy[0]
         time.sleep(0.05)
     c.remove_node(victim)
-    removed_while_running = run.is_alive()
-    run.join(timeout=300)
-    assert removed_while_running and "report" in result, result
-    one, many = Collection.open(tmp_path / "single"), Collection.open(tmp_path / "ray")
-    assert list(many.items.path) == list(one.items.path) and len(one.items.path) == 600
-    np.testing.assert_allclose(np.asarray(many.embeddings), np.asarray(one.embeddings), atol=2e-3)
+    removed_while_running = run.running()
+    run.finish()
+    assert removed_while_running
+    assert_same_index(tmp_path / "single", tmp_path / "ray", 600)

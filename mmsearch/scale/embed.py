@@ -33,13 +33,11 @@ import numpy as np
 
 from mmsearch.config import IndexingConfig, RayOptions
 from mmsearch.media import MediaFile, Skipped
-from mmsearch.store import MARKER
+from mmsearch.store import MARKER, SCRATCH_PREFIX
 from mmsearch.video import Shot
 
 from . import ScaleError, connect
 
-#: a scratch folder for one run's shards inside the index folder: swept by the next run if left behind
-SCRATCH_PREFIX = ".ray-embed-"
 #: CPUs left to Ray Data's own tasks when the pool is sized automatically
 READ_RESERVE = 0.5
 
@@ -162,8 +160,6 @@ class Pool:
         if options.gpus_per_worker and not options.workers:
             workers = max(1, min(workers, int(cluster_gpus // options.gpus_per_worker)))
         cpus = options.cpus_per_worker if options.cpus_per_worker is not None else min(1.0, budget / workers)
-        if options.gpus_per_worker:
-            cpus = options.cpus_per_worker if options.cpus_per_worker is not None else min(cpus, 1.0)
         cpus = math.floor(cpus * 1000) / 1000  # rounded down: the pool never takes the reads' share
         return cls(workers, cpus, options.gpus_per_worker, max(1, math.floor(cpus + 0.5)))
 
