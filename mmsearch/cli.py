@@ -50,6 +50,9 @@ IndexOpt = Annotated[Optional[Path], typer.Option(
 PretrainedOpt = Annotated[Optional[str], typer.Option("--pretrained", help="open_clip pretrained tag or weights file.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 BackendOpt = Annotated[str, typer.Option("--backend", help="auto (ONNX Runtime when the model has an export), onnx or torch.")]
+LangOpt = Annotated[str, typer.Option(
+    "--lang", help="Text tower: auto (English and undetermined text to the model's own tower, other languages to "
+                   "its multilingual tower), en or multi.")]
 PairsArg = Annotated[Path, typer.Argument(
     help="Flickr8k-style folder, or a .csv/.tsv/.parquet table with image,caption columns.")]
 
@@ -271,6 +274,7 @@ def index(
                              "--ray-address's, else RAY_ADDRESS's, else one running on this machine, else a new local one."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Cluster to join (auto, ray://HOST:10001, local: a new one); implies --ray."),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", min=1, help="Embedding actors [default: one per cluster CPU]."),
+    lang: LangOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
     """Add new, re-embed changed and drop deleted images and videos of FOLDER (and texts of --texts) in the index."""
@@ -287,7 +291,8 @@ def index(
         ray_module()  # not installed: one line now, before any work
         on_ray = RayOptions(address=ray_address, workers=ray_workers)
     config = IndexingConfig(batch_size=batch_size, commit_every=commit_every, frame_interval=frame_interval,
-                            skip_similar=skip_similar, backend=backend, precision=precision, ray=on_ray)
+                            skip_similar=skip_similar, backend=backend, precision=precision, ray=on_ray,
+                            lang=_check_lang(lang))
     where, ref = _index_dir(index), (ModelRef(model, pretrained) if model else None)
     _check_texts(texts, text_column, where)
     reports = []
@@ -305,6 +310,14 @@ def index(
 
 # ---- query -----------------------------------------------------------------------------------------
 KINDS = ("auto", "all", "image", "video", "text")
+
+
+def _check_lang(lang: str) -> str:
+    from .lang import LANGS
+
+    if lang not in LANGS:
+        _fail(f"unknown --lang {lang!r}: use {', '.join(LANGS)}")
+    return lang
 
 
 def _check_backend(backend: str, precision: Optional[str]) -> None:
@@ -410,6 +423,7 @@ def query(
     model: Optional[Path] = typer.Option(
         None, "--model", help="An exported model folder (`mmsearch export`) of the index's model [default: the index's model]."),
     backend: BackendOpt = "auto",
+    lang: LangOpt = "auto",
     index: IndexOpt = None,
 ) -> None:
     """Print the best matches, best first: `score<TAB>path` for images, `score<TAB>path<TAB>start-end`
@@ -418,7 +432,8 @@ def query(
     if kind not in KINDS:
         _fail(f"unknown --kind {kind!r}: use image, video, text, all or auto")
     searcher = _searcher(index, model, backend, nprobe=nprobe, ef_search=ef_search, rerank_factor=rerank,
-                         hubness=not plain, per_video=per_video)
+                         hubness=not plain, per_video=per_video, lang=_check_lang(lang),
+                         expect=[text] if text is not None else None)
     if queries is not None:
         return _echo_batch(searcher, queries, k, kind, as_json)
     hits = searcher.search_image(image, k, kind) if image is not None else searcher.search_text(text, k, kind)
@@ -583,6 +598,10 @@ def eval_(
     plain: bool = typer.Option(False, "--plain", help="Rank by plain cosine only, without the model's hubness correction."),
     backend: BackendOpt = "auto",
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or int8 (ONNX Runtime) [default: the model's, as new indexes get]."),
+    lang: LangOpt = "auto",
+    compare: Optional[str] = typer.Option(
+        None, "--compare", help="A table's second caption column (the same photos described in another language), "
+                                "searched alike [default: caption_en when the table has it]."),
     quiet: QuietOpt = False,
 ) -> None:
     """Recall@1/5/10 text->image and image->text on image-caption pairs, ranked as `mmsearch query`
@@ -594,27 +613,56 @@ def eval_(
 
     _check_backend(backend, precision)
     pairs = _load_pairs_or_fail(data, split)
+    other = _compare_pairs(data, compare)
     enc = get_encoder(model, pretrained=pretrained, backend=backend, precision=precision)
     bar = None if quiet else tqdm(total=len(pairs), unit="img", desc="embedding", file=sys.stderr, dynamic_ncols=True)
     try:
         r = evaluate(enc, pairs, via_index=IndexSpec(index_type=index_type) if via_index else None,
-                     on_progress=(lambda done, total: bar.update(done - bar.n)) if bar else None, hubness=not plain)
+                     on_progress=(lambda done, total: bar.update(done - bar.n)) if bar else None, hubness=not plain,
+                     lang=_check_lang(lang), compare=other)
     finally:
         if bar is not None:
             bar.close()
     if as_json:
         typer.echo(json.dumps(r))
         return
-    typer.echo(f"{r['model']} on {r['n_images']} images, {r['n_texts']} captions")
+    _echo_eval(r)
+    if via_index:
+        v = r["via_index"]
+        typer.echo(f"{'via ' + v['index']['kind']:12s} " + "  ".join(f"R@{k} {x:.3f}" for k, x in v["t2i"].items())
+                   + "   ANN recall " + "  ".join(f"@{k} {x:.3f}" for k, x in v["ann_recall"].items()))
+
+
+def _towers(counts: dict) -> str:
+    return ", ".join(f"{n} by the {'multilingual' if t == 'multi' else 'English'} tower" for t, n in counts.items() if n)
+
+
+def _echo_eval(r: dict) -> None:
+    typer.echo(f"{r['model']} on {r['n_images']} images, {r['n_texts']} captions ({_towers(r['towers'])})")
     for key, name in (("t2i", "text->image"), ("i2t", "image->text")):
         line = f"{name:12s} " + "  ".join(f"R@{k} {v:.3f}" for k, v in r[key].items())
         if "plain" in r:
             line += "   (plain cosine: " + "  ".join(f"R@{k} {v:.3f}" for k, v in r["plain"][key].items()) + ")"
         typer.echo(line)
-    if via_index:
-        v = r["via_index"]
-        typer.echo(f"{'via ' + v['index']['kind']:12s} " + "  ".join(f"R@{k} {x:.3f}" for k, x in v["t2i"].items())
-                   + "   ANN recall " + "  ".join(f"@{k} {x:.3f}" for k, x in v["ann_recall"].items()))
+    for column, c in r.get("compare", {}).items():
+        typer.echo(f"{column}: {c['n_texts']} captions ({_towers(c['towers'])})")
+        typer.echo(f"{'text->image':12s} " + "  ".join(f"R@{k} {v:.3f}" for k, v in c["t2i"].items()))
+
+
+def _compare_pairs(data: Path, column: Optional[str]):
+    """(column, pairs) of the table's comparison column (--compare, else caption_en if present), or None."""
+    from .data import load_table, read_table_columns
+
+    if data.is_dir():
+        if column is not None:
+            _fail("--compare names a column of a pairs table, not of a Flickr8k folder")
+        return None
+    columns = read_table_columns(data)
+    if column is None:
+        column = "caption_en" if "caption_en" in columns else None
+    elif column not in columns:
+        _fail(f"{data} has no column {column!r} to compare (columns: {', '.join(columns)})")
+    return (column, load_table(data, caption_column=column)) if column else None
 
 
 class _TrainBars:

@@ -107,6 +107,7 @@ class IndexingConfig:
     # None: the index's last setting, else off
     ray: RayOptions | None = None  # embed on a Ray cluster instead of this process (the `ray` extra)
     decode_threads: int | None = None  # threads decoding images ahead of the model; None: one per core
+    lang: str = "auto"  # text tower of indexed texts: "auto" by each text's language (mmsearch.lang), "en" or "multi"
 
 
 @dataclass(frozen=True)

@@ -146,6 +146,11 @@ def _read_columns(path: Path) -> tuple[dict[str, str], Callable[[str], list]]:
     return columns, lambda c: [r[columns[c]] for r in rows]
 
 
+def read_table_columns(path: str | Path) -> list[str]:
+    """The column names of a CSV, TSV or parquet table."""
+    return list(_read_columns(Path(path))[0])
+
+
 def read_table_column(path: str | Path, column: str | None = None) -> list:
     """The values of one column (default: "text", else "caption") of a csv/tsv/parquet table."""
     path = Path(path)

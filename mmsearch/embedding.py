@@ -15,6 +15,7 @@ import numpy as np
 from ._util import batched, ordered_map, prefetch_iter
 from .config import IndexingConfig
 from .errors import MediaError, MediaReadError
+from .encoder import embed_texts_with
 from .media import MediaFile, Skipped, is_transient, load_image
 from .video import VideoSampler
 
@@ -107,7 +108,7 @@ def embed_files(
     ``videos`` (a dict) receives each sampled video's (shots, sampling mode)."""
     texts = [f for f in files if f.kind == "text"]
     for chunk in batched(texts, 256):
-        yield list(chunk), encoder.embed_texts([f.text for f in chunk]), True
+        yield list(chunk), embed_texts_with(encoder, [f.text for f in chunk], config.lang), True
         if on_progress:
             on_progress(len(chunk))
     visual = [f for f in files if f.kind != "text"]

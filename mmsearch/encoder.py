@@ -14,6 +14,7 @@ other open_clip models run in torch until ``mmsearch export`` has exported them.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence, Union
@@ -24,7 +25,7 @@ from . import models
 from ._util import ordered_map
 from .backends.onnx_backend import OnnxBackend
 from .config import DEFAULT_MODEL, ModelRef
-from .errors import ModelLoadError
+from .errors import BadQueryError, ModelLoadError
 from .exported import (
     PRECISIONS,
     ExportManifest,
@@ -33,13 +34,16 @@ from .exported import (
     cached_export,
     is_export,
 )
+from .lang import check_lang, route, script_route
 from .media import load_image
+from .multilingual import MultilingualTower
 from .weights import (
     BANK_FILE,
     bank_path,
     default_precision,
     load_query_bank,
     model_record,
+    shipped_multilingual,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -157,6 +161,8 @@ class Encoder:
         #: shortest input side the model sees; lets decoders downscale large JPEGs early
         self.image_size = self.backend.image_size
         self._query_bank = False  # not looked up yet
+        self._multilingual = False
+        self._english_words: frozenset[str] | None = None
 
     @property
     def name(self) -> str:
@@ -185,10 +191,14 @@ class Encoder:
         return self._query_bank
 
     def warm(self, *towers: str) -> None:
-        """Load what embedding with these towers ("text", "image") needs now rather than on first use."""
+        """Load what embedding with these towers ("text", "image", "multi": the multilingual one) needs
+        now rather than on first use."""
+        if "multi" in towers and self.multilingual is not None:
+            self.multilingual.encoder  # noqa: B018 - loads the sentence encoder
         warm = getattr(self.backend, "warm", None)
-        if warm is not None:
-            warm(*towers)
+        others = [t for t in towers if t != "multi"]
+        if warm is not None and others:
+            warm(*others)
 
     # ---- preprocessing (no forward pass) -------------------------------------------------------
     def preprocess(self, image: "Image.Image") -> np.ndarray:
@@ -227,11 +237,55 @@ class Encoder:
             out.append(self.embed_pixels(np.stack(batch)))
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
-    def embed_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
-        """Texts -> float32 (n, d), L2-normalised."""
+    @property
+    def multilingual(self) -> MultilingualTower | None:
+        """The model's multilingual query tower (mmsearch.multilingual), or None: only a built-in
+        model ships one, trained for its current weights."""
+        if self._multilingual is False:
+            head = shipped_multilingual(self.ref.name, self.weights)
+            self._multilingual = MultilingualTower(head) if head is not None else None
+        return self._multilingual
+
+    @property
+    def english_words(self) -> frozenset[str] | None:
+        """The whole words of the text tower's vocabulary (for ``mmsearch.lang.route``), None if unknown."""
+        if self._english_words is None:
+            vocab = self.backend.vocab()
+            if vocab is not None:
+                self._english_words = frozenset(w for w in vocab if w.isalpha())
+        return self._english_words
+
+    def routes(self, texts: Sequence[str], lang: str = "auto") -> list[str]:
+        """The tower ("en" or "multi") each text goes to under ``lang`` (see mmsearch.lang)."""
+        if check_lang(lang) == "multi" and self.multilingual is None:
+            raise ModelLoadError(f"{self.name} has no multilingual query tower (mmsearch-lite2 ships one): "
+                                 "query with --lang auto or en")
+        if lang == "en" or (lang == "auto" and self.multilingual is None):
+            return ["en"] * len(texts)
+        if lang == "multi":
+            return ["multi"] * len(texts)
+        by_script = [script_route(t) for t in texts]  # the English vocabulary is read only for Latin text
+        return [r or route(t, self.english_words) for r, t in zip(by_script, texts)]
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int | None = None, lang: str = "auto") -> np.ndarray:
+        """Texts -> float32 (n, d), L2-normalised. ``lang`` picks the text tower: "auto" routes each
+        text by its language (English and undetermined to the model's own tower, other languages
+        to its multilingual tower when it has one; mmsearch.lang), "en" or "multi" force one."""
         if isinstance(texts, str):
             raise TypeError("embed_texts takes a list of strings, not one string")
         texts = list(texts)
+        routes = self.routes(texts, lang)
+        multi = [i for i, r in enumerate(routes) if r == "multi"]
+        if not multi:
+            return self._embed_english(texts, batch_size)
+        out = np.zeros((len(texts), self.dim), np.float32)
+        out[multi] = self.multilingual.embed([texts[i] for i in multi])
+        english = [i for i, r in enumerate(routes) if r == "en"]
+        if english:
+            out[english] = self._embed_english([texts[i] for i in english], batch_size)
+        return out
+
+    def _embed_english(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
         bs = batch_size or max(self.batch_size, 256)
         # sort by length so each batch pads only to its own longest text
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -240,6 +294,20 @@ class Encoder:
             idx = order[start : start + bs]
             out[idx] = self.embed_tokens(self.tokenize([texts[i] for i in idx]))
         return out
+
+
+def embed_texts_with(encoder, texts: Sequence[str], lang: str = "auto") -> np.ndarray:
+    """``encoder.embed_texts`` with the language routing of ``lang`` where the encoder has it (an
+    ``Encoder``); any other object with ``embed_texts(texts)`` embeds with its one tower ("auto" only)."""
+    try:
+        takes_lang = isinstance(encoder, Encoder) or "lang" in inspect.signature(encoder.embed_texts).parameters
+    except (TypeError, ValueError):  # a callable without a signature
+        takes_lang = False
+    if takes_lang:
+        return encoder.embed_texts(texts, lang=lang)
+    if lang != "auto":
+        raise BadQueryError(f"language choice {lang!r} needs an encoder with language routing (mmsearch's Encoder)")
+    return encoder.embed_texts(texts)
 
 
 _CACHE: dict[tuple, Encoder] = {}

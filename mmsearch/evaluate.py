@@ -12,14 +12,16 @@ import numpy as np
 
 from .config import IndexSpec
 from .data import Pairs
+from .encoder import embed_texts_with
 from .errors import DataError
 from .hubness import corrections, rerank
 from .index import VectorIndex, exact_knn
-from .metrics import DEFAULT_KS, recall_at_k
+from .metrics import DEFAULT_KS, recall_at_k, text_to_image_recall
 
 
-def embed_pairs(encoder, pairs: Pairs, on_progress: Callable[[int, int], None] | None = None):
-    """(image embeddings, text embeddings, text->image labels) of the pairs."""
+def embed_pairs(encoder, pairs: Pairs, on_progress: Callable[[int, int], None] | None = None, lang: str = "auto"):
+    """(image embeddings, text embeddings, text->image labels) of the pairs; ``lang`` picks the text
+    tower (mmsearch.lang)."""
     texts, owner = pairs.flat()
     chunks, bs = [], encoder.batch_size
     for start in range(0, len(pairs.images), bs):
@@ -27,7 +29,28 @@ def embed_pairs(encoder, pairs: Pairs, on_progress: Callable[[int, int], None] |
         if on_progress:
             on_progress(min(start + bs, len(pairs.images)), len(pairs.images))
     img = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), np.float32)
-    return img, encoder.embed_texts(texts), np.asarray(owner, np.int64)
+    return img, embed_texts_with(encoder, texts, lang), np.asarray(owner, np.int64)
+
+
+def _routes(encoder, texts: Sequence[str], lang: str) -> dict[str, int]:
+    """How many of ``texts`` each text tower embeds under ``lang``."""
+    routes = encoder.routes(texts, lang) if hasattr(encoder, "routes") else ["en"] * len(texts)
+    return {tower: routes.count(tower) for tower in ("en", "multi")}
+
+
+def compare_texts(encoder, pairs: Pairs, img: np.ndarray, other: Pairs, ks: Sequence[int], img_bias, lang: str) -> dict:
+    """Text -> image recall of ``other``'s captions (the same photos described another way, e.g. a
+    table's ``caption_en`` beside its ``caption``) over the photos of ``pairs``, ranked alike."""
+    row = {path: i for i, path in enumerate(pairs.images)}
+    texts, owner = [], []
+    for path, caps in zip(other.images, other.captions):
+        if path in row:
+            texts += caps
+            owner += [row[path]] * len(caps)
+    if not texts:
+        raise DataError("no caption of the comparison column belongs to an evaluated photo")
+    t2i = text_to_image_recall(img, embed_texts_with(encoder, texts, lang), owner, ks, image_bias=img_bias)
+    return {"t2i": t2i, "n_texts": len(texts), "towers": _routes(encoder, texts, lang)}
 
 
 def hub_biases(bank, img: np.ndarray, txt: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -48,6 +71,8 @@ def evaluate(
     via_index: IndexSpec | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     hubness: bool = True,
+    lang: str = "auto",
+    compare: tuple[str, Pairs] | None = None,
 ) -> dict:
     """Recall@k both ways: {"t2i": {k: r}, "i2t": {k: r}, "n_images", "n_texts"}, ranked as a search
     ranks: with the hubness correction of the encoder's query bank when it has one (``hubness``
@@ -59,7 +84,7 @@ def evaluate(
     """
     if len(pairs) == 0:
         raise DataError("no image-caption pairs to evaluate")
-    img, txt, owner = embed_pairs(encoder, pairs, on_progress)
+    img, txt, owner = embed_pairs(encoder, pairs, on_progress, lang)
     bank = getattr(encoder, "query_bank", None) if hubness else None
     img_bias, txt_bias = hub_biases(bank, img, txt)
     result = recall_at_k(img, txt, owner, ks, image_bias=img_bias, text_bias=txt_bias)
@@ -68,6 +93,9 @@ def evaluate(
         result["plain"] = {"t2i": plain["t2i"], "i2t": plain["i2t"]}
         result["hubness"] = bank.settings()
     result["model"] = encoder.name
+    result["towers"] = _routes(encoder, pairs.flat()[0], lang)
+    if compare is not None:
+        result["compare"] = {compare[0]: compare_texts(encoder, pairs, img, compare[1], ks, img_bias, lang)}
     if via_index is not None:
         k = max(ks)
         vindex = VectorIndex.build(img, np.arange(len(img)), via_index)

@@ -47,6 +47,15 @@ def _ranks_i2t(text_emb: np.ndarray, image_emb: np.ndarray, text_image: np.ndarr
     return out
 
 
+def text_to_image_recall(image_emb: np.ndarray, text_emb: np.ndarray, text_image: Sequence[int],
+                         ks: Sequence[int] = DEFAULT_KS, image_bias: np.ndarray | None = None) -> dict[int, float]:
+    """Text -> image recall@k only ({k: r}): images need not all have a caption (a gallery with
+    distractors), unlike ``recall_at_k``, which ranks both ways."""
+    ranks = _ranks_t2i(np.asarray(text_emb, np.float32), np.asarray(image_emb, np.float32),
+                       np.asarray(text_image, np.int64), None if image_bias is None else np.asarray(image_bias, np.float32))
+    return {int(k): float(np.mean(ranks < k)) for k in ks}
+
+
 def recall_at_k(
     image_emb: np.ndarray,
     text_emb: np.ndarray,

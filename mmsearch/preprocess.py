@@ -117,6 +117,9 @@ class TextTokenizer:
         self._tok.enable_truncation(max_length=cfg.context_length)
         self._tok.no_padding()
 
+    def vocab(self) -> dict[str, int]:
+        return self._tok.get_vocab()
+
     def __call__(self, texts: Sequence[str], pad_to: int | None = None) -> np.ndarray:
         """``pad_to`` pads every row to that length (open_clip pads to the context length)."""
         cleaned = [clean_text(t, self.cfg.lower) for t in texts]

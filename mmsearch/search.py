@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .encoder import get_encoder
+from .encoder import embed_texts_with, get_encoder
 from .errors import (
     BadQueryError,
     EmptyIndexError,
@@ -22,6 +22,7 @@ from .errors import (
 )
 from .hubness import corrections, rerank
 from .index import exact_knn, gpu_count
+from .lang import check_lang
 from .manifest import Sampling
 from .store import Collection, read_manifest
 from .weights import check_weights
@@ -99,7 +100,8 @@ class Searcher:
     def __init__(self, index: str | os.PathLike | Collection, encoder=None, nprobe: int | None = None,
                  ef_search: int | None = None, rerank_factor: int | None = None, gpu: bool | None = None,
                  span_margin: float = SPAN_MARGIN, hubness: bool = True, backend: str = "auto",
-                 per_video: int = PER_VIDEO, shards=None) -> None:
+                 per_video: int = PER_VIDEO, shards=None, lang: str = "auto",
+                 expect: Sequence[str] | None = None) -> None:
         """``nprobe`` / ``ef_search`` / ``rerank_factor`` override the values tuned at build time for
         every query; ``gpu`` (None: when faiss-gpu sees a CUDA device) searches the index on the GPU;
         ``span_margin`` (cosine) decides which neighbouring video frames join a hit's time span;
@@ -108,15 +110,20 @@ class Searcher:
         ``backend`` runs the index's model when no ``encoder`` is given ("auto": ONNX Runtime when
         the model has an export, see mmsearch.encoder); ``per_video`` caps the spans of one video in a
         result list; ``shards`` (a folder or a ``mmsearch.scale.ShardedIndex`` built from this index)
-        answers the nearest-neighbour step from shards instead of the index's own faiss file."""
+        answers the nearest-neighbour step from shards instead of the index's own faiss file; ``lang``
+        picks the text tower of text queries ("auto": by each query's language, see mmsearch.lang;
+        "en" or "multi" force one). Both towers embed into the same space, so existing indexes answer
+        queries in other languages without re-embedding anything; ``expect`` (the text queries about to
+        be asked, if known) loads the text towers they need, and only those, while the index loads."""
         self.span_margin = span_margin
+        self.lang = check_lang(lang)
         self.per_video = _check_per_video(per_video)
         self._shot_rows: dict[tuple[str, int], np.ndarray] | None = None
         self.hubness = hubness
         self.backend = backend
         self._loading = None  # the index's encoder, loading in a background thread while the index loads
         if encoder is None and not isinstance(index, Collection):
-            self._loading = _in_background(self._load_encoder, read_manifest(Path(index)).model)
+            self._loading = _in_background(self._load_encoder, read_manifest(Path(index)).model, tuple(expect or ()))
         self.collection = index if isinstance(index, Collection) else Collection.open(index, load_index=shards is None)
         if shards is not None:
             from .scale.shards import use_shards
@@ -145,12 +152,14 @@ class Searcher:
         self._kind_lookups: dict = {}  # exact search over one modality (<= EXACT_FILTER_MAX items)
         self._corrections: dict[tuple, np.ndarray | None] = {}  # (query modality, kinds) -> per-row correction
 
-    def _load_encoder(self, m):
-        """The encoder of the model record ``m``, with its text tower ready (a query comes next)."""
+    def _load_encoder(self, m, expect: tuple[str, ...] = ()):
+        """The encoder of the model record ``m``, with the text towers of the ``expect``ed queries
+        ready (without any: the model's own text tower; a query comes next)."""
 
         encoder = get_encoder(m.name, pretrained=m.pretrained, backend=self.backend,
                               precision=m.precision or "fp32")  # indexes before int8 existed: fp32
-        encoder.warm("text")
+        towers = set(encoder.routes(list(expect), self.lang)) if expect else {"en"}
+        encoder.warm(*("text" if t == "en" else t for t in towers))
         return encoder
 
     @property
@@ -362,17 +371,23 @@ class Searcher:
             raise BadQueryError(f"unknown kind {kind!r}: use image, video, text, all or auto")
         return (kind,)
 
-    def search_text(self, text: str, k: int = 10, kind: str | None = "auto") -> list[Hit]:
-        return self.search_texts([text], k, kind)[0]
+    def search_text(self, text: str, k: int = 10, kind: str | None = "auto", lang: str | None = None) -> list[Hit]:
+        return self.search_texts([text], k, kind, lang)[0]
 
-    def search_texts(self, texts: Sequence[str], k: int = 10, kind: str | None = "auto") -> list[list[Hit]]:
-        """Text -> by default photos and video spans (cross-modal; see ``_kind``), or ``kind``."""
+    def embed_texts(self, texts: Sequence[str], lang: str | None = None) -> np.ndarray:
+        """Query texts -> vectors, each through the text tower ``lang`` (default: the Searcher's) picks."""
+        return embed_texts_with(self.encoder, list(texts), check_lang(lang or self.lang))
+
+    def search_texts(self, texts: Sequence[str], k: int = 10, kind: str | None = "auto",
+                     lang: str | None = None) -> list[list[Hit]]:
+        """Text -> by default photos and video spans (cross-modal; see ``_kind``), or ``kind``;
+        ``lang`` overrides the Searcher's choice of text tower for these queries."""
         if isinstance(texts, str):
             raise TypeError("search_texts takes a list of strings; use search_text for one")
         for t in texts:
             if not isinstance(t, str) or not t.strip():
                 raise BadQueryError("empty query: give some text to search for, or --image PATH")
-        return self._search(self.encoder.embed_texts(list(texts)), k, self._kind(kind, "text"), "text")
+        return self._search(self.embed_texts(texts, lang), k, self._kind(kind, "text"), "text")
 
     def search_image(self, image, k: int = 10, kind: str | None = "auto") -> list[Hit]:
         """Image -> texts when the index holds texts, else photos and video frames (``kind``

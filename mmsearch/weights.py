@@ -18,6 +18,7 @@ from .errors import ModelLoadError, ModelMismatchError
 from .exported import ModelRecord, cache_root
 from .hubness import QueryBank
 from .models import BUILTINS, builtin
+from .multilingual import head_info
 
 BANK_FILE = "query_bank.safetensors"  # inside an open_clip checkpoint folder written by `mmsearch train`
 
@@ -90,6 +91,15 @@ def shipped_int8(name: str, weights: str | None) -> tuple[Path, dict] | None:
     except (OSError, ValueError):
         return None
     return (graph, record) if graph.is_file() and record.get("weights") == weights else None
+
+
+def shipped_multilingual(name: str, weights: str | None) -> Path | None:
+    """The multilingual query head a built-in model ships for these weights (mmsearch.multilingual), else None."""
+    if name not in BUILTINS or weights is None:
+        return None
+    head = builtin(name).multi_file
+    info = head_info(head) if head.is_file() else None
+    return head if info is not None and info.get("weights") == weights else None
 
 
 def default_precision(name: str, weights: str | None) -> str:

@@ -95,6 +95,10 @@ class OnnxBackend:
             if tower == "text":
                 self.tokenizer("warm")
 
+    def vocab(self) -> dict[str, int]:
+        """The text tokenizer's vocabulary."""
+        return self.tokenizer.vocab()
+
     # ---- the backend interface Encoder uses -----------------------------------------------------
     def preprocess(self, image) -> np.ndarray:
         return to_pixels(image, self.manifest.image)

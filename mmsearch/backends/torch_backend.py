@@ -142,6 +142,11 @@ class TorchBackend:
         """Decoded RGB PIL image -> the model's input (C, H, W) by open_clip's own transform."""
         return self._preprocess(image).numpy()
 
+    def vocab(self) -> dict[str, int] | None:
+        """The text tokenizer's vocabulary (HF tokenizers of HF text towers), else None."""
+        get = getattr(getattr(self._tokenizer, "tokenizer", None), "get_vocab", None)
+        return get() if get is not None else None
+
     def tokenize(self, texts):
         """Texts -> token id tensor (n, L), trailing padding columns trimmed for HF text towers."""
         tokens = self._tokenizer(list(texts))

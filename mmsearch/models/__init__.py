@@ -59,6 +59,12 @@ class Builtin:
         return self.heads_file.with_name(self.heads_file.name.replace("_heads.safetensors", "_image_int8.onnx"))
 
     @property
+    def multi_file(self) -> Path:
+        """The multilingual query head (mmsearch.multilingual), trained into this model's space by
+        ``benchmarks/train_multilingual.py``; only mmsearch-lite2 ships one."""
+        return self.heads_file.with_name(self.heads_file.name.replace("_heads.", "_multi."))
+
+    @property
     def bank_file(self) -> Path:
         """The query bank (mmsearch.hubness) embedded with this model's shipped weights."""
         return self.heads_file.with_name(self.heads_file.name.replace("_heads.", "_bank."))

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..config import MAX_IMAGE_PIXELS
 from ..errors import BadQueryError, MediaError, MmsearchError
+from ..lang import check_lang
 from ..search import Hit
 from .live import Snapshot
 
@@ -109,12 +110,13 @@ class Results:
             vector = embed([what])
         return vector, time.perf_counter() - t0
 
-    def text(self, q: str, k: int, page: int, kind: str, per_video: int | None = None) -> dict:
+    def text(self, q: str, k: int, page: int, kind: str, per_video: int | None = None, lang: str = "auto") -> dict:
         s = self.snap.searcher
         if not isinstance(q, str) or not q.strip():
             raise BadQueryError("empty query: give some text to search for (q=...), or POST an image")
         wanted = s._kind(_check_kind(kind), "text")
-        vector, seconds = self._encode(s.encoder.embed_texts, q)
+        check_lang(lang)
+        vector, seconds = self._encode(lambda texts: s.embed_texts(texts, lang), q)
         return _took(self.page(vector, k, page, "text", wanted, per_video), seconds)
 
     def image(self, image, k: int, page: int, kind: str, per_video: int | None = None) -> dict:

@@ -4,8 +4,9 @@ Endpoints (JSON errors are ``{"error": "..."}`` with a 4xx status; a 500 only fo
 its traceback):
 
     GET  /                          the page (static/index.html; no build step, no CDN)
-    GET  /api/search?q=&k=&page=&kind=&per_video=   text query (per_video: spans of one video, default 3)
-    POST /api/search                JSON {"q", "k", "page", "kind", "per_video"}, or multipart with the file in "image"
+    GET  /api/search?q=&k=&page=&kind=&per_video=&lang=   text query (per_video: spans of one video, default 3;
+                                    lang: auto, en or multi, the text tower as `mmsearch query --lang`)
+    POST /api/search                JSON {"q", "k", "page", "kind", "per_video", "lang"}, or multipart with the file in "image"
     GET  /api/items/{id}            one item;  GET /api/items/{id}/similar  items like it (stored vector)
     GET  /api/info                  what `mmsearch info --json` says
     GET  /thumb/{id}?size=256       EXIF-rotated JPEG thumbnail, cached on disk (a video's: its frame)
@@ -177,8 +178,9 @@ def _authorised(request: Request, token: str) -> bool:
 
 def _install_api(app: FastAPI, server: Server) -> None:
     @app.get("/api/search")
-    def search_get(q: str = "", k: int = 20, page: int = 0, kind: str = "auto", per_video: int | None = None):
-        return server.results().text(q, k, page, kind, per_video)
+    def search_get(q: str = "", k: int = 20, page: int = 0, kind: str = "auto", per_video: int | None = None,
+                   lang: str = "auto"):
+        return server.results().text(q, k, page, kind, per_video, lang)
 
     @app.post("/api/search")
     async def search_post(request: Request):
@@ -203,7 +205,8 @@ def _install_api(app: FastAPI, server: Server) -> None:
         if not isinstance(body, dict):
             raise MediaError("send a JSON object: {\"q\": \"...\", \"k\": 20}")
         return server.results().text(str(body.get("q", "")), int(body.get("k", 20)), int(body.get("page", 0)),
-                                     str(body.get("kind", "auto")), _whole(body.get("per_video")))
+                                     str(body.get("kind", "auto")), _whole(body.get("per_video")),
+                                     str(body.get("lang", "auto")))
 
     @app.get("/api/items/{item_id}")
     def item(item_id: str):

