@@ -149,6 +149,18 @@ class _LocalShard:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
+def _spread(ray, n: int) -> list:
+    """Scheduling strategies for ``n`` actors, round robin over the cluster's live nodes: Ray's own
+    "SPREAD" is best effort and can put every actor on one node. Soft, so that an actor whose node is
+    gone starts again on another."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted(node["NodeID"] for node in ray.nodes() if node.get("Alive"))
+    if not nodes:
+        return ["SPREAD"] * n
+    return [NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True) for i in range(n)]
+
+
 class ShardedIndex(VectorIndex):
     """A sharded IVF-PQ index: searched like a :class:`VectorIndex` (same settings, same answers)."""
 
@@ -223,8 +235,9 @@ class ShardedIndex(VectorIndex):
 
             r = connect()
             # no CPU slot (mostly waiting on memory); an actor lost with its node is started again elsewhere
-            actor = r.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy="SPREAD")(_LocalShard)
-            searchers = [_RayShard(r, actor.remote(p, manifest.kind, manifest.params)) for p in paths]
+            actor = r.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_LocalShard)
+            searchers = [_RayShard(r, actor.options(scheduling_strategy=where).remote(p, manifest.kind, manifest.params))
+                         for p, where in zip(paths, _spread(r, len(paths)))]
         else:
             searchers = [_LocalShard(p, manifest.kind, manifest.params) for p in paths]
         lookup = VectorLookup(vectors, ids) if vectors is not None else None
