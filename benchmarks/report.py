@@ -456,6 +456,24 @@ def print_multilingual() -> None:
           f"train captions in {t['seconds']:.0f} s, features included (`{t['command']}`).")
 
 
+def print_multilingual_limit() -> None:
+    """docs/limits.md: how far Chinese falls short, and which part of the tower loses what."""
+    r = load(f"multilingual_{DEFAULT}.json")
+    if not r or "en_multi" not in r:
+        print("(no record: run `python benchmarks/multilingual.py`)")
+        return
+    en, multi, zh = (r[k]["hubness"]["10"] for k in ("en_english", "en_multi", "zh_multi"))
+    g = r["targets"]
+    example = r["dev_en_routed_multi"][0] if r["dev_en_routed_multi"] else None
+    print(f"Chinese queries reach {g['ratio']:.2f} of the recall@10 of the same captions in English (target "
+          f"{g['ratio_r10']}). Of the gap, {en - multi:.2f} is the head's (the English captions through the "
+          f"multilingual tower: R@10 {multi:.2f} against {en:.2f} through the English tower) and {multi - zh:.2f} the "
+          f"encoder's (Chinese through the same tower: {zh:.2f}): a sentence and its translation sit close in its "
+          f"space, not on the same point. {r['dev_en_auto']['towers']['multi']} of the "
+          f"{sum(r['dev_en_auto']['towers'].values()):,} English dev captions go to the multilingual tower"
+          + (f" (for example \"{example}\")" if example else "") + f" (`{r['command']}`).")
+
+
 def print_multilingual_encoders() -> None:
     """docs/languages.md: the candidate sentence encoders of the multilingual tower, measured alike."""
     r = load("multilingual_encoders.json")
@@ -879,6 +897,7 @@ SECTIONS = {
     "scale-out": print_scale_out,               # docs/scale.md
     "multilingual": print_multilingual,         # docs/languages.md
     "multilingual-encoders": print_multilingual_encoders,  # docs/languages.md
+    "multilingual-limit": print_multilingual_limit,  # docs/limits.md
     "scale-plan": print_scale_plan,             # docs/scale.md
 }
 MARKED = re.compile(r"^<!-- report:(?P<name>[\w-]+) -->\n(?:.*?\n)?<!-- /report:(?P=name) -->$", re.DOTALL | re.MULTILINE)  # whole lines

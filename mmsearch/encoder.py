@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence, Union
 
@@ -161,8 +162,10 @@ class Encoder:
         #: shortest input side the model sees; lets decoders downscale large JPEGs early
         self.image_size = self.backend.image_size
         self._query_bank = False  # not looked up yet
-        self._multilingual = False
+        self._multilingual: MultilingualTower | None = None
+        self._multi_head = shipped_multilingual(self.ref.name, self.weights)  # its file, if the model ships one
         self._english_words: frozenset[str] | None = None
+        self._lock = threading.Lock()  # lazy loads: a service's requests and the Searcher's loader thread
 
     @property
     def name(self) -> str:
@@ -240,27 +243,30 @@ class Encoder:
     @property
     def multilingual(self) -> MultilingualTower | None:
         """The model's multilingual query tower (mmsearch.multilingual), or None: only a built-in
-        model ships one, trained for its current weights."""
-        if self._multilingual is False:
-            head = shipped_multilingual(self.ref.name, self.weights)
-            self._multilingual = MultilingualTower(head) if head is not None else None
-        return self._multilingual
+        model ships one, trained for its current weights. A damaged head file raises ModelLoadError."""
+        if self._multi_head is None:
+            return None
+        with self._lock:
+            if self._multilingual is None:
+                self._multilingual = MultilingualTower(self._multi_head)
+            return self._multilingual
 
     @property
     def english_words(self) -> frozenset[str] | None:
         """The whole words of the text tower's vocabulary (for ``mmsearch.lang.route``), None if unknown."""
-        if self._english_words is None:
-            vocab = self.backend.vocab()
-            if vocab is not None:
-                self._english_words = frozenset(w for w in vocab if w.isalpha())
-        return self._english_words
+        with self._lock:
+            if self._english_words is None:
+                vocab = self.backend.vocab()
+                if vocab is not None:
+                    self._english_words = frozenset(w for w in vocab if w.isalpha())
+            return self._english_words
 
     def routes(self, texts: Sequence[str], lang: str = "auto") -> list[str]:
         """The tower ("en" or "multi") each text goes to under ``lang`` (see mmsearch.lang)."""
-        if check_lang(lang) == "multi" and self.multilingual is None:
+        if check_lang(lang) == "multi" and self._multi_head is None:
             raise ModelLoadError(f"{self.name} has no multilingual query tower (mmsearch-lite2 ships one): "
                                  "query with --lang auto or en")
-        if lang == "en" or (lang == "auto" and self.multilingual is None):
+        if lang == "en" or (lang == "auto" and self._multi_head is None):
             return ["en"] * len(texts)
         if lang == "multi":
             return ["multi"] * len(texts)
@@ -305,7 +311,7 @@ def embed_texts_with(encoder, texts: Sequence[str], lang: str = "auto") -> np.nd
         takes_lang = False
     if takes_lang:
         return encoder.embed_texts(texts, lang=lang)
-    if lang != "auto":
+    if lang not in ("auto", "en"):
         raise BadQueryError(f"language choice {lang!r} needs an encoder with language routing (mmsearch's Encoder)")
     return encoder.embed_texts(texts)
 

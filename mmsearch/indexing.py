@@ -31,6 +31,7 @@ from .errors import (
 from .exported import is_export
 from .hubness import QUERY_OF
 from .index import VectorIndex, VectorLookup, check_spec
+from .lang import check_lang
 from .manifest import (
     FORMAT_VERSION,
     Failure,
@@ -465,6 +466,7 @@ class IndexWriter:
                  on_progress: Callable[[int, int], None] | None = None,
                  on_skip: Callable[[Skipped], None] | None = None) -> None:
         self.path, self.root, self.belongs = Path(path), root, _membership(root)
+        check_lang(config.lang)  # before any work
         self.encoder, self.model, self.spec_arg, self.config = encoder, model, spec, config
         self.on_progress, self.on_skip = on_progress, on_skip
         self.report = IndexReport(str(self.path.resolve()))

@@ -12,9 +12,8 @@ language-ID model:
    languages the multilingual encoder was trained on, and only a query it finds unlikely to be
    English (``ENGLISH_BELOW``) goes to "multi".
 
-Measured on the Flickr8k dev captions (English): 0.4 % of them route to "multi"; on 19 short
-Spanish, German, French, Italian, Dutch, Portuguese, Polish and Turkish queries, 18 route to "multi"
-(the miss, "cane", is also an English word). See ``benchmarks/multilingual.py``.
+How many English captions this sends to the multilingual tower, and how mixed inputs route, is
+recorded by ``benchmarks/multilingual.py`` (docs/languages.md).
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ ENGLISH_BELOW = 0.3  # Lingua's English confidence under which a Latin-script qu
 LATIN_LANGUAGES = ("ENGLISH", "FRENCH", "GERMAN", "ITALIAN", "DUTCH", "POLISH", "PORTUGUESE", "SPANISH", "TURKISH")
 _WORD = re.compile(r"[^\W\d_]+")
 
-_detector = None
+_detector = None  # Lingua's detector once built; False: Lingua is not installed
 _detector_lock = threading.Lock()
 
 
@@ -48,12 +47,20 @@ def _english_confidence(text: str) -> float | None:
             try:
                 from lingua import Language, LanguageDetectorBuilder
             except ImportError:
-                return None
-            langs = [getattr(Language, name) for name in LATIN_LANGUAGES]
-            _detector = LanguageDetectorBuilder.from_languages(*langs).with_low_accuracy_mode().build()
+                _detector = False
+            else:
+                langs = [getattr(Language, name) for name in LATIN_LANGUAGES]
+                _detector = LanguageDetectorBuilder.from_languages(*langs).with_low_accuracy_mode().build()
+        if _detector is False:
+            return None
     from lingua import Language
 
     return _detector.compute_language_confidence(text, Language.ENGLISH)
+
+
+def warm_detector() -> None:
+    """Build the language-ID model now rather than for the first Latin-script query that needs it."""
+    _english_confidence("warm")
 
 
 def check_lang(lang) -> str:
@@ -72,7 +79,8 @@ def encodable(text: str) -> str:
 def script_route(text: str) -> str | None:
     """Steps 1 and 2 (see the module docstring): "en" or "multi" when the letters decide, None for
     Latin-script text (which ``route`` decides by its words)."""
-    letters = [ch for ch in unicodedata.normalize("NFKC", text) if ch.isalpha()]
+    # modifier letters (ʼ, ʻ: apostrophes in English text) belong to no language
+    letters = [ch for ch in unicodedata.normalize("NFKC", text) if ch.isalpha() and unicodedata.category(ch) != "Lm"]
     if not letters:
         return "en"
     return None if all(_is_latin(ch) for ch in letters) else "multi"

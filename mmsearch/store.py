@@ -558,6 +558,8 @@ def _numbers(column, dtype) -> np.ndarray:
     widths = {pa.int64(): np.int64, pa.int32(): np.int32, pa.float64(): np.float64, pa.float32(): np.float32}
     parts = []
     for col in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        if not len(col):
+            continue
         native, floats = widths.get(col.type), np.issubdtype(dtype, np.floating)
         if native is None or (col.null_count and not floats):
             parts.append(np.asarray(col.to_numpy(zero_copy_only=False), dtype=dtype))

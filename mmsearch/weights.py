@@ -98,8 +98,11 @@ def shipped_multilingual(name: str, weights: str | None) -> Path | None:
     if name not in BUILTINS or weights is None:
         return None
     head = builtin(name).multi_file
-    info = head_info(head) if head.is_file() else None
-    return head if info is not None and info.get("weights") == weights else None
+    if not head.is_file():
+        return None
+    info = head_info(head)
+    # unreadable: returned all the same, so that using it says the file is damaged (QueryHead.load)
+    return head if info is None or info.get("weights") == weights else None
 
 
 def default_precision(name: str, weights: str | None) -> str:

@@ -36,6 +36,7 @@ pytestmark = pytest.mark.slow
     ("dog", "en"),  # one English word (a language-ID library alone guesses wrong on it)
     ("ａ ｄｏｇ ｏｎ ｇｒａｓｓ", "en"),  # full-width Latin is normalised first
     ("A skateboarder grinds a rail", "en"),  # words outside the English vocabulary: the language-ID library says English
+    ("the dogʼs ball", "en"),  # a modifier letter (ʼ) as apostrophe is no other script
 ])
 def test_route_mixed_inputs(encoder, text, tower):
     assert route(text, encoder.english_words) == tower
@@ -72,7 +73,8 @@ def test_embed_texts_routes_each_text(encoder):
 
 def test_no_tower_for_other_models(encoder, monkeypatch):
     """A model without a multilingual tower answers --lang auto with its own tower, and refuses multi."""
-    monkeypatch.setattr(encoder, "_multilingual", None)
+    monkeypatch.setattr(encoder, "_multi_head", None)  # what a model that ships no head has
+    assert encoder.multilingual is None
     assert encoder.routes([DOG_ZH]) == ["en"]
     with pytest.raises(ModelLoadError, match="has no multilingual query tower") as e:
         encoder.embed_texts([DOG_ZH], lang="multi")
@@ -231,3 +233,51 @@ def test_text_utf8_cannot_hold_is_routed_and_embedded(encoder):
     assert encoder.routes(texts) == ["multi", "multi", "en"]
     v = encoder.embed_texts(texts)
     assert v.shape == (3, encoder.dim) and np.isfinite(v).all()
+
+
+def test_damaged_head_file_is_one_line_and_english_still_works(tmp_path):
+    from mmsearch.encoder import Encoder
+
+    enc = Encoder()
+    bad = tmp_path / "mmsearch_lite2_multi.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    enc._multi_head = bad  # what a truncated or overwritten head file gives
+    assert enc.embed_texts(["a dog running on the grass"]).shape == (1, enc.dim)
+    with pytest.raises(ModelLoadError, match="cannot read the multilingual head") as e:
+        enc.embed_texts([DOG_ZH])
+    assert "\n" not in str(e.value)
+
+
+def test_an_unwritable_cache_converts_in_memory(tmp_path, monkeypatch):
+    from mmsearch.multilingual import SentenceEncoder
+
+    want = SentenceEncoder().embed([DOG_ZH])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("MMSEARCH_CACHE", str(blocker / "cache"))  # cannot be created, even by root
+    np.testing.assert_array_equal(SentenceEncoder().embed([DOG_ZH]), want)
+
+
+def test_forced_multi_without_a_tower_fails_only_text_queries(built_index, monkeypatch):
+    """The Searcher's loader thread routes the expected query best effort: an image query still works,
+    and the text query that needs the missing tower says so in one line."""
+    from mmsearch.encoder import get_encoder
+    from mmsearch.search import Searcher
+    from mmsearch.store import read_manifest
+
+    index, mapping = built_index
+    m = read_manifest(index).model
+    monkeypatch.setattr(get_encoder(m.name, pretrained=m.pretrained, precision=m.precision or "fp32"), "_multi_head", None)
+    s = Searcher(index, lang="multi", expect=[DOG_ZH])
+    assert len(s.search_image(next(iter(mapping.values())), k=3, kind="image")) == 3
+    with pytest.raises(ModelLoadError, match="has no multilingual query tower"):
+        s.search_text(DOG_ZH)
+
+
+def test_indexing_refuses_an_unknown_lang_before_any_work(photo_dir, tmp_path):
+    from mmsearch.config import IndexingConfig
+    from mmsearch.indexing import index_folder
+
+    with pytest.raises(BadQueryError, match="unknown language choice 'fr'"):
+        index_folder(photo_dir[0], tmp_path / "index", config=IndexingConfig(lang="fr"))
+    assert not (tmp_path / "index").exists()

@@ -40,6 +40,7 @@ from ..errors import (
     MmsearchError,
     PathNotFoundError,
 )
+from ..lang import warm_detector
 from .api import Limits, NotFound, Results, TooLarge, read_upload
 from .live import LiveIndex, servable
 from .metrics import Metrics
@@ -56,7 +57,9 @@ class Server:
         from .transcode import SpanClips, browser_playable
 
         self.live = LiveIndex(index_path)
-        self.live.current().searcher.encoder.warm("text")  # the model loads now, not on the first query
+        # the model loads now, not on the first query; its multilingual tower and the language ID too
+        self.live.current().searcher.encoder.warm("text", "multi")
+        warm_detector()
         self.token, self.limits, self.metrics = token, limits, Metrics()
         self.thumbs = Thumbnails(cache_dir / "thumbs")
         self.clips = SpanClips(cache_dir / "clips")
@@ -206,7 +209,7 @@ def _install_api(app: FastAPI, server: Server) -> None:
             raise MediaError("send a JSON object: {\"q\": \"...\", \"k\": 20}")
         return server.results().text(str(body.get("q", "")), int(body.get("k", 20)), int(body.get("page", 0)),
                                      str(body.get("kind", "auto")), _whole(body.get("per_video")),
-                                     str(body.get("lang", "auto")))
+                                     str(body.get("lang") or "auto"))
 
     @app.get("/api/items/{item_id}")
     def item(item_id: str):
