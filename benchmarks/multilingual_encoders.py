@@ -66,38 +66,29 @@ def query_ms(embed) -> float:
 
 
 def main() -> None:
-    from mmsearch.encoder import Encoder
-    from mmsearch.evaluate import hub_biases
+    from train_multilingual import model_side
+
     from mmsearch.metrics import text_to_image_recall
     from mmsearch.multilingual import HeadInfo, QueryHead
-    from mmsearch.train.multilingual import GRID, HeadData, train_head
+    from mmsearch.train.multilingual import GRID, train_head
 
     t_rec = json.loads((ROOT / "benchmarks" / "results" / f"train_multilingual_{DEFAULT_MODEL}.json").read_text())
     recipe = replace(GRID[0], **t_rec["chosen"])
-    enc = Encoder(DEFAULT_MODEL)
-    train, dev = load_flickr8k(DATA / "flickr8k", "train"), load_flickr8k(DATA / "flickr8k", "dev")
     zh = load_table(DATA / "flickr8k-zh" / "dev.tsv")
-    train_caps = [c[0] for c in train.captions]
-    text, images = enc.embed_texts(train_caps, lang="en"), enc.embed_images(train.images)
-    dev_img = enc.embed_images(dev.images)
-    bias, _ = hub_biases(enc.query_bank, dev_img, dev_img[:1])
-    row = {p: i for i, p in enumerate(dev.images)}
-    dev_texts, dev_owner = dev.flat()
-    keep = [i for i, o in enumerate(dev_owner) if dev.images[o] not in set(zh.images)]
+    base, train_caps, dev_caps, _ = model_side(DEFAULT_MODEL, DATA / "flickr8k", set(zh.images), one_caption=True)
+    row = {p: i for i, p in enumerate(load_flickr8k(DATA / "flickr8k", "dev").images)}
     zh_owner = [row[p] for p in zh.images]
+    bias = base.dev_image_bias
     results = {}
     for name, embed in candidates().items():
         t0 = time.perf_counter()
-        feats = embed(train_caps)
-        dev_feats, zh_feats = embed([dev_texts[i] for i in keep]), embed([c[0] for c in zh.captions])
-        data = HeadData(features=feats, text=text, images=images, owner=np.arange(len(train_caps)),
-                        dev_features=dev_feats, dev_images=dev_img, dev_owner=np.asarray([dev_owner[i] for i in keep]),
-                        dev_image_bias=bias)
+        data = replace(base, features=embed(train_caps), dev_features=embed(dev_caps))
+        zh_feats = embed([c[0] for c in zh.captions])
         head = QueryHead(train_head(recipe, data), HeadInfo("", "", name, {}))
         results[name] = {
-            "dim": int(feats.shape[1]),
-            "dev_en_t2i": text_to_image_recall(dev_img, head(dev_feats), data.dev_owner, image_bias=bias),
-            "zh_t2i": text_to_image_recall(dev_img, head(zh_feats), zh_owner, image_bias=bias),
+            "dim": int(data.features.shape[1]),
+            "dev_en_t2i": text_to_image_recall(data.dev_images, head(data.dev_features), data.dev_owner, image_bias=bias),
+            "zh_t2i": text_to_image_recall(data.dev_images, head(zh_feats), zh_owner, image_bias=bias),
             "query_ms": round(query_ms(embed), 2),
             "seconds": round(time.perf_counter() - t0, 1),
         }
@@ -108,7 +99,7 @@ def main() -> None:
                 "flickr8k-zh Chinese captions against all 1,000 dev photos, with the hubness correction",
         "command": "python benchmarks/multilingual_encoders.py",
         "model": DEFAULT_MODEL, "recipe": asdict(recipe), "n_train_captions": len(train_caps),
-        "n_dev_captions": len(keep), "candidates": results,
+        "n_dev_captions": len(dev_caps), "candidates": results,
         "machine": f"{platform.machine()}, Python {platform.python_version()}",
     }
     out = ROOT / "benchmarks" / "results" / "multilingual_encoders.json"

@@ -16,6 +16,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,23 +49,34 @@ def head_data(model: str, flickr: Path, held_out: set[str], cache: Path | None =
     return data, enc
 
 
-def _embed_head_data(model: str, flickr: Path, held_out: set[str]):
+def model_side(model: str, flickr: Path, held_out: set[str], one_caption: bool = False):
+    """(HeadData without features, train captions, dev captions, encoder): the model's embeddings of
+    Flickr8k train (every caption, or the first of each photo) and dev (captions of ``held_out``
+    photos left out); the caller fills in the sentence features of the two caption lists."""
     from mmsearch.encoder import Encoder
     from mmsearch.evaluate import hub_biases
-    from mmsearch.multilingual import SentenceEncoder
     from mmsearch.train.multilingual import HeadData
 
-    enc, sent = Encoder(model), SentenceEncoder()
+    enc = Encoder(model)
     train, dev = load_flickr8k(flickr, "train"), load_flickr8k(flickr, "dev")
-    texts, owner = train.flat()
+    texts, owner = ([c[0] for c in train.captions], list(range(len(train)))) if one_caption else train.flat()
     dev_texts, dev_owner = dev.flat()
     keep = [i for i, o in enumerate(dev_owner) if dev.images[o] not in held_out]
     dev_images = enc.embed_images(dev.images)
     image_bias, _ = hub_biases(enc.query_bank, dev_images, dev_images[:1])
-    return HeadData(features=sent.embed(texts), text=enc.embed_texts(texts, lang="en"),
+    data = HeadData(features=np.zeros((0, 0), np.float32), text=enc.embed_texts(texts, lang="en"),
                     images=enc.embed_images(train.images), owner=np.asarray(owner),
-                    dev_features=sent.embed([dev_texts[i] for i in keep]), dev_images=dev_images,
-                    dev_owner=np.asarray([dev_owner[i] for i in keep]), dev_image_bias=image_bias), enc
+                    dev_features=np.zeros((0, 0), np.float32), dev_images=dev_images,
+                    dev_owner=np.asarray([dev_owner[i] for i in keep]), dev_image_bias=image_bias)
+    return data, texts, [dev_texts[i] for i in keep], enc
+
+
+def _embed_head_data(model: str, flickr: Path, held_out: set[str]):
+    from mmsearch.multilingual import SentenceEncoder
+
+    data, texts, dev_texts, enc = model_side(model, flickr, held_out)
+    sent = SentenceEncoder()
+    return replace(data, features=sent.embed(texts), dev_features=sent.embed(dev_texts)), enc
 
 
 def build(model: str, features: Path | None = None) -> dict:

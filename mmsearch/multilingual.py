@@ -89,6 +89,9 @@ class SentenceEncoder:
         except OSError:  # a read-only or full cache: convert in memory, every process
             self._table, w = _read_package_weights(weights)
         self._eps = float(w.pop("eps"))
+        # the three branches' input projections as one (the layer norm after them spans all three)
+        self._proj = [np.concatenate([w[f"{name}{o}"] for o, _ in _ORDERS], axis)
+                      for name, axis in (("proj", 1), ("proj_b", 0), ("ln_g", 0), ("ln_b", 0))]
         self._w = w
         self.version = version
 
@@ -117,10 +120,8 @@ class SentenceEncoder:
     def _branches(self, e: np.ndarray) -> list[np.ndarray]:
         """The three n-gram convolution branches (two residual layers each) over token vectors ``e``."""
         w, n = self._w, len(e)
-        proj = np.concatenate([w[f"proj{o}"] for o, _ in _ORDERS], 1)
-        x = _layernorm(e @ proj + np.concatenate([w[f"proj_b{o}"] for o, _ in _ORDERS]),
-                       np.concatenate([w[f"ln_g{o}"] for o, _ in _ORDERS]),
-                       np.concatenate([w[f"ln_b{o}"] for o, _ in _ORDERS]), self._eps)
+        proj, bias, gamma, beta = self._proj
+        x = _layernorm(e @ proj + bias, gamma, beta, self._eps)
         out = []
         for i, (order, left) in enumerate(_ORDERS):
             pad = np.zeros((n + order - 1, _CNN_DIM), np.float32)  # zeros outside the sentence
