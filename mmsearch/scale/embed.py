@@ -125,18 +125,19 @@ class _Rows:
 
         for seq, (f, _) in enumerate(self.items):
             row(f.path, "item", f.kind, seq=seq, t=f.t, shot=f.shot)
-        vectors = np.zeros((len(cols["file"]) + len(self.skips) + len(videos), dim), np.float32)
-        if self.items:
-            vectors[:len(self.items)] = np.stack([v for _, v in self.items])
         for s in self.skips:
             row(s.path, "skip", "", reason=s.reason, unreadable=s.unreadable)
         for path, (shots, mode) in videos.items():
             if path in self.position and not any(s.path == path for s in self.skips):
                 row(path, "video", "video", shots=json.dumps([[x.start, x.end] for x in shots]), mode=mode)
+        # item rows first, with their vectors; skip and video rows carry a null embedding
         n = len(cols["file"])
-        missing = np.arange(n) >= len(self.items)
+        vectors = np.zeros((n, dim), np.float32)
+        if self.items:
+            vectors[:len(self.items)] = np.stack([v for _, v in self.items])
         schema = shard_schema(dim)
-        emb = pa.FixedSizeListArray.from_arrays(pa.array(vectors[:n].ravel(), pa.float32()), dim, mask=pa.array(missing))
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()), dim,
+                                                mask=pa.array(np.arange(n) >= len(self.items)))
         return pa.Table.from_arrays([emb if name == "embedding" else pa.array(cols[name], schema.field(name).type)
                                      for name in schema.names], schema=schema)
 
