@@ -4,6 +4,8 @@ nothing but a restart of its actors elsewhere (issue 18)."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import ray
@@ -19,6 +21,11 @@ def _start(head_cpus: int, workers: int):
     nodes = [c.add_node(num_cpus=1) for _ in range(workers)]
     c.wait_for_nodes()
     ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
+    # the scheduler's resource view lags the nodes' start: until every worker's CPU shows, actors
+    # placed on a worker fall back to the head
+    deadline = time.monotonic() + 60
+    while ray.cluster_resources().get("CPU", 0) < head_cpus + workers and time.monotonic() < deadline:
+        time.sleep(0.2)
     driver = ray.get_runtime_context().get_node_id()
     return c, [w for w in nodes if w.node_id != driver]  # the nodes a test may remove
 
