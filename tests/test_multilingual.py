@@ -248,6 +248,64 @@ def test_damaged_head_file_is_one_line_and_english_still_works(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def _naive_pivot(pivot, x):
+    """The pivot as its docstring says it, in float64, one query at a time, a full sort."""
+    keys = pivot.keys.astype(np.float64)
+    values = pivot.values.astype(np.float64) * pivot.value_scale
+    out = []
+    for row in x.astype(np.float64):
+        g = (row - pivot.mean) @ pivot.proj
+        sims = keys @ (g / np.linalg.norm(g))
+        top = np.argsort(-sims)[:pivot.setting.k]
+        w = np.exp(sims[top] / pivot.setting.temperature)
+        v = (w / w.sum()) @ values[top]
+        out.append(v / np.linalg.norm(v))
+    return np.array(out)
+
+
+def test_shipped_head_with_pivot_matches_a_naive_reference():
+    from mmsearch import models
+    from mmsearch.multilingual import QueryHead, SentenceEncoder
+
+    head = QueryHead.load(models.builtin("mmsearch-lite2").multi_file)
+    assert head.pivot is not None, "the shipped head was chosen with a pivot (benchmarks/results/train_multilingual_*)"
+    x = SentenceEncoder().embed([DOG_ZH, "a dog running on the grass", "草の上を走る犬", "Kinder spielen im Schnee"])
+    np.testing.assert_allclose(head.pivot(x), _naive_pivot(head.pivot, x), atol=1e-5)
+    w = head.pivot.setting.weight
+    want = (1 - w) * head.mapped(x) + w * _naive_pivot(head.pivot, x)
+    np.testing.assert_allclose(head(x), want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_a_version_1_head_without_a_pivot_still_loads(tmp_path):
+    from safetensors.numpy import save_file
+
+    from mmsearch import models
+    from mmsearch.multilingual import QueryHead, SentenceEncoder
+
+    shipped = QueryHead.load(models.builtin("mmsearch-lite2").multi_file)
+    recipe = {k: v for k, v in shipped.info.recipe.items() if k != "pivot"}
+    old = tmp_path / "v1_multi.safetensors"
+    save_file(shipped.t, str(old), metadata={"format": "mmsearch-multilingual-head", "format_version": "1",
+                                             "model": shipped.info.model, "weights": shipped.info.weights,
+                                             "encoder": shipped.info.encoder, "recipe": json.dumps(recipe)})
+    head = QueryHead.load(old)
+    x = SentenceEncoder().embed([DOG_ZH])
+    assert head.pivot is None
+    np.testing.assert_array_equal(head(x), shipped.mapped(x))
+
+
+def test_a_pivot_that_does_not_fit_is_one_line(tmp_path):
+    from mmsearch import models
+    from mmsearch.multilingual import QueryHead
+
+    shipped = QueryHead.load(models.builtin("mmsearch-lite2").multi_file)
+    shipped.pivot_tensors = {**shipped.pivot_tensors, "pivot.values": shipped.pivot_tensors["pivot.values"][:5]}
+    shipped.save(tmp_path / "bad_multi.safetensors")
+    with pytest.raises(ModelLoadError, match="cannot read the multilingual head .*pivot tensors do not fit") as e:
+        QueryHead.load(tmp_path / "bad_multi.safetensors")
+    assert "\n" not in str(e.value)
+
+
 def test_an_unwritable_cache_converts_in_memory(tmp_path, monkeypatch):
     from mmsearch.multilingual import SentenceEncoder
 

@@ -9,6 +9,10 @@ close together, a head that maps English sentences into the model's space maps t
 there too. Each candidate recipe is scored on *dev* captions searched against all dev photos with the
 model's hubness correction (recall@5 + recall@10, text -> image); the best one ships.
 
+Then the head gets its ``Pivot`` (``pivot_tensors``): the train captions' sentence features and the
+English tower's vectors of them, blended into the head's answer by nearest neighbours; its setting
+(k, temperature, weight) is chosen on the same dev captions the same way (``choose_pivot``).
+
 Torch is imported inside the functions.
 """
 
@@ -21,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..metrics import text_to_image_recall
+from ..multilingual import PivotSetting
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,9 @@ class HeadRecipe:
 
 #: the recipes tried by default: linear vs MLP, two temperatures, two distillation weights
 GRID = tuple(HeadRecipe(hidden=h, tau=t, distill=w) for h in (0, 1024) for t in (0.05, 0.1) for w in (0.3, 1.0))
+#: the pivot settings tried: neighbours, softmax temperature, blend weight
+PIVOT_GRID = tuple(PivotSetting(k, t, w) for k in (10, 30) for t in (0.02, 0.05) for w in (0.2, 0.3, 0.5))
+PIVOT_DIM = 128  # principal directions the pivot's keys keep (int8: 128 bytes a caption)
 DISTILL_SCALE = 10.0  # (1 - cos) is ~0.1 where InfoNCE is ~1: scaled so that distill 1.0 weighs them alike
 
 
@@ -139,3 +147,40 @@ def choose_head(data: HeadData, grid: Sequence[HeadRecipe] = GRID,
         if best is None or r[5] + r[10] > best[2][5] + best[2][10]:
             best = (tensors, recipe, r)
     return best[0], best[1], tried
+
+
+def _int8_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows -> (int8 rows, float32 (n, 1) scales) with x ~= int8 * scale."""
+    scale = np.maximum(np.abs(x).max(1, keepdims=True), 1e-12) / 127.0
+    return np.round(x / scale).astype(np.int8), scale.astype(np.float32)
+
+
+def pivot_tensors(data: HeadData, dim: int = PIVOT_DIM) -> dict[str, np.ndarray]:
+    """A ``Pivot``'s tensors from the train captions: their features centred and projected onto the
+    top ``dim`` principal directions (unit rows, int8) as keys, the English tower's vectors as values."""
+    mean = data.features.mean(0)
+    _, _, vt = np.linalg.svd(data.features - mean, full_matrices=False)
+    proj = np.ascontiguousarray(vt[:dim].T, np.float32)
+    keys = (data.features - mean) @ proj
+    keys /= np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
+    keys8, key_scale = _int8_rows(keys)
+    values8, value_scale = _int8_rows(data.text)
+    return {"pivot.mean": mean.astype(np.float32), "pivot.proj": proj, "pivot.keys": keys8,
+            "pivot.key_scale": key_scale, "pivot.values": values8, "pivot.value_scale": value_scale}
+
+
+def choose_pivot(tensors: dict[str, np.ndarray], info, data: HeadData, grid: Sequence[PivotSetting] = PIVOT_GRID):
+    """Score a head without a pivot and with each setting of ``grid`` on dev (R@5 + R@10); (the best
+    setting or None when no pivot beats the head alone, every row tried)."""
+    from ..multilingual import HeadInfo, QueryHead
+
+    bare = {k: v for k, v in tensors.items() if not k.startswith("pivot.")}
+    tried = [{"pivot": None, "dev_t2i": dev_recall(QueryHead(bare, info), data)}]
+    best, score = None, tried[0]["dev_t2i"][5] + tried[0]["dev_t2i"][10]
+    for setting in grid:
+        recipe = {**info.recipe, "pivot": asdict(setting)}
+        r = dev_recall(QueryHead(tensors, HeadInfo(info.model, info.weights, info.encoder, recipe)), data)
+        tried.append({"pivot": asdict(setting), "dev_t2i": r})
+        if r[5] + r[10] > score:
+            best, score = setting, r[5] + r[10]
+    return best, tried
