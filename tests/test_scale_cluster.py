@@ -21,13 +21,34 @@ def _start(head_cpus: int, workers: int):
     nodes = [c.add_node(num_cpus=1) for _ in range(workers)]
     c.wait_for_nodes()
     ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
-    # the scheduler's resource view lags the nodes' start: until every worker's CPU shows, actors
-    # placed on a worker fall back to the head
+    # the scheduler's view lags the nodes' start: until it knows a node, an actor placed there with
+    # soft node affinity (as shard actors are) lands on another one instead
     deadline = time.monotonic() + 60
-    while ray.cluster_resources().get("CPU", 0) < head_cpus + workers and time.monotonic() < deadline:
-        time.sleep(0.2)
+    for node in [c.head_node, *nodes]:
+        _wait_until_placeable(node.node_id, deadline)
     driver = ray.get_runtime_context().get_node_id()
     return c, [w for w in nodes if w.node_id != driver]  # the nodes a test may remove
+
+
+@ray.remote(num_cpus=0)
+class _Probe:
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+def _wait_until_placeable(node_id: str, deadline: float) -> None:
+    """Place probe actors on ``node_id`` as ``mmsearch.scale.shards`` places shard actors, until one lands there."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    while True:
+        probe = _Probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=True)).remote()
+        landed = ray.get(probe.node.remote(), timeout=60)
+        ray.kill(probe)
+        if landed == node_id:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the Ray scheduler still places no actor on node {node_id}")
+        time.sleep(0.5)
 
 
 @pytest.fixture
