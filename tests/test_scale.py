@@ -330,3 +330,56 @@ def test_shards_of_an_older_generation_are_refused(tmp_path, photo_dir, encoder)
     index_folder(folder, tmp_path / "idx", encoder=encoder)
     with pytest.raises(IndexFormatError, match="not from the current generation"):
         Searcher(tmp_path / "idx", encoder=encoder, shards=tmp_path / "shards")
+
+
+A, B, C = ("aa" * 28, "bb" * 28, "cc" * 28)  # node ids as Ray writes them (28 bytes, hex)
+
+
+class _FakeRay:
+    """Enough of Ray for shards._Placement: nodes, actors that land where a script says, kill."""
+
+    def __init__(self, nodes, landings):
+        self._nodes, self.landings, self.killed, self.started = nodes, list(landings), [], []
+
+    def nodes(self):
+        return [{"NodeID": n, "Alive": True} for n in self._nodes]
+
+    def get(self, refs):
+        return list(refs)
+
+    def kill(self, actor):
+        self.killed.append(actor)
+
+    def actor_class(self):
+        fake = self
+
+        class Actor:
+            def __init__(self, wanted):
+                self.wanted, self.landed = wanted, fake.landings.pop(0) or wanted
+                self.node = type("M", (), {"remote": lambda _: self.landed})()
+
+        class Options:
+            def options(self, scheduling_strategy):
+                wanted = scheduling_strategy.node_id if hasattr(scheduling_strategy, "node_id") else None
+                return type("R", (), {"remote": lambda _, path, kind, params: fake.started.append(path)
+                                      or Actor(wanted)})()
+        return Options()
+
+
+def test_a_shard_actor_passed_to_another_node_is_started_again_where_it_was_sent():
+    from mmsearch.scale.shards import _Placement
+
+    # the 2nd actor first lands on node A instead of B (a raylet passed it on), then where sent
+    ray = _FakeRay([A, B, C], [None, A, None, None])
+    shards = _Placement(ray, ray.actor_class(), "ivfpq", {}, pause=0).shards(["s0", "s1", "s2"])
+    assert [s.actor.landed for s in shards] == [A, B, C]
+    assert ray.started == ["s0", "s1", "s2", "s1"] and len(ray.killed) == 1
+
+
+def test_an_actor_that_never_reaches_its_node_is_kept_where_it_runs():
+    from mmsearch.scale.shards import _Placement
+
+    ray = _FakeRay([A, B], [A, A, A, A])
+    shards = _Placement(ray, ray.actor_class(), "ivfpq", {}, tries=3, pause=0).shards(["s0", "s1"])
+    assert [s.actor.landed for s in shards] == [A, A]  # searching works on any node
+    assert ray.started == ["s0", "s1", "s1", "s1"] and len(ray.killed) == 2

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from itertools import pairwise
@@ -150,15 +151,41 @@ class _LocalShard:
 
 
 def _spread(ray, n: int) -> list:
-    """Scheduling strategies for ``n`` actors, round robin over the cluster's live nodes: Ray's own
-    "SPREAD" is best effort and can put every actor on one node. Soft, so that an actor whose node is
-    gone starts again on another."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
+    """The node each of ``n`` actors is sent to, round robin over the cluster's live nodes (None:
+    none known): Ray's own "SPREAD" is best effort and can put every actor on one node."""
     nodes = sorted(node["NodeID"] for node in ray.nodes() if node.get("Alive"))
-    if not nodes:
-        return ["SPREAD"] * n
-    return [NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True) for i in range(n)]
+    return [nodes[i % len(nodes)] if nodes else None for i in range(n)]
+
+
+class _Placement:
+    """Shard actors started on the nodes ``_spread`` picks. Node affinity is soft, so that an actor
+    whose node is gone starts again on another; but then a node's raylet may also pass a new actor on
+    to another node while it is briefly busy. An actor found elsewhere than sent is started again,
+    up to ``tries`` times, then left where it is (searching works on any node)."""
+
+    def __init__(self, ray, actor, kind: str, params: dict, tries: int = 10, pause: float = 0.3) -> None:
+        self.ray, self.actor, self.kind, self.params, self.tries, self.pause = ray, actor, kind, params, tries, pause
+
+    def _start(self, path: str, node: str | None) -> _RayShard:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        where = NodeAffinitySchedulingStrategy(node, soft=True) if node else "SPREAD"
+        return _RayShard(self.ray, self.actor.options(scheduling_strategy=where).remote(path, self.kind, self.params))
+
+    def shards(self, paths: Sequence[str]) -> list[_RayShard]:
+        wants = _spread(self.ray, len(paths))
+        shards: list[_RayShard | None] = [None] * len(paths)
+        for attempt in range(self.tries):
+            shards = [s or self._start(p, node) for s, p, node in zip(shards, paths, wants)]
+            landed = self.ray.get([s.actor.node.remote() for s in shards])
+            wrong = [i for i, node in enumerate(wants) if node is not None and landed[i] != node]
+            if not wrong or attempt == self.tries - 1:
+                break
+            for i in wrong:
+                self.ray.kill(shards[i].actor)
+                shards[i] = None
+            time.sleep(self.pause)
+        return shards
 
 
 class ShardedIndex(VectorIndex):
@@ -236,8 +263,7 @@ class ShardedIndex(VectorIndex):
             r = connect()
             # no CPU slot (mostly waiting on memory); an actor lost with its node is started again elsewhere
             actor = r.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_LocalShard)
-            searchers = [_RayShard(r, actor.options(scheduling_strategy=where).remote(p, manifest.kind, manifest.params))
-                         for p, where in zip(paths, _spread(r, len(paths)))]
+            searchers = _Placement(r, actor, manifest.kind, manifest.params).shards(paths)
         else:
             searchers = [_LocalShard(p, manifest.kind, manifest.params) for p in paths]
         lookup = VectorLookup(vectors, ids) if vectors is not None else None
