@@ -196,6 +196,9 @@ class Pivot:
     """
 
     def __init__(self, tensors: dict[str, np.ndarray], setting: PivotSetting) -> None:
+        missing = [name for name in PIVOT_TENSORS if name not in tensors]
+        if missing:
+            raise ValueError(f"the recipe has a pivot but the file lacks {', '.join(missing)}")
         self.setting = setting
         self.mean = np.asarray(tensors["pivot.mean"], np.float32)
         self.proj = np.asarray(tensors["pivot.proj"], np.float32)

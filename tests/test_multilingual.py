@@ -294,14 +294,18 @@ def test_a_version_1_head_without_a_pivot_still_loads(tmp_path):
     np.testing.assert_array_equal(head(x), shipped.mapped(x))
 
 
-def test_a_pivot_that_does_not_fit_is_one_line(tmp_path):
+@pytest.mark.parametrize("damage, says", [
+    (lambda t: {**t, "pivot.values": t["pivot.values"][:5]}, "pivot tensors do not fit"),
+    (lambda t: {k: v for k, v in t.items() if k != "pivot.keys"}, "the file lacks pivot.keys"),
+])
+def test_a_pivot_that_does_not_fit_is_one_line(tmp_path, damage, says):
     from mmsearch import models
     from mmsearch.multilingual import QueryHead
 
     shipped = QueryHead.load(models.builtin("mmsearch-lite2").multi_file)
-    shipped.pivot_tensors = {**shipped.pivot_tensors, "pivot.values": shipped.pivot_tensors["pivot.values"][:5]}
+    shipped.pivot_tensors = damage(shipped.pivot_tensors)
     shipped.save(tmp_path / "bad_multi.safetensors")
-    with pytest.raises(ModelLoadError, match="cannot read the multilingual head .*pivot tensors do not fit") as e:
+    with pytest.raises(ModelLoadError, match=f"cannot read the multilingual head .*{says}") as e:
         QueryHead.load(tmp_path / "bad_multi.safetensors")
     assert "\n" not in str(e.value)
 
