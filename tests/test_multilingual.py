@@ -276,6 +276,23 @@ def test_shipped_head_with_pivot_matches_a_naive_reference():
     np.testing.assert_allclose(head(x), want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)
 
 
+def test_a_pivot_built_from_captions_answers_each_caption_with_its_own_vector():
+    """pivot_tensors (training) and Pivot (queries) agree on the projection and the int8 scales:
+    a caption's own features find the caption, whose English-tower vector comes back."""
+    from mmsearch.multilingual import Pivot, PivotSetting
+    from mmsearch.train.multilingual import HeadData, pivot_tensors
+
+    rng = np.random.default_rng(0)
+    unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    feats, text = unit(rng.standard_normal((400, 512))), unit(rng.standard_normal((400, 64)))
+    empty = np.zeros((0, 64), np.float32)
+    data = HeadData(features=feats, text=text, images=empty, owner=np.arange(400), dev_features=feats[:0],
+                    dev_images=empty, dev_owner=np.arange(0), dev_image_bias=None)
+    pivot = Pivot(pivot_tensors(data, dim=128), PivotSetting(k=1, temperature=0.05, weight=1.0))
+    cos = (pivot(feats[:100]) * text[:100]).sum(1)
+    assert cos.min() > 0.99, cos.min()  # int8 values: not exactly 1
+
+
 def test_a_version_1_head_without_a_pivot_still_loads(tmp_path):
     from safetensors.numpy import save_file
 

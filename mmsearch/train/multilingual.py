@@ -19,7 +19,7 @@ Torch is imported inside the functions.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -172,14 +172,13 @@ def pivot_tensors(data: HeadData, dim: int = PIVOT_DIM) -> dict[str, np.ndarray]
 def choose_pivot(tensors: dict[str, np.ndarray], info, data: HeadData, grid: Sequence[PivotSetting] = PIVOT_GRID):
     """Score a head without a pivot and with each setting of ``grid`` on dev (R@5 + R@10); (the best
     setting or None when no pivot beats the head alone, every row tried)."""
-    from ..multilingual import HeadInfo, QueryHead
+    from ..multilingual import QueryHead
 
     bare = {k: v for k, v in tensors.items() if not k.startswith("pivot.")}
     tried = [{"pivot": None, "dev_t2i": dev_recall(QueryHead(bare, info), data)}]
     best, score = None, tried[0]["dev_t2i"][5] + tried[0]["dev_t2i"][10]
     for setting in grid:
-        recipe = {**info.recipe, "pivot": asdict(setting)}
-        r = dev_recall(QueryHead(tensors, HeadInfo(info.model, info.weights, info.encoder, recipe)), data)
+        r = dev_recall(QueryHead(tensors, replace(info, recipe={**info.recipe, "pivot": asdict(setting)})), data)
         tried.append({"pivot": asdict(setting), "dev_t2i": r})
         if r[5] + r[10] > score:
             best, score = setting, r[5] + r[10]
